@@ -1,0 +1,387 @@
+//! Settings: built-in defaults, then `echo.toml` (or the file given by `--config`), then the environment
+//! (DESIGN §9), merged with figment.
+//!
+//! The old deployment's variable names (`PORT`, `REDIS_URL`, `AZURE_OPENAI_API_KEY`, ...) work unchanged;
+//! everything else is `ECHO_<SECTION>__<KEY>`, e.g. `ECHO_PATHS__PIPELINES`. Credentials are [`Secret`]s and
+//! connection URLs are [`SecretUrl`]s: neither `Debug` nor serialization ever shows them, so
+//! `echo-worker config` and the logs are safe to share.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized};
+use figment::value::{Uncased, UncasedStr};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "echo.toml";
+
+/// What a redacted value prints as.
+const REDACTED: &str = "[redacted]";
+
+/// Environment names of the old deployment and the setting each one sets.
+const LEGACY_ENV: [(&str, &str); 18] = [
+    ("PORT", "server.port"),
+    ("ALLOWED_ORIGINS", "server.allowed_origins"),
+    ("NODE_ENV", "environment"),
+    ("LOG_LEVEL", "log_level"),
+    ("REDIS_URL", "redis.url"),
+    ("SUPABASE_URL", "supabase.url"),
+    ("SUPABASE_SERVICE_ROLE_KEY", "supabase.service_role_key"),
+    ("AZURE_OPENAI_ENDPOINT", "azure_openai.endpoint"),
+    ("AZURE_OPENAI_API_KEY", "azure_openai.api_key"),
+    ("AZURE_OPENAI_API_VERSION", "azure_openai.api_version"),
+    ("AZURE_OPENAI_WHISPER_ENDPOINT", "azure_openai.whisper_endpoint"),
+    ("AZURE_OPENAI_WHISPER_API_KEY", "azure_openai.whisper_api_key"),
+    ("AZURE_OPENAI_WHISPER_DEPLOYMENT", "azure_openai.whisper_deployment"),
+    ("AZURE_OPENAI_GPT4O_MINI_DEPLOYMENT", "azure_openai.chat_deployment"),
+    ("WORKER_CONCURRENCY", "worker.concurrency"),
+    ("PROCESSING_TIMEOUT_MS", "worker.processing_timeout_ms"),
+    ("MAX_FILE_SIZE_MB", "limits.max_file_size_mb"),
+    ("TEMP_DIR", "paths.temp_dir"),
+];
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--config` named a file that does not exist.
+    #[error("config file {} does not exist", .0.display())]
+    MissingFile(PathBuf),
+    /// A value has the wrong type or format; the message names the key and where it came from.
+    #[error("invalid settings: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+}
+
+/// Every setting of the service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// `NODE_ENV`: `development` or `production`.
+    pub environment: String,
+    /// `LOG_LEVEL`: a tracing filter such as `info` or `echo_worker=debug`.
+    pub log_level: String,
+    /// The HTTP API.
+    pub server: ServerSettings,
+    /// Where files live.
+    pub paths: PathSettings,
+    /// The Redis queue.
+    pub redis: RedisSettings,
+    /// Supabase storage and database.
+    pub supabase: SupabaseSettings,
+    /// Azure OpenAI.
+    pub azure_openai: AzureOpenAiSettings,
+    /// Job processing.
+    pub worker: WorkerSettings,
+    /// Input limits.
+    pub limits: LimitSettings,
+    /// Adjustments made while loading, to be logged once logging is up.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub host: String,
+    /// `PORT`.
+    pub port: u16,
+    /// `ALLOWED_ORIGINS`: CORS origins, comma-separated in the environment.
+    #[serde(deserialize_with = "comma_list")]
+    pub allowed_origins: Vec<String>,
+}
+
+/// Where files live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathSettings {
+    /// Folder of pipeline files.
+    pub pipelines: PathBuf,
+    /// Folder of plugin files.
+    pub plugins: PathBuf,
+    /// `TEMP_DIR`: where jobs get their work directories.
+    pub temp_dir: PathBuf,
+}
+
+/// The Redis queue.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RedisSettings {
+    /// `REDIS_URL`; without it the queue runs in-process.
+    pub url: Option<SecretUrl>,
+}
+
+/// Supabase storage and database.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SupabaseSettings {
+    /// `SUPABASE_URL`: the project URL.
+    pub url: Option<String>,
+    /// `SUPABASE_SERVICE_ROLE_KEY`.
+    pub service_role_key: Option<Secret>,
+}
+
+/// Azure OpenAI, as the old deployment configured it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AzureOpenAiSettings {
+    /// `AZURE_OPENAI_ENDPOINT`: the resource origin, e.g. `https://name.openai.azure.com`.
+    pub endpoint: Option<String>,
+    /// `AZURE_OPENAI_API_KEY`.
+    pub api_key: Option<Secret>,
+    /// `AZURE_OPENAI_API_VERSION`.
+    pub api_version: String,
+    /// `AZURE_OPENAI_WHISPER_ENDPOINT`: a separate resource for transcription (default: `endpoint`).
+    pub whisper_endpoint: Option<String>,
+    /// `AZURE_OPENAI_WHISPER_API_KEY` (default: `api_key`).
+    pub whisper_api_key: Option<Secret>,
+    /// `AZURE_OPENAI_WHISPER_DEPLOYMENT`.
+    pub whisper_deployment: String,
+    /// `AZURE_OPENAI_GPT4O_MINI_DEPLOYMENT`: the chat deployment.
+    pub chat_deployment: String,
+}
+
+/// Job processing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSettings {
+    /// `WORKER_CONCURRENCY`: jobs one process runs at once.
+    pub concurrency: u32,
+    /// `PROCESSING_TIMEOUT_MS`: deadline for a whole job, in milliseconds.
+    pub processing_timeout_ms: u64,
+}
+
+/// Input limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LimitSettings {
+    /// `MAX_FILE_SIZE_MB`: largest accepted upload, in megabytes.
+    pub max_file_size_mb: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            environment: "development".into(),
+            log_level: "info".into(),
+            server: ServerSettings { host: "0.0.0.0".into(), port: 3001, allowed_origins: Vec::new() },
+            paths: PathSettings {
+                pipelines: "pipelines".into(),
+                plugins: "plugins".into(),
+                temp_dir: std::env::temp_dir(),
+            },
+            redis: RedisSettings::default(),
+            supabase: SupabaseSettings::default(),
+            azure_openai: AzureOpenAiSettings {
+                endpoint: None,
+                api_key: None,
+                // The version the old worker used, known to serve both transcription and chat.
+                api_version: "2024-10-01-preview".into(),
+                whisper_endpoint: None,
+                whisper_api_key: None,
+                whisper_deployment: "whisper".into(),
+                chat_deployment: "gpt-4o-mini".into(),
+            },
+            // Three jobs at once keeps a 2-core machine busy without starving ffmpeg.
+            worker: WorkerSettings { concurrency: 3, processing_timeout_ms: 3_600_000 },
+            limits: LimitSettings { max_file_size_mb: 500 },
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then the config file, then the environment.
+    ///
+    /// `config` is the `--config` path; without it `echo.toml` is read if it exists.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or variable with a bad value.
+    pub fn load(config: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_figment(Self::figment(config)?)
+    }
+
+    /// The merged sources, before extraction.
+    ///
+    /// # Errors
+    /// [`ConfigError::MissingFile`] when `config` does not exist.
+    pub fn figment(config: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        match config {
+            Some(path) if !path.is_file() => return Err(ConfigError::MissingFile(path.to_path_buf())),
+            Some(path) => figment = figment.merge(TomlFile::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                figment = figment.merge(TomlFile::file_exact(DEFAULT_CONFIG_FILE));
+            }
+            None => {}
+        }
+        let names: Vec<&str> = LEGACY_ENV.iter().map(|(name, _)| *name).collect();
+        Ok(figment.merge(Env::raw().only(&names).map(legacy_key)).merge(Env::prefixed("ECHO_").split("__")))
+    }
+
+    /// Extracts settings from a figment and normalises them.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key and its source.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let mut settings: Self = figment.extract().map_err(Box::new)?;
+        for endpoint in [&mut settings.azure_openai.endpoint, &mut settings.azure_openai.whisper_endpoint] {
+            if let Some(url) = endpoint
+                && let Some(origin) = origin_of(url)
+                && origin != url.trim_end_matches('/')
+            {
+                settings.warnings.push(format!(
+                    "an Azure OpenAI endpoint held a whole URL; using its origin {origin} (set only the origin)"
+                ));
+                *url = origin;
+            }
+        }
+        Ok(settings)
+    }
+
+    /// The settings as TOML, with every secret redacted.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|error| format!("# settings could not be printed: {error}\n"))
+    }
+}
+
+fn legacy_key(name: &UncasedStr) -> Uncased<'_> {
+    LEGACY_ENV
+        .iter()
+        .find(|(legacy, _)| UncasedStr::new(legacy) == name)
+        .map_or_else(|| name.into(), |(_, key)| Uncased::from_borrowed(key))
+}
+
+/// `scheme://host[:port]` of a URL, dropping any path and query.
+fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let host = rest.split(['/', '?', '#']).next().filter(|host| !host.is_empty())?;
+    Some(format!("{scheme}://{host}"))
+}
+
+/// Accepts a list, or a comma-separated string as environment variables give.
+fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match ListOrString::deserialize(deserializer)? {
+        ListOrString::List(items) => items,
+        ListOrString::Text(text) => {
+            text.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_string).collect()
+        }
+    })
+}
+
+/// TOML files for figment, parsed with the same `toml` crate as the rest of the crate.
+struct TomlFile;
+
+impl Format for TomlFile {
+    type Error = toml::de::Error;
+    const NAME: &'static str = "TOML";
+
+    fn from_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Self::Error> {
+        toml::from_str(text)
+    }
+}
+
+/// A credential. It can be read with [`Secret::expose`] but never printed, logged or serialized.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The credential itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(REDACTED)
+    }
+}
+
+/// A connection URL that may hold a password (`redis://user:password@host`). It prints with the password
+/// redacted.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The URL with its password, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `[redacted]`.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else { return REDACTED.to_string() };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((credentials, host)) => {
+                let user = credentials.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:{REDACTED}@{host}{}", redact_query(tail))
+            }
+            None => format!("{scheme}://{authority}{}", redact_query(tail)),
+        }
+    }
+}
+
+/// Drops query strings, which may carry tokens (`?password=`), from a printed URL.
+fn redact_query(tail: &str) -> String {
+    match tail.split_once('?') {
+        Some((path, _)) => format!("{path}?{REDACTED}"),
+        None => tail.to_string(),
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_print_without_passwords_or_queries() {
+        assert_eq!(SecretUrl::new("redis://:pw@host:6379/0").redacted(), "redis://:[redacted]@host:6379/0");
+        assert_eq!(SecretUrl::new("redis://u:pw@host").redacted(), "redis://u:[redacted]@host");
+        assert_eq!(SecretUrl::new("redis://host:6379").redacted(), "redis://host:6379");
+        assert_eq!(SecretUrl::new("postgres://h/db?password=x").redacted(), "postgres://h/db?[redacted]");
+        assert_eq!(SecretUrl::new("nonsense").redacted(), "[redacted]");
+        assert_eq!(format!("{:?}", Secret::new("sk-1")), "[redacted]");
+    }
+
+    #[test]
+    fn endpoints_are_reduced_to_origins() {
+        assert_eq!(
+            origin_of("https://x.openai.azure.com/openai/deployments/w/audio?api-version=1").as_deref(),
+            Some("https://x.openai.azure.com")
+        );
+        assert_eq!(origin_of("not a url"), None);
+    }
+}

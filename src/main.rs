@@ -1,0 +1,211 @@
+//! The `echo-worker` command line: a thin layer over the library that parses arguments, loads settings and
+//! turns errors into exit codes (0 success, 1 failure or invalid files, 2 bad usage).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use echo_worker::catalog::Catalog;
+use echo_worker::config::Settings;
+use echo_worker::pipeline::{Diagnostic, LoadError, Pipeline};
+use echo_worker::schema;
+use serde_json::json;
+
+/// Turns recordings into transcripts and AI analysis through TOML-declared stage pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "echo-worker", version, about, propagate_version = true)]
+struct Cli {
+    /// Settings file to read instead of ./echo.toml (environment variables still win).
+    #[arg(long, global = true, value_name = "FILE", env = "ECHO_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check every pipeline and plugin file and list each pipeline's stages in order; exit 1 listing every
+    /// problem if any file is invalid.
+    Validate {
+        #[command(flatten)]
+        folders: Folders,
+        /// Output for people or for tools.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Print a pipeline's stage DAG as Graphviz DOT or Mermaid.
+    Graph {
+        /// The pipeline's name (its file name without .toml).
+        name: String,
+        #[command(flatten)]
+        folders: Folders,
+        /// The graph language.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Mermaid)]
+        format: GraphFormat,
+    },
+    /// Write the JSON Schemas of pipeline and plugin files (for editor completion through `#:schema`).
+    Schema {
+        /// Folder to write pipeline.schema.json and plugin.schema.json into.
+        #[arg(long, value_name = "DIR", default_value = "schema")]
+        out: PathBuf,
+    },
+    /// Print the effective settings as TOML, with secrets redacted.
+    Config,
+}
+
+#[derive(Debug, clap::Args)]
+struct Folders {
+    /// Folder of pipeline files [default: the `paths.pipelines` setting, `pipelines`].
+    #[arg(long, value_name = "DIR")]
+    pipelines: Option<PathBuf>,
+    /// Folder of plugin files [default: the `paths.plugins` setting, `plugins`].
+    #[arg(long, value_name = "DIR")]
+    plugins: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    /// Lines for people.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    /// Graphviz DOT.
+    Dot,
+    /// A Mermaid flowchart.
+    Mermaid,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref()).context("loading settings")?;
+    init_tracing(&settings);
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
+    match cli.command {
+        Command::Validate { folders, format } => validate(&settings, &folders, format),
+        Command::Graph { name, folders, format } => graph(&settings, &folders, &name, format),
+        Command::Schema { out } => {
+            for path in schema::write(&out)
+                .map_err(|(path, error)| anyhow::anyhow!("cannot write {}: {error}", path.display()))?
+            {
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config => {
+            print!("{}", settings.to_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Logs go to stderr so that stdout stays clean for DOT, JSON and TOML output.
+fn init_tracing(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn folders(settings: &Settings, folders: &Folders) -> (PathBuf, PathBuf) {
+    (
+        folders.pipelines.clone().unwrap_or_else(|| settings.paths.pipelines.clone()),
+        folders.plugins.clone().unwrap_or_else(|| settings.paths.plugins.clone()),
+    )
+}
+
+fn validate(settings: &Settings, args: &Folders, format: Format) -> anyhow::Result<ExitCode> {
+    let (pipelines, plugins) = folders(settings, args);
+    let (catalog, diagnostics) = match Catalog::load(&pipelines, &plugins) {
+        Ok(catalog) => (catalog, Vec::new()),
+        Err(LoadError::Invalid(diagnostics)) => (Catalog::default(), diagnostics),
+        Err(error) => return Err(error.into()),
+    };
+    match format {
+        Format::Text => print_text(&catalog, &diagnostics, &pipelines, &plugins),
+        Format::Json => print_json(&catalog, &diagnostics)?,
+    }
+    Ok(if diagnostics.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print_text(catalog: &Catalog, diagnostics: &[Diagnostic], pipelines: &Path, plugins: &Path) {
+    if !diagnostics.is_empty() {
+        for diagnostic in diagnostics {
+            eprintln!("{diagnostic}");
+        }
+        eprintln!(
+            "{} problem{} in {} and {}",
+            diagnostics.len(),
+            if diagnostics.len() == 1 { "" } else { "s" },
+            pipelines.display(),
+            plugins.display()
+        );
+        return;
+    }
+    for pipeline in catalog.pipelines.values() {
+        println!("{} ({})", pipeline.name, pipeline.file.display());
+        for (index, stage) in pipeline.stages.iter().enumerate() {
+            let needs =
+                if stage.needs.is_empty() { String::new() } else { format!("  needs {}", stage.needs.join(", ")) };
+            println!("  {:>2}. {:<16} uses {}{needs}", index + 1, stage.id, stage.uses);
+        }
+    }
+    println!("{} pipelines and {} plugins are valid", catalog.pipelines.len(), catalog.plugins.len());
+}
+
+fn print_json(catalog: &Catalog, diagnostics: &[Diagnostic]) -> anyhow::Result<()> {
+    let pipelines: Vec<_> = catalog.pipelines.values().map(pipeline_json).collect();
+    let plugins: Vec<_> = catalog
+        .plugins
+        .values()
+        .map(|plugin| json!({ "name": plugin.name, "kind": plugin.kind, "file": plugin.file }))
+        .collect();
+    let report = json!({
+        "valid": diagnostics.is_empty(),
+        "pipelines": pipelines,
+        "plugins": plugins,
+        "errors": diagnostics,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn pipeline_json(pipeline: &Pipeline) -> serde_json::Value {
+    let stages: Vec<_> = pipeline
+        .stages
+        .iter()
+        .map(|stage| json!({ "id": stage.id, "uses": stage.uses.name(), "needs": stage.needs }))
+        .collect();
+    json!({ "name": pipeline.name, "file": pipeline.file, "description": pipeline.description, "stages": stages })
+}
+
+fn graph(settings: &Settings, args: &Folders, name: &str, format: GraphFormat) -> anyhow::Result<ExitCode> {
+    let (pipelines, plugins) = folders(settings, args);
+    let catalog = Catalog::load(&pipelines, &plugins)?;
+    let Some(pipeline) = catalog.pipelines.get(name) else {
+        let known: Vec<&str> = catalog.pipelines.keys().map(String::as_str).collect();
+        anyhow::bail!("no pipeline named `{name}` in {}; known: {}", pipelines.display(), known.join(", "));
+    };
+    let label = |id: &str| pipeline.stage(id).map(|stage| stage.uses.name().to_string()).unwrap_or_default();
+    match format {
+        GraphFormat::Dot => print!("{}", pipeline.graph.to_dot(&pipeline.name, label)),
+        GraphFormat::Mermaid => print!("{}", pipeline.graph.to_mermaid(label)),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,294 @@
+//! A TOML file parsed with byte spans kept on every key and value, so that each later check can point at the
+//! exact line and column it is complaining about.
+//!
+//! serde stops at the first error. [`Document::deserialize`] turns that into "every error": it deserializes,
+//! and when serde refuses an entry it records the error, removes the entry and tries again, so one pass reports
+//! every unknown key and every wrongly typed value of a file.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::de::{DeserializeOwned, IntoDeserializer};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::error::Diagnostic;
+use super::suggest;
+
+/// A parsed value tree with spans, borrowing from the [`Document`] text.
+pub type SpannedValue<'a> = Spanned<DeValue<'a>>;
+
+/// The text of one file plus what is needed to turn byte offsets into positions.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// The file, as given (relative paths stay relative in messages).
+    pub file: PathBuf,
+    /// The whole text.
+    pub source: String,
+    line_starts: Vec<usize>,
+}
+
+/// The result of [`Document::deserialize`].
+#[derive(Debug)]
+pub struct Deserialized<T> {
+    /// The value, built from what was left after the refused entries were removed.
+    pub value: Option<T>,
+    /// One diagnostic per refused entry.
+    pub diagnostics: Vec<Diagnostic>,
+    /// The dotted key paths of the removed entries, e.g. `stages.a.timeout`.
+    pub removed: Vec<String>,
+}
+
+impl Document {
+    /// Wraps the text of `file`.
+    pub fn new(file: impl Into<PathBuf>, source: impl Into<String>) -> Self {
+        let source = source.into();
+        let line_starts = std::iter::once(0).chain(source.match_indices('\n').map(|(index, _)| index + 1)).collect();
+        Self { file: file.into(), source, line_starts }
+    }
+
+    /// Reads `file` from disk.
+    ///
+    /// # Errors
+    /// The I/O error, if the file cannot be read or is not UTF-8.
+    pub fn read(file: &Path) -> std::io::Result<Self> {
+        Ok(Self::new(file, std::fs::read_to_string(file)?))
+    }
+
+    /// The file stem (`meeting` for `pipelines/meeting.toml`).
+    pub fn stem(&self) -> String {
+        self.file.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    pub fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.source.len());
+        let line = self.line_starts.partition_point(|start| *start <= offset);
+        let start = self.line_starts[line - 1];
+        let column = self.source.get(start..offset).map_or(offset - start, |text| text.chars().count()) + 1;
+        (line, column)
+    }
+
+    /// A diagnostic pointing at the start of `span`.
+    pub fn diagnostic(&self, span: &Range<usize>, code: &'static str, message: impl Into<String>) -> Diagnostic {
+        let (line, column) = self.position(span.start);
+        Diagnostic { file: self.file.clone(), line, column, code, message: message.into() }
+    }
+
+    /// Parses the text as a TOML document, reporting every syntax error the parser can recover from.
+    ///
+    /// # Errors
+    /// One `syntax` diagnostic per syntax error.
+    pub fn parse(&self) -> Result<SpannedValue<'_>, Vec<Diagnostic>> {
+        let (table, errors) = DeTable::parse_recoverable(&self.source);
+        if !errors.is_empty() {
+            return Err(errors
+                .iter()
+                .map(|error| {
+                    let span = error.span().unwrap_or(0..0);
+                    let message = error.message().trim_end().replace('\n', "; ");
+                    self.diagnostic(&span, "syntax", format!("invalid TOML: {message}"))
+                })
+                .collect());
+        }
+        let span = table.span();
+        Ok(Spanned::new(span, DeValue::Table(table.into_inner())))
+    }
+
+    /// Deserializes `value` into `T`, collecting every error serde reports instead of only the first.
+    ///
+    /// `base` is the dotted path of `value` in the file (empty for the root) and only serves the messages.
+    /// Keys listed in `optional` are known to have been removed on purpose by the caller, so a "missing" error
+    /// for them is not reported.
+    pub fn deserialize<T: DeserializeOwned>(
+        &self,
+        value: &SpannedValue<'_>,
+        base: &str,
+        optional: &[String],
+    ) -> Deserialized<T> {
+        let mut value = value.clone();
+        let mut result = Deserialized { value: None, diagnostics: Vec::new(), removed: Vec::new() };
+        // Each round removes one entry, so the loop ends after at most one round per entry.
+        for _ in 0..=count_entries(&value) {
+            let error = match T::deserialize(value.clone().into_deserializer()) {
+                Ok(parsed) => {
+                    result.value = Some(parsed);
+                    return result;
+                }
+                Err(error) => error,
+            };
+            let span = error.span().unwrap_or_else(|| value.span());
+            let path = entry_path(&value, span.start);
+            let message = error.message().to_string();
+            let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next());
+            if let Some(field) = missing {
+                let key = join(base, &path.join("."), field);
+                if !optional.iter().any(|name| *name == key || name == field) {
+                    result.diagnostics.push(self.diagnostic(
+                        &span,
+                        "missing_key",
+                        format!("missing required key `{key}`"),
+                    ));
+                }
+                return result;
+            }
+            let Some(last) = path.last() else {
+                result.diagnostics.push(self.diagnostic(&span, "invalid_value", describe(base, "", &message)));
+                return result;
+            };
+            let dotted = join(base, &path[..path.len() - 1].join("."), last);
+            let (code, text) = classify(&dotted, &message);
+            result.diagnostics.push(self.diagnostic(&span, code, text));
+            remove_entry(&mut value, &path);
+            result.removed.push(dotted);
+        }
+        result
+    }
+}
+
+/// Turns a serde message about the entry at `dotted` into a diagnostic code and sentence.
+fn classify(dotted: &str, message: &str) -> (&'static str, String) {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let expected = expected_names(rest);
+        let hint = match suggest::closest(dotted.rsplit('.').next().unwrap_or(dotted), &expected) {
+            Some(name) => format!("; did you mean `{name}`?"),
+            None if expected.is_empty() => String::new(),
+            None => format!("; expected one of: {}", expected.join(", ")),
+        };
+        return ("unknown_key", format!("unknown key `{dotted}`{hint}"));
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let given = rest.split('`').next().unwrap_or_default();
+        let expected = expected_names(rest);
+        return (
+            "invalid_value",
+            format!("`{dotted}`: unknown value `{given}`; expected one of: {}", expected.join(", ")),
+        );
+    }
+    let code = if message.starts_with("invalid duration") {
+        "invalid_duration"
+    } else if message.starts_with("invalid size") {
+        "invalid_size"
+    } else {
+        "invalid_value"
+    };
+    (code, describe("", dotted, message))
+}
+
+/// The names listed after "expected one of" / "expected" in a serde message.
+fn expected_names(message: &str) -> Vec<String> {
+    let Some((_, list)) = message.split_once("expected") else { return Vec::new() };
+    list.split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+fn describe(base: &str, dotted: &str, message: &str) -> String {
+    let path = join(base, dotted, "");
+    if path.is_empty() { message.to_string() } else { format!("`{path}`: {message}") }
+}
+
+/// Joins non-empty path parts with dots.
+fn join(a: &str, b: &str, c: &str) -> String {
+    [a, b, c].iter().filter(|part| !part.is_empty()).copied().collect::<Vec<_>>().join(".")
+}
+
+fn count_entries(value: &SpannedValue<'_>) -> usize {
+    match value.get_ref() {
+        DeValue::Table(table) => table.iter().map(|(_, v)| 1 + count_entries(v)).sum(),
+        _ => 0,
+    }
+}
+
+/// The keys leading to the innermost table entry whose key or value contains `offset`.
+fn entry_path(value: &SpannedValue<'_>, offset: usize) -> Vec<String> {
+    let mut path = Vec::new();
+    let mut current = value;
+    while let DeValue::Table(table) = current.get_ref() {
+        let found = table.iter().find(|(key, value)| key.span().contains(&offset) || value.span().contains(&offset));
+        let Some((key, inner)) = found else { break };
+        path.push(key.get_ref().to_string());
+        if key.span().contains(&offset) {
+            break;
+        }
+        current = inner;
+    }
+    path
+}
+
+fn remove_entry(value: &mut SpannedValue<'_>, path: &[String]) {
+    let DeValue::Table(table) = value.get_mut() else { return };
+    match path {
+        [] => {}
+        [last] => retain(table, |key| key != last),
+        [first, rest @ ..] => {
+            if let Some((_, inner)) = table.iter_mut().find(|(key, _)| key.get_ref() == first) {
+                remove_entry(inner, rest);
+            }
+        }
+    }
+}
+
+/// Looks up `key` in a table value.
+pub fn get<'a, 'i>(value: &'a SpannedValue<'i>, key: &str) -> Option<&'a SpannedValue<'i>> {
+    match value.get_ref() {
+        DeValue::Table(table) => table.iter().find(|(name, _)| name.get_ref() == key).map(|(_, value)| value),
+        _ => None,
+    }
+}
+
+/// Looks up a dotted `path` of keys.
+pub fn get_path<'a, 'i>(value: &'a SpannedValue<'i>, path: &[&str]) -> Option<&'a SpannedValue<'i>> {
+    path.iter().try_fold(value, |value, key| get(value, key))
+}
+
+/// The span of `key` itself inside a table value.
+pub fn key_span(value: &SpannedValue<'_>, key: &str) -> Option<Range<usize>> {
+    match value.get_ref() {
+        DeValue::Table(table) => table.iter().find(|(name, _)| name.get_ref() == key).map(|(name, _)| name.span()),
+        _ => None,
+    }
+}
+
+/// A copy of a table value without the given keys.
+pub fn without_keys<'i>(value: &SpannedValue<'i>, keys: &[String]) -> SpannedValue<'i> {
+    let mut value = value.clone();
+    if let DeValue::Table(table) = value.get_mut() {
+        retain(table, |key| !keys.iter().any(|k| k == key));
+    }
+    value
+}
+
+/// Calls `visit` with the dotted path, span and text of every string in `value`, depth first.
+pub fn visit_strings<'i>(value: &SpannedValue<'i>, path: &str, visit: &mut impl FnMut(&str, Range<usize>, &str)) {
+    match value.get_ref() {
+        DeValue::String(text) => visit(path, value.span(), text),
+        DeValue::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                visit_strings(item, &format!("{path}[{index}]"), visit);
+            }
+        }
+        DeValue::Table(table) => {
+            for (key, item) in table.iter() {
+                visit_strings(item, &join(path, "", key.get_ref()), visit);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The TOML type name of a value, as used in messages (`string`, `integer`, ...).
+pub fn type_name(value: &DeValue<'_>) -> &'static str {
+    match value {
+        DeValue::String(_) => "string",
+        DeValue::Integer(_) => "integer",
+        DeValue::Float(_) => "float",
+        DeValue::Boolean(_) => "boolean",
+        DeValue::Datetime(_) => "datetime",
+        DeValue::Array(_) => "array",
+        DeValue::Table(_) => "table",
+    }
+}
+
+/// Keeps the entries whose key passes `keep`, in order.
+fn retain(table: &mut DeTable<'_>, keep: impl Fn(&str) -> bool) {
+    *table = std::mem::take(table).into_iter().filter(|(key, _)| keep(key.get_ref())).collect();
+}

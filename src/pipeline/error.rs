@@ -1,0 +1,58 @@
+//! Diagnostics for pipeline and plugin files: every problem carries its file, line, column and a stable code,
+//! so that `echo-worker validate` can list all of them at once for people (`file:line:col: message`) and tools
+//! (`--format json`).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// One problem found while loading a pipeline or plugin file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, counted in characters.
+    pub column: usize,
+    /// A stable machine-readable class, such as `unknown_key` or `cycle`.
+    pub code: &'static str,
+    /// A sentence for a person; it names the offending key, stage or value.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+    }
+}
+
+/// Why a folder of pipelines or plugins could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A folder or file could not be read at all.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The path that failed.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The files were read but are invalid; every problem is listed.
+    #[error("{}", render(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+fn render(diagnostics: &[Diagnostic]) -> String {
+    let mut text = format!(
+        "{} problem{} in pipeline and plugin files:",
+        diagnostics.len(),
+        if diagnostics.len() == 1 { "" } else { "s" }
+    );
+    for diagnostic in diagnostics {
+        text.push_str("\n  ");
+        text.push_str(&diagnostic.to_string());
+    }
+    text
+}

@@ -1,0 +1,196 @@
+//! minijinja templates and expressions as used in pipeline and plugin files: what counts as a template, how a
+//! whole-value template keeps its type, and the static checks run at load time (syntax, and which variables a
+//! template reads, so that `compile` can insist that `stages.X` is an ancestor).
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+
+use minijinja::Environment;
+
+use super::document::Document;
+use super::error::Diagnostic;
+
+/// Names minijinja provides as globals; they may appear in any template.
+const GLOBALS: [&str; 4] = ["range", "dict", "namespace", "debug"];
+
+/// A template that failed to parse, with the byte range inside the template text where known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxError {
+    /// What the parser said.
+    pub message: String,
+    /// Where in the template text.
+    pub range: Option<Range<usize>>,
+}
+
+/// True when `text` contains template syntax and must be rendered.
+pub fn is_template(text: &str) -> bool {
+    text.contains("{{") || text.contains("{%")
+}
+
+/// The expression of a value that is exactly one `{{ expr }}`, which keeps the expression's type when rendered.
+pub fn whole_expression(text: &str) -> Option<&str> {
+    let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    (!inner.contains("{{") && !inner.contains("}}") && !inner.contains("{%")).then(|| inner.trim())
+}
+
+/// Parses a template and returns the variables it reads, as dotted paths (`stages.transcript.text`).
+///
+/// # Errors
+/// [`SyntaxError`] when the template does not parse.
+pub fn template_variables(source: &str) -> Result<BTreeSet<String>, SyntaxError> {
+    let env = Environment::new();
+    let template = env.template_from_str(source).map_err(syntax_error)?;
+    Ok(without_globals(template.undeclared_variables(true)))
+}
+
+/// Parses a bare expression (`if`, `for_each`) and returns the variables it reads.
+///
+/// # Errors
+/// [`SyntaxError`] when the expression does not parse, or is wrapped in `{{ }}`.
+pub fn expression_variables(source: &str) -> Result<BTreeSet<String>, SyntaxError> {
+    if is_template(source) {
+        return Err(SyntaxError {
+            message: "write a bare expression here, without `{{ }}` or `{% %}`".to_string(),
+            range: source.find("{").map(|start| start..start + 2),
+        });
+    }
+    let env = Environment::new();
+    let expression = env.compile_expression(source).map_err(syntax_error)?;
+    Ok(without_globals(expression.undeclared_variables(true)))
+}
+
+fn without_globals(variables: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+    variables.into_iter().filter(|name| !GLOBALS.contains(&root(name))).collect()
+}
+
+/// The first segment of a dotted variable path.
+pub fn root(path: &str) -> &str {
+    path.split('.').next().unwrap_or(path)
+}
+
+/// The second segment of a dotted variable path (`transcript` in `stages.transcript.text`).
+pub fn member(path: &str) -> Option<&str> {
+    path.split('.').nth(1)
+}
+
+fn syntax_error(error: minijinja::Error) -> SyntaxError {
+    let message = match error.detail() {
+        Some(detail) => format!("{}: {detail}", error.kind()),
+        None => error.kind().to_string(),
+    };
+    SyntaxError { message, range: error.range() }
+}
+
+/// Byte offset in the file of the first character of a TOML string's content, when the content appears there
+/// verbatim (no escapes), so that positions inside a template map onto the file.
+pub fn content_offset(file_text: &str, span: &Range<usize>) -> Option<usize> {
+    let literal = file_text.get(span.clone())?;
+    let (quote, basic) = if literal.starts_with("\"\"\"") {
+        (3, true)
+    } else if literal.starts_with("'''") {
+        (3, false)
+    } else if literal.starts_with('"') {
+        (1, true)
+    } else if literal.starts_with('\'') {
+        (1, false)
+    } else {
+        return None;
+    };
+    let content = literal.get(quote..literal.len().checked_sub(quote)?)?;
+    if basic && content.contains('\\') {
+        return None;
+    }
+    // TOML drops a newline that directly follows the opening delimiter of a multi-line string.
+    let newline = match quote {
+        3 if content.starts_with("\r\n") => 2,
+        3 if content.starts_with('\n') => 1,
+        _ => 0,
+    };
+    Some(span.start + quote + newline)
+}
+
+/// A variable read by a template in a file, with where the reference starts in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// The dotted path, such as `stages.transcript.text`.
+    pub path: String,
+    /// Byte offset in the file (the string's start when the exact place is unknown).
+    pub offset: usize,
+}
+
+/// Checks one template (or bare expression) written as a TOML string at `span` of `document`, whose dotted key
+/// path is `location`.
+///
+/// # Errors
+/// A `template_syntax` diagnostic pointing into the template where the parser stopped.
+pub fn check(
+    document: &Document,
+    span: &Range<usize>,
+    text: &str,
+    location: &str,
+    expression: bool,
+) -> Result<Vec<Reference>, Diagnostic> {
+    let content = content_offset(&document.source, span);
+    let parsed = if expression { expression_variables(text) } else { template_variables(text) };
+    match parsed {
+        Ok(variables) => Ok(variables
+            .into_iter()
+            .map(|path| {
+                let offset =
+                    content.and_then(|start| text.find(path.as_str()).map(|at| start + at)).unwrap_or(span.start);
+                Reference { path, offset }
+            })
+            .collect()),
+        Err(error) => {
+            let offset = match (content, &error.range) {
+                (Some(start), Some(range)) => start + range.start.min(text.len()),
+                _ => span.start,
+            };
+            let what = if expression { "expression" } else { "template" };
+            Err(document.diagnostic(
+                &(offset..offset),
+                "template_syntax",
+                format!("`{location}`: {what} does not parse: {}", error.message),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_expressions_keep_their_type() {
+        assert_eq!(whole_expression("{{ stages.a.items }}"), Some("stages.a.items"));
+        assert_eq!(whole_expression("  {{x}} "), Some("x"));
+        assert_eq!(whole_expression("a {{ x }}"), None);
+        assert_eq!(whole_expression("{{ x }} and {{ y }}"), None);
+    }
+
+    #[test]
+    fn variables_are_reported_as_paths() {
+        let vars =
+            template_variables("{{ stages.t.text }} {{ job.params.lang | default('en') }} {{ range(3) }}").unwrap();
+        assert_eq!(vars.into_iter().collect::<Vec<_>>(), ["job.params.lang", "stages.t.text"]);
+        let vars = expression_variables("job.params.x != false and stages.a").unwrap();
+        assert_eq!(vars.into_iter().collect::<Vec<_>>(), ["job.params.x", "stages.a"]);
+    }
+
+    #[test]
+    fn syntax_errors_carry_a_range() {
+        let error = template_variables("hello {{ stages.a.text ").unwrap_err();
+        assert!(error.message.starts_with("syntax error"), "{}", error.message);
+        assert!(expression_variables("{{ a }}").is_err());
+    }
+
+    #[test]
+    fn content_offsets_skip_quotes() {
+        let text = r#"x = "ab {{ c }}""#;
+        assert_eq!(content_offset(text, &(4..text.len())), Some(5));
+        let text = "x = \"\"\"\nab\"\"\"";
+        assert_eq!(content_offset(text, &(4..text.len())), Some(8));
+        let text = r#"x = "a\nb""#;
+        assert_eq!(content_offset(text, &(4..text.len())), None);
+    }
+}
