@@ -48,9 +48,9 @@ pub enum ConfigError {
     /// `--config` named a file that does not exist.
     #[error("config file {} does not exist", .0.display())]
     MissingFile(PathBuf),
-    /// A value has the wrong type or format; the message names the key and where it came from.
-    #[error("invalid settings: {0}")]
-    Invalid(#[from] Box<figment::Error>),
+    /// Values have the wrong type or format; each line names the key and where it came from.
+    #[error("invalid settings: {}", .0.join("; "))]
+    Invalid(Vec<String>),
 }
 
 /// Every setting of the service.
@@ -218,7 +218,7 @@ impl Settings {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key and its source.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let mut settings: Self = figment.extract().map_err(Box::new)?;
+        let mut settings: Self = figment.extract().map_err(describe)?;
         for endpoint in [&mut settings.azure_openai.endpoint, &mut settings.azure_openai.whisper_endpoint] {
             if let Some(url) = endpoint
                 && let Some(origin) = origin_of(url)
@@ -237,6 +237,33 @@ impl Settings {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|error| format!("# settings could not be printed: {error}\n"))
     }
+}
+
+/// One line per figment error: the setting, what is wrong, and the variable or file it came from.
+fn describe(error: figment::Error) -> ConfigError {
+    ConfigError::Invalid(
+        error
+            .into_iter()
+            .map(|error| {
+                let key = error.path.join(".");
+                let from_env = error.metadata.as_ref().is_some_and(|m| m.name.contains("environment"));
+                let nested = format!("ECHO_{}", key.to_uppercase().replace('.', "__"));
+                let source = match LEGACY_ENV.iter().find(|(_, setting)| *setting == key) {
+                    Some((variable, _)) if from_env => format!("environment variable {variable} or {nested}"),
+                    None if from_env => format!("environment variable {nested}"),
+                    _ => error.metadata.as_ref().map_or_else(
+                        || "defaults".to_string(),
+                        |m| {
+                            m.source
+                                .as_ref()
+                                .map_or_else(|| m.name.to_string(), |source| format!("{} {source}", m.name))
+                        },
+                    ),
+                };
+                format!("`{key}`: {} (from {source})", error.kind)
+            })
+            .collect(),
+    )
 }
 
 fn legacy_key(name: &UncasedStr) -> Uncased<'_> {

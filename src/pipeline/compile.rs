@@ -31,9 +31,9 @@ pub fn compile(document: &Document, plugins: &PluginSet) -> Result<Pipeline, Vec
     let parsed = document.deserialize::<RawPipeline>(&root, "", &[]);
     let mut diagnostics = parsed.diagnostics;
     let Some(raw) = parsed.value else { return Err(diagnostics) };
-    // Stages with a refused entry were already reported; checking them further would repeat the mistake.
-    let tainted: BTreeSet<&str> =
-        parsed.removed.iter().filter_map(|path| path.strip_prefix("stages.")?.split('.').next()).collect();
+    // Entries refused above were already reported; checks that depend on them are skipped so that one
+    // mistake never shows up twice.
+    let refused = |id: &str, field: &str| parsed.removed.iter().any(|path| *path == format!("stages.{id}.{field}"));
     let mut checker = Checker { document, root: &root, plugins, diagnostics: &mut diagnostics };
 
     let name = checker.name(&raw);
@@ -45,7 +45,7 @@ pub fn compile(document: &Document, plugins: &PluginSet) -> Result<Pipeline, Vec
     let mut edges = Vec::new();
     for (key, stage) in &raw.stages {
         checker.stage_id(key);
-        kinds.push(checker.kind(key, stage));
+        kinds.push(if refused(key.get_ref(), "uses") { None } else { checker.kind(key, stage) });
         edges.extend(checker.needs(key, stage, &ids).into_iter().map(|need| (need, key.get_ref().as_str())));
     }
     let graph = StageGraph::new(ids.iter().copied(), edges);
@@ -56,16 +56,16 @@ pub fn compile(document: &Document, plugins: &PluginSet) -> Result<Pipeline, Vec
     for ((key, stage), kind) in raw.stages.iter().zip(&kinds) {
         let id = key.get_ref().as_str();
         checker.retry(stage.retry.as_ref(), &["stages", id, "retry"]);
-        if tainted.contains(id) {
-            continue;
+        if !refused(id, "needs") {
+            checker.templates(id, stage, &graph.ancestors(id), &ids);
         }
-        checker.templates(id, stage, &graph.ancestors(id), &ids);
-        if let Some(kind) = kind {
+        if let Some(kind) = kind.as_ref().filter(|_| !refused(id, "with")) {
             checker.params(id, stage, kind);
         }
     }
 
     if !diagnostics.is_empty() {
+        diagnostics.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
         return Err(diagnostics);
     }
     let order = graph.topological_order().unwrap_or_default();

@@ -172,7 +172,22 @@ fn classify(dotted: &str, message: &str) -> (&'static str, String) {
     } else {
         "invalid_value"
     };
-    (code, describe("", dotted, message))
+    (code, describe("", dotted, &plain_types(message)))
+}
+
+/// Replaces Rust type names in serde messages with words people use.
+fn plain_types(message: &str) -> String {
+    let mut text = message.to_string();
+    for (rust, plain) in [
+        ("expected u32", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected an array"),
+        ("expected a map", "expected a table"),
+    ] {
+        text = text.replace(rust, plain);
+    }
+    text
 }
 
 /// The names listed after "expected one of" / "expected" in a serde message.
@@ -199,19 +214,24 @@ fn count_entries(value: &SpannedValue<'_>) -> usize {
 }
 
 /// The keys leading to the innermost table entry whose key or value contains `offset`.
+///
+/// Every table is searched, whatever its own span: the span of a `[section]` table covers only its header,
+/// not the keys below it.
 fn entry_path(value: &SpannedValue<'_>, offset: usize) -> Vec<String> {
-    let mut path = Vec::new();
-    let mut current = value;
-    while let DeValue::Table(table) = current.get_ref() {
-        let found = table.iter().find(|(key, value)| key.span().contains(&offset) || value.span().contains(&offset));
-        let Some((key, inner)) = found else { break };
-        path.push(key.get_ref().to_string());
+    let DeValue::Table(table) = value.get_ref() else { return Vec::new() };
+    for (key, inner) in table.iter() {
         if key.span().contains(&offset) {
-            break;
+            return vec![key.get_ref().to_string()];
         }
-        current = inner;
+        let nested = entry_path(inner, offset);
+        if !nested.is_empty() {
+            return std::iter::once(key.get_ref().to_string()).chain(nested).collect();
+        }
+        if inner.span().contains(&offset) {
+            return vec![key.get_ref().to_string()];
+        }
     }
-    path
+    Vec::new()
 }
 
 fn remove_entry(value: &mut SpannedValue<'_>, path: &[String]) {

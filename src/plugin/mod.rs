@@ -318,6 +318,7 @@ impl Plugin {
         let action = check_sections(document, &root, &raw, &mut diagnostics);
         check_templates(document, &root, &raw, &env, &mut diagnostics);
         if parsed.removed.iter().any(|key| key == "kind") || !diagnostics.is_empty() {
+            diagnostics.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
             return Err(diagnostics);
         }
         let (Some(kind), Some(action)) = (raw.kind, action) else { return Err(diagnostics) };

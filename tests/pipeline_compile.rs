@@ -1,0 +1,132 @@
+//! Every broken pipeline and plugin file under `tests/fixtures/*/invalid/` must fail to load with exactly the
+//! diagnostics in its `.expected` file (`file:line:column: message`, one per line). Set `UPDATE_EXPECTED=1` to
+//! rewrite the expected files after a deliberate change, then review the diff.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use echo_worker::pipeline::Diagnostic;
+use echo_worker::pipeline::compile::compile;
+use echo_worker::pipeline::document::Document;
+use echo_worker::plugin::{Plugin, PluginSet};
+
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let dir = Path::new("tests/fixtures").join(kind).join("invalid");
+    echo_worker::pipeline::toml_files(&dir).expect("fixture folder exists")
+}
+
+fn shipped_plugins() -> PluginSet {
+    let set = PluginSet::load_dir(Path::new("plugins")).expect("plugins folder is readable");
+    assert!(set.diagnostics.is_empty(), "shipped plugins are valid: {:?}", set.diagnostics);
+    set
+}
+
+/// Compares one fixture's diagnostics with its `.expected` file, returning a description of any difference.
+fn compare(file: &Path, diagnostics: &[Diagnostic]) -> Option<String> {
+    let actual: String = diagnostics.iter().map(|d| format!("{d}\n")).collect();
+    let expected_file = file.with_extension("expected");
+    if std::env::var_os("UPDATE_EXPECTED").is_some() {
+        std::fs::write(&expected_file, &actual).expect("expected file is writable");
+        return None;
+    }
+    let expected = std::fs::read_to_string(&expected_file).unwrap_or_default();
+    (expected != actual).then(|| format!("{}:\n--- expected\n{expected}--- actual\n{actual}", file.display()))
+}
+
+#[test]
+fn every_invalid_pipeline_reports_exactly_its_expected_errors() {
+    let plugins = shipped_plugins();
+    let files = fixtures("pipelines");
+    assert!(files.len() >= 15, "at least 15 broken pipeline fixtures, found {}", files.len());
+    let mut failures = Vec::new();
+    for file in &files {
+        let document = Document::read(file).expect("fixture is readable");
+        match compile(&document, &plugins) {
+            Ok(_) => failures.push(format!("{} compiled but should not", file.display())),
+            Err(diagnostics) => failures.extend(compare(file, &diagnostics)),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_invalid_plugin_reports_exactly_its_expected_errors() {
+    let mut failures = Vec::new();
+    for file in &fixtures("plugins") {
+        let document = Document::read(file).expect("fixture is readable");
+        match Plugin::load(&document) {
+            Ok(_) => failures.push(format!("{} loaded but should not", file.display())),
+            Err(diagnostics) => failures.extend(compare(file, &diagnostics)),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn fixtures_cover_every_error_class() {
+    let plugins = shipped_plugins();
+    let mut codes = BTreeSet::new();
+    for file in fixtures("pipelines") {
+        let document = Document::read(&file).unwrap();
+        codes.extend(compile(&document, &plugins).unwrap_err().iter().map(|d| d.code));
+    }
+    for file in fixtures("plugins") {
+        let document = Document::read(&file).unwrap();
+        codes.extend(Plugin::load(&document).unwrap_err().iter().map(|d| d.code));
+    }
+    for required in [
+        "syntax",
+        "unknown_key",
+        "unknown_kind",
+        "unknown_need",
+        "duplicate_need",
+        "cycle",
+        "template_syntax",
+        "template_reference",
+        "unknown_param",
+        "missing_param",
+        "param_type",
+        "invalid_duration",
+        "invalid_size",
+        "name_mismatch",
+        "invalid_stage_id",
+        "section_mismatch",
+        "invalid_value",
+    ] {
+        assert!(codes.contains(required), "no fixture produces `{required}`; produced: {codes:?}");
+    }
+}
+
+#[test]
+fn one_file_with_three_mistakes_reports_all_three() {
+    let document = Document::read(Path::new("tests/fixtures/pipelines/invalid/several-mistakes.toml")).unwrap();
+    let diagnostics = compile(&document, &shipped_plugins()).unwrap_err();
+    let codes: Vec<&str> = diagnostics.iter().map(|d| d.code).collect();
+    assert_eq!(codes, ["unknown_kind", "invalid_duration", "template_reference"], "{diagnostics:#?}");
+}
+
+#[test]
+fn shipped_pipelines_compile_with_defaults_filled_in() {
+    let catalog = echo_worker::catalog::Catalog::load(Path::new("pipelines"), Path::new("plugins")).unwrap();
+    for name in ["default", "meeting", "podcast", "transcribe-only", "audio-qa"] {
+        assert!(catalog.pipelines.contains_key(name), "pipelines/{name}.toml ships");
+    }
+    let meeting = &catalog.pipelines["meeting"];
+    let order: Vec<&str> = meeting.stages.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(order, ["validate", "download", "transcode", "transcript", "summary", "action_items", "persist"]);
+    let transcript = meeting.stage("transcript").unwrap();
+    assert_eq!(transcript.weight, 60);
+    assert_eq!(transcript.timeout, std::time::Duration::from_secs(3600));
+    assert_eq!(transcript.retry.max_attempts, 3);
+    let persist = meeting.stage("persist").unwrap();
+    assert_eq!(persist.trigger, echo_worker::pipeline::Trigger::NoneFailed);
+    assert_eq!(meeting.stage("action_items").unwrap().condition.as_deref(), Some("job.params.action_items != false"));
+    for file in echo_worker::pipeline::toml_files(Path::new("pipelines"))
+        .unwrap()
+        .into_iter()
+        .chain(echo_worker::pipeline::toml_files(Path::new("plugins")).unwrap())
+    {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.starts_with("#:schema ../schema/"), "{} starts with its #:schema line", file.display());
+    }
+}
