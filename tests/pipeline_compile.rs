@@ -130,3 +130,77 @@ fn shipped_pipelines_compile_with_defaults_filled_in() {
         assert!(text.starts_with("#:schema ../schema/"), "{} starts with its #:schema line", file.display());
     }
 }
+
+/// A small deterministic generator, so that failures reproduce without a seed file.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self, below: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % below as u64) as usize
+    }
+}
+
+/// Applies one to three random insertions of TOML and template punctuation, or deletions.
+fn mangle(original: &str, random: &mut XorShift) -> String {
+    const PIECES: [&str; 17] =
+        ["\"", "[", "]", "{", "}", "=", ".", "\n", "#", "'", "{{", "}}", "{%", "é", "\\", ",", "needs = [\"x\"]\n"];
+    let mut text = original.to_string();
+    for _ in 0..=random.next(3) {
+        let mut at = random.next(text.len() + 1);
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        if random.next(2) == 0 {
+            text.insert_str(at, PIECES[random.next(PIECES.len())]);
+        } else {
+            let mut end = (at + random.next(8)).min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.replace_range(at..end, "");
+        }
+    }
+    text
+}
+
+fn assert_well_formed(diagnostics: &[Diagnostic]) {
+    assert!(!diagnostics.is_empty());
+    for diagnostic in diagnostics {
+        assert!(diagnostic.line >= 1 && diagnostic.column >= 1, "{diagnostic}");
+        assert!(!diagnostic.message.is_empty(), "{diagnostic}");
+    }
+}
+
+/// The loaders face user-edited files: whatever the text, they answer with diagnostics and never panic.
+#[test]
+fn mangled_files_are_reported_never_panicked_on() {
+    const ROUNDS: usize = 300;
+    let plugins = shipped_plugins();
+    let mut random = XorShift(0x5eed_cafe);
+    let mut refused = 0;
+    let pipelines = echo_worker::pipeline::toml_files(Path::new("pipelines")).unwrap();
+    let plugin_files = echo_worker::pipeline::toml_files(Path::new("plugins")).unwrap();
+    for file in &pipelines {
+        let original = std::fs::read_to_string(file).unwrap();
+        for _ in 0..ROUNDS {
+            if let Err(diagnostics) = compile(&Document::new(file, mangle(&original, &mut random)), &plugins) {
+                assert_well_formed(&diagnostics);
+                refused += 1;
+            }
+        }
+    }
+    for file in &plugin_files {
+        let original = std::fs::read_to_string(file).unwrap();
+        for _ in 0..ROUNDS {
+            if let Err(diagnostics) = Plugin::load(&Document::new(file, mangle(&original, &mut random))) {
+                assert_well_formed(&diagnostics);
+                refused += 1;
+            }
+        }
+    }
+    let total = (pipelines.len() + plugin_files.len()) * ROUNDS;
+    assert!(refused > total / 4, "most mangled files are refused ({refused} of {total})");
+}

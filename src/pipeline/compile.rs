@@ -225,7 +225,7 @@ impl Checker<'_, '_> {
     /// Reports a cycle at the `needs` entry that closes it.
     fn cycle(&mut self, raw: &RawPipeline, chain: &[String]) {
         let first = &chain[0];
-        let closing = &chain[chain.len() - 2];
+        let closing = &chain[chain.len().saturating_sub(2)];
         let span = raw
             .stages
             .iter()

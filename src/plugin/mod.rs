@@ -315,6 +315,13 @@ impl Plugin {
             }
         }
 
+        if raw.kind.is_none() && !parsed.removed.iter().any(|key| key == "kind") {
+            diagnostics.push(document.diagnostic(
+                &start,
+                "missing_key",
+                "missing required key `kind`; expected one of: prompt, command, http",
+            ));
+        }
         let action = check_sections(document, &root, &raw, &mut diagnostics);
         check_templates(document, &root, &raw, &env, &mut diagnostics);
         if parsed.removed.iter().any(|key| key == "kind") || !diagnostics.is_empty() {
