@@ -26,6 +26,18 @@ impl Catalog {
     /// [`LoadError::Read`] when a folder or file cannot be read; [`LoadError::Invalid`] with every problem of
     /// every file otherwise.
     pub fn load(pipelines_dir: &Path, plugins_dir: &Path) -> Result<Self, LoadError> {
+        Self::load_with_kinds(pipelines_dir, plugins_dir, &[])
+    }
+
+    /// Like [`Catalog::load`], also accepting the stage kinds an embedding program registers in code.
+    ///
+    /// # Errors
+    /// As [`Catalog::load`].
+    pub fn load_with_kinds(
+        pipelines_dir: &Path,
+        plugins_dir: &Path,
+        custom_kinds: &[String],
+    ) -> Result<Self, LoadError> {
         let read_error = |path: &Path| {
             let path = path.to_path_buf();
             move |source| LoadError::Read { path, source }
@@ -35,7 +47,7 @@ impl Catalog {
         let mut pipelines = IndexMap::new();
         for file in toml_files(pipelines_dir).map_err(read_error(pipelines_dir))? {
             let document = Document::read(&file).map_err(read_error(&file))?;
-            match compile(&document, &plugins) {
+            match compile(&document, &plugins, custom_kinds) {
                 Ok(pipeline) => {
                     pipelines.insert(pipeline.name.clone(), pipeline);
                 }

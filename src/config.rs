@@ -144,6 +144,8 @@ pub struct WorkerSettings {
     pub concurrency: u32,
     /// `PROCESSING_TIMEOUT_MS`: deadline for a whole job, in milliseconds.
     pub processing_timeout_ms: u64,
+    /// Stages of one job that may run at once.
+    pub max_parallel_stages: usize,
 }
 
 /// Input limits.
@@ -177,7 +179,7 @@ impl Default for Settings {
                 chat_deployment: "gpt-4o-mini".into(),
             },
             // Three jobs at once keeps a 2-core machine busy without starving ffmpeg.
-            worker: WorkerSettings { concurrency: 3, processing_timeout_ms: 3_600_000 },
+            worker: WorkerSettings { concurrency: 3, processing_timeout_ms: 3_600_000, max_parallel_stages: 4 },
             limits: LimitSettings { max_file_size_mb: 500 },
             warnings: Vec::new(),
         }
@@ -231,6 +233,16 @@ impl Settings {
             }
         }
         Ok(settings)
+    }
+
+    /// The engine's limits from these settings.
+    pub fn engine(&self) -> crate::engine::EngineSettings {
+        crate::engine::EngineSettings {
+            work_root: self.paths.temp_dir.clone(),
+            max_parallel_stages: self.worker.max_parallel_stages.max(1),
+            job_timeout: std::time::Duration::from_millis(self.worker.processing_timeout_ms),
+            ..crate::engine::EngineSettings::default()
+        }
     }
 
     /// The settings as TOML, with every secret redacted.

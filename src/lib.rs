@@ -13,6 +13,8 @@
 
 pub mod catalog;
 pub mod config;
+pub mod engine;
+pub mod local;
 pub mod pipeline;
 pub mod plugin;
 pub mod schema;

@@ -52,6 +52,24 @@ enum Command {
     },
     /// Print the effective settings as TOML, with secrets redacted.
     Config,
+    /// Run files through a pipeline in this process (no server, no queue), with a progress bar per file; write
+    /// each job's report as JSON; exit 1 if any job failed, 130 when cancelled with Ctrl-C or SIGTERM.
+    Process {
+        /// Media files to process.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The pipeline to run.
+        #[arg(long, default_value = "default")]
+        pipeline: String,
+        /// A job parameter, `key=value` (repeatable); the value is read as JSON when it parses (`false`, `3`).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = echo_worker::local::parse_param)]
+        params: Vec<(String, serde_json::Value)>,
+        /// Folder for one `<file stem>.json` report per file [default: print to stdout].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        folders: Folders,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,6 +129,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config => {
             print!("{}", settings.to_toml());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Process { files, pipeline, params, out, folders: args } => {
+            let (pipelines, plugins) = folders(&settings, &args);
+            let request = echo_worker::local::ProcessRequest {
+                files,
+                pipeline,
+                params: params.into_iter().collect(),
+                out,
+                pipelines,
+                plugins,
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(echo_worker::local::process(&settings, request))
         }
     }
 }

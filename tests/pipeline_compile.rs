@@ -41,7 +41,7 @@ fn every_invalid_pipeline_reports_exactly_its_expected_errors() {
     let mut failures = Vec::new();
     for file in &files {
         let document = Document::read(file).expect("fixture is readable");
-        match compile(&document, &plugins) {
+        match compile(&document, &plugins, &[]) {
             Ok(_) => failures.push(format!("{} compiled but should not", file.display())),
             Err(diagnostics) => failures.extend(compare(file, &diagnostics)),
         }
@@ -68,7 +68,7 @@ fn fixtures_cover_every_error_class() {
     let mut codes = BTreeSet::new();
     for file in fixtures("pipelines") {
         let document = Document::read(&file).unwrap();
-        codes.extend(compile(&document, &plugins).unwrap_err().iter().map(|d| d.code));
+        codes.extend(compile(&document, &plugins, &[]).unwrap_err().iter().map(|d| d.code));
     }
     for file in fixtures("plugins") {
         let document = Document::read(&file).unwrap();
@@ -100,7 +100,7 @@ fn fixtures_cover_every_error_class() {
 #[test]
 fn one_file_with_three_mistakes_reports_all_three() {
     let document = Document::read(Path::new("tests/fixtures/pipelines/invalid/several-mistakes.toml")).unwrap();
-    let diagnostics = compile(&document, &shipped_plugins()).unwrap_err();
+    let diagnostics = compile(&document, &shipped_plugins(), &[]).unwrap_err();
     let codes: Vec<&str> = diagnostics.iter().map(|d| d.code).collect();
     assert_eq!(codes, ["unknown_kind", "invalid_duration", "template_reference"], "{diagnostics:#?}");
 }
@@ -186,7 +186,7 @@ fn mangled_files_are_reported_never_panicked_on() {
     for file in &pipelines {
         let original = std::fs::read_to_string(file).unwrap();
         for _ in 0..ROUNDS {
-            if let Err(diagnostics) = compile(&Document::new(file, mangle(&original, &mut random)), &plugins) {
+            if let Err(diagnostics) = compile(&Document::new(file, mangle(&original, &mut random)), &plugins, &[]) {
                 assert_well_formed(&diagnostics);
                 refused += 1;
             }

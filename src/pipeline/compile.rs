@@ -19,14 +19,18 @@ use super::{DEFAULT_MAX_PARALLEL, DEFAULT_TIMEOUT, Pipeline, RetryPolicy, StageG
 use crate::plugin::PluginSet;
 use crate::stage::{BuiltinKind, StageKind};
 
+/// Progress weight of a kind registered in code.
+const CUSTOM_WEIGHT: u32 = 5;
+
 /// Fields of `job` that templates may read.
 const JOB_FIELDS: [&str; 5] = ["id", "recording_id", "pipeline", "params", "source"];
 
-/// Compiles one pipeline file against the builtin kinds and the loaded plugins.
+/// Compiles one pipeline file against the builtin kinds, the loaded plugins and any kinds registered in code
+/// (`custom_kinds`, whose `with` is not checked).
 ///
 /// # Errors
 /// Every problem found in the file, in file order.
-pub fn compile(document: &Document, plugins: &PluginSet) -> Result<Pipeline, Vec<Diagnostic>> {
+pub fn compile(document: &Document, plugins: &PluginSet, custom_kinds: &[String]) -> Result<Pipeline, Vec<Diagnostic>> {
     let root = document.parse()?;
     let parsed = document.deserialize::<RawPipeline>(&root, "", &[]);
     let mut diagnostics = parsed.diagnostics;
@@ -34,7 +38,7 @@ pub fn compile(document: &Document, plugins: &PluginSet) -> Result<Pipeline, Vec
     // Entries refused above were already reported; checks that depend on them are skipped so that one
     // mistake never shows up twice.
     let refused = |id: &str, field: &str| parsed.removed.iter().any(|path| *path == format!("stages.{id}.{field}"));
-    let mut checker = Checker { document, root: &root, plugins, diagnostics: &mut diagnostics };
+    let mut checker = Checker { document, root: &root, plugins, custom_kinds, diagnostics: &mut diagnostics };
 
     let name = checker.name(&raw);
     if raw.stages.is_empty() && !parsed.removed.iter().any(|path| path == "stages") {
@@ -84,11 +88,11 @@ pub fn compile(document: &Document, plugins: &PluginSet) -> Result<Pipeline, Vec
 fn stage_spec(id: &str, stage: &RawStage, uses: StageKind, raw: &RawPipeline, plugins: &PluginSet) -> StageSpec {
     let plugin = match &uses {
         StageKind::Plugin(name) => plugins.plugins.get(name),
-        StageKind::Builtin(_) => None,
+        StageKind::Builtin(_) | StageKind::Custom(_) => None,
     };
     let weight = match &uses {
         StageKind::Builtin(kind) => kind.default_weight(),
-        StageKind::Plugin(_) => plugin.map_or(5, |plugin| plugin.weight),
+        StageKind::Plugin(_) | StageKind::Custom(_) => plugin.map_or(CUSTOM_WEIGHT, |plugin| plugin.weight),
     };
     let layers = [stage.retry.as_ref(), plugin.and_then(|p| p.retry.as_ref()), raw.defaults.retry.as_ref()];
     let base = RetryPolicy::default();
@@ -128,6 +132,7 @@ struct Checker<'a, 'i> {
     document: &'a Document,
     root: &'a SpannedValue<'i>,
     plugins: &'a PluginSet,
+    custom_kinds: &'a [String],
     diagnostics: &'a mut Vec<Diagnostic>,
 }
 
@@ -176,11 +181,15 @@ impl Checker<'_, '_> {
         if self.plugins.plugins.contains_key(name) {
             return Some(StageKind::Plugin(name.clone()));
         }
+        if self.custom_kinds.contains(name) {
+            return Some(StageKind::Custom(name.clone()));
+        }
         if self.plugins.broken.contains(name) {
             return None; // The plugin file's own errors are already listed.
         }
         let mut known: Vec<&str> = BuiltinKind::ALL.iter().map(|kind| kind.name()).collect();
         known.extend(self.plugins.plugins.keys().map(String::as_str));
+        known.extend(self.custom_kinds.iter().map(String::as_str));
         let hint = match suggest::closest(name, &known) {
             Some(close) => format!("did you mean `{close}`?"),
             None => format!("known kinds: {}", known.join(", ")),
@@ -321,6 +330,7 @@ impl Checker<'_, '_> {
                 let at = stage.uses.as_ref().map_or(0..0, Spanned::span);
                 plugin.check_params(self.document, with, &base, &at, &templated)
             }
+            StageKind::Custom(_) => return,
         };
         self.diagnostics.extend(found);
     }

@@ -169,6 +169,102 @@ pub fn check(
     }
 }
 
+/// A template that failed at run time, naming where it is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{location}`: {message}")]
+pub struct RenderError {
+    /// The dotted key path of the template (`stages.summary.with.transcript`).
+    pub location: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Renders `with` values and evaluates `if` / `for_each` expressions at run time.
+///
+/// Undefined values are chainable: `stages.skipped.text` is empty rather than an error, so a stage that reads
+/// an optional (skipped) ancestor still runs; `| default(...)` picks the fallback.
+#[derive(Debug)]
+pub struct Renderer {
+    env: Environment<'static>,
+}
+
+impl Default for Renderer {
+    fn default() -> Self {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
+        Self { env }
+    }
+}
+
+impl Renderer {
+    /// Renders every string in `value`: a whole `{{ expr }}` keeps the expression's type, any other template
+    /// renders to a string, and non-template values pass through.
+    ///
+    /// # Errors
+    /// [`RenderError`] naming the first template that failed.
+    pub fn render(
+        &self,
+        value: &serde_json::Value,
+        context: &minijinja::Value,
+        location: &str,
+    ) -> Result<serde_json::Value, RenderError> {
+        use serde_json::Value;
+        Ok(match value {
+            Value::String(text) if is_template(text) => match whole_expression(text) {
+                Some(expression) => to_json(&self.evaluate(expression, context, location)?, location)?,
+                None => Value::String(self.env.render_str(text, context).map_err(|error| failure(location, &error))?),
+            },
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(index, item)| self.render(item, context, &format!("{location}[{index}]")))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(key, item)| Ok((key.clone(), self.render(item, context, &format!("{location}.{key}"))?)))
+                    .collect::<Result<_, RenderError>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+
+    /// Evaluates a bare expression.
+    ///
+    /// # Errors
+    /// [`RenderError`] when it does not parse or fails to evaluate.
+    pub fn evaluate(
+        &self,
+        expression: &str,
+        context: &minijinja::Value,
+        location: &str,
+    ) -> Result<minijinja::Value, RenderError> {
+        let compiled = self.env.compile_expression(expression).map_err(|error| failure(location, &error))?;
+        compiled.eval(context).map_err(|error| failure(location, &error))
+    }
+}
+
+/// A minijinja value as JSON; undefined becomes null.
+///
+/// # Errors
+/// [`RenderError`] for values JSON cannot hold.
+pub fn to_json(value: &minijinja::Value, location: &str) -> Result<serde_json::Value, RenderError> {
+    if value.is_undefined() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::to_value(value)
+        .map_err(|error| RenderError { location: location.to_string(), message: error.to_string() })
+}
+
+fn failure(location: &str, error: &minijinja::Error) -> RenderError {
+    let message = match error.detail() {
+        Some(detail) => format!("{}: {detail}", error.kind()),
+        None => error.kind().to_string(),
+    };
+    RenderError { location: location.to_string(), message }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +293,38 @@ mod tests {
         assert!(expression_variables("{{ a }}").is_err());
         // minijinja 2.24 panics on this one; it must come back as an error.
         assert_eq!(expression_variables("x }} y").unwrap_err().range, Some(2..4));
+    }
+
+    #[test]
+    fn rendering_keeps_types_of_whole_expressions() {
+        let renderer = Renderer::default();
+        let context = minijinja::Value::from_serialize(serde_json::json!({
+            "stages": { "t": { "text": "hi", "segments": [{ "start": 0.5 }] } },
+            "job": { "params": {} }
+        }));
+        let value = serde_json::json!({
+            "segments": "{{ stages.t.segments }}",
+            "greeting": "say {{ stages.t.text }}",
+            "language": "{{ job.params.language | default('en') }}",
+            "missing": "{{ stages.skipped.text }}",
+            "fixed": 3,
+            "list": ["{{ stages.t.text | upper }}"]
+        });
+        let rendered = renderer.render(&value, &context, "with").unwrap();
+        assert_eq!(
+            rendered,
+            serde_json::json!({
+                "segments": [{ "start": 0.5 }],
+                "greeting": "say hi",
+                "language": "en",
+                "missing": null,
+                "fixed": 3,
+                "list": ["HI"]
+            })
+        );
+        let error = renderer.render(&serde_json::json!("{{ 1 / 0 }}"), &context, "with.x").unwrap_err();
+        assert_eq!(error.location, "with.x");
+        assert!(renderer.evaluate("job.params.flag != false", &context, "if").unwrap().is_true());
     }
 
     #[test]

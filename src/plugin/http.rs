@@ -1,9 +1,17 @@
-//! The `http` plugin kind: one HTTP request built from templates; 5xx and 429 are retried, other 4xx are not.
-//! The section is declared here; sending it arrives with the engine.
+//! The `http` plugin kind: one HTTP request built from templates; 5xx, 429, 408 and connection failures are
+//! retried (honouring `Retry-After`), other 4xx are not.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use indexmap::IndexMap;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use super::{Plugin, PluginAction};
+use crate::pipeline::template::Renderer;
+use crate::stage::{Stage, StageContext, StageError, StageOutput};
 
 /// The `[http]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -36,4 +44,110 @@ pub enum HttpMethod {
     Patch,
     /// DELETE.
     Delete,
+}
+
+impl HttpMethod {
+    fn as_reqwest(self) -> reqwest::Method {
+        match self {
+            Self::Get => reqwest::Method::GET,
+            Self::Post => reqwest::Method::POST,
+            Self::Put => reqwest::Method::PUT,
+            Self::Patch => reqwest::Method::PATCH,
+            Self::Delete => reqwest::Method::DELETE,
+        }
+    }
+}
+
+/// Sends an `http` plugin's request. The output is `{ "status": code, "body": JSON or text }`.
+#[derive(Debug)]
+pub struct HttpStage {
+    plugin: Arc<Plugin>,
+    client: reqwest::Client,
+    renderer: Renderer,
+}
+
+/// How much of an error response's body a message keeps.
+const BODY_TAIL: usize = 500;
+
+impl HttpStage {
+    /// Wraps the plugin with a shared HTTP client.
+    pub fn new(plugin: Arc<Plugin>, client: reqwest::Client) -> Self {
+        Self { plugin, client, renderer: Renderer::default() }
+    }
+}
+
+#[async_trait::async_trait]
+impl Stage for HttpStage {
+    async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
+        let PluginAction::Http(section) = &self.plugin.action else {
+            return Err(StageError::permanent("plugin", format!("plugin `{}` is not http", self.plugin.name)));
+        };
+        let name = &self.plugin.name;
+        let params = self.plugin.params(&ctx.params)?;
+        let context = self.plugin.template_context(&ctx, &params);
+        let url = self.plugin.render_text(&self.renderer, &section.url, &context, "http.url")?;
+        let mut headers = HeaderMap::new();
+        for (key, template) in &section.headers {
+            let value = self.plugin.render_text(&self.renderer, template, &context, &format!("http.headers.{key}"))?;
+            let header = HeaderName::from_bytes(key.as_bytes()).ok().zip(HeaderValue::from_str(&value).ok());
+            let Some((header, mut value)) = header else {
+                return Err(StageError::permanent(
+                    "invalid_request",
+                    format!("plugin `{name}`: invalid header `{key}`"),
+                ));
+            };
+            value.set_sensitive(true);
+            headers.insert(header, value);
+        }
+        let mut request = self.client.request(section.method.as_reqwest(), &url).headers(headers);
+        if let Some(body) = &section.json {
+            let body = self
+                .renderer
+                .render(body, &context, "http.json")
+                .map_err(|error| StageError::permanent("template", error.to_string()))?;
+            request = request.json(&body);
+        }
+        // Dropping the request future on cancel aborts the connection.
+        let response = tokio::select! {
+            response = request.send() => response,
+            () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
+        };
+        // The URL may carry a token in its query, so messages name the plugin, not the URL.
+        let response = response.map_err(|error| {
+            StageError::transient("http_connect", format!("plugin `{name}`: request failed: {}", without_url(&error)))
+        })?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let text = tokio::select! {
+            text = response.text() => text.map_err(|error| {
+                StageError::transient("http_body", format!("plugin `{name}`: reading the response: {}", without_url(&error)))
+            })?,
+            () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
+        };
+        if status.is_success() {
+            let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            return Ok(StageOutput::from(serde_json::json!({ "status": status.as_u16(), "body": body })));
+        }
+        let cut = (0..=text.len().min(BODY_TAIL)).rev().find(|index| text.is_char_boundary(*index)).unwrap_or(0);
+        let message = format!("plugin `{name}`: the server answered {status}: {}", &text[..cut]);
+        if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+            Err(StageError::transient("http_status", message).with_retry_after(retry_after))
+        } else {
+            Err(StageError::permanent("http_status", message))
+        }
+    }
+}
+
+fn without_url(error: &reqwest::Error) -> String {
+    let mut error = error.to_string();
+    if let Some(start) = error.find(" for url (") {
+        error.truncate(start);
+    }
+    error
+}
+
+/// `Retry-After` in seconds (HTTP dates are rare from APIs and are ignored, falling back to the backoff).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let seconds: f64 = headers.get(RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(3600.0)))
 }

@@ -22,8 +22,10 @@ use toml::de::DeValue;
 use crate::pipeline::document::{self, Document, SpannedValue};
 use crate::pipeline::error::Diagnostic;
 use crate::pipeline::raw::RawRetry;
+use crate::pipeline::template::Renderer;
 use crate::pipeline::{suggest, template};
 use crate::stage::BuiltinKind;
+use crate::stage::{StageContext, StageError};
 use crate::units::HumanDuration;
 
 pub use command::CommandSection;
@@ -136,7 +138,8 @@ pub enum ParamType {
 }
 
 impl ParamType {
-    fn name(self) -> &'static str {
+    /// The name used in `[params]`.
+    pub fn name(self) -> &'static str {
         match self {
             Self::String => "string",
             Self::Integer => "integer",
@@ -161,7 +164,8 @@ impl ParamType {
         )
     }
 
-    fn accepts_json(self, value: &serde_json::Value) -> bool {
+    /// Whether a JSON value has this type.
+    pub fn accepts_json(self, value: &serde_json::Value) -> bool {
         use serde_json::Value;
         matches!(
             (self, value),
@@ -400,6 +404,75 @@ impl Plugin {
             }
         }
         diagnostics
+    }
+}
+
+impl Plugin {
+    /// The stage's rendered `with` values completed with the declared defaults and checked against the
+    /// declared types, as templates see them under `params`.
+    ///
+    /// # Errors
+    /// A permanent [`StageError`] naming a missing required parameter or a value of the wrong type (possible
+    /// when a whole-value template produced it at run time).
+    pub fn params(&self, given: &serde_json::Value) -> Result<serde_json::Map<String, serde_json::Value>, StageError> {
+        let mut params = given.as_object().cloned().unwrap_or_default();
+        for (name, spec) in &self.params {
+            let value = params.get(name).filter(|value| !value.is_null()).cloned().or_else(|| spec.default.clone());
+            match value {
+                Some(value) if !spec.kind.accepts_json(&value) => {
+                    return Err(StageError::permanent(
+                        "invalid_params",
+                        format!("plugin `{}`: parameter `{name}` must be {}, got {value}", self.name, spec.kind.name()),
+                    ));
+                }
+                Some(value) => {
+                    params.insert(name.clone(), value);
+                }
+                None if spec.required => {
+                    return Err(StageError::permanent(
+                        "invalid_params",
+                        format!("plugin `{}`: parameter `{name}` is required but empty", self.name),
+                    ));
+                }
+                None => {}
+            }
+        }
+        Ok(params)
+    }
+
+    /// What the plugin's templates can read: `params`, `job`, and `env` holding only the declared names.
+    pub fn template_context(
+        &self,
+        ctx: &StageContext,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> minijinja::Value {
+        let env: serde_json::Map<String, serde_json::Value> = self
+            .env
+            .iter()
+            .filter_map(|name| Some((name.clone(), serde_json::Value::String(std::env::var(name).ok()?))))
+            .collect();
+        minijinja::Value::from_serialize(serde_json::json!({ "params": params, "job": &*ctx.job, "env": env }))
+    }
+
+    /// Renders one template string of the plugin to text.
+    ///
+    /// # Errors
+    /// A permanent [`StageError`] naming the template.
+    pub fn render_text(
+        &self,
+        renderer: &Renderer,
+        template: &str,
+        context: &minijinja::Value,
+        location: &str,
+    ) -> Result<String, StageError> {
+        let value = serde_json::Value::String(template.to_string());
+        let location = format!("{}: {location}", self.file.display());
+        match renderer.render(&value, context, &location) {
+            Ok(serde_json::Value::String(text)) => Ok(text),
+            Ok(serde_json::Value::Null) => Ok(String::new()),
+            Ok(other) => Ok(other.to_string()),
+            Err(error) => Err(StageError::permanent("template", error.to_string())),
+        }
     }
 }
 

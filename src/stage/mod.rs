@@ -1,14 +1,29 @@
-//! Stage kinds: what a pipeline's `uses` can name.
+//! Stages: the [`Stage`] trait every stage kind implements, the [`StageContext`] a stage runs with, the
+//! [`StageError`] that tells the engine whether a retry can help, and the [`StageKind`]s a pipeline's `uses`
+//! can name.
 //!
-//! A kind is either one of the builtins below (each declares its `with` parameters as a Rust struct, so that
-//! pipelines are checked against it and the JSON Schema offers completion for it) or a plugin from `plugins/`.
-//! The behaviour of each kind arrives with the engine; this module is the one list of what exists.
+//! A kind is a builtin (each declares its `with` parameters as a Rust struct in `builtin/`), a plugin from
+//! `plugins/`, or a custom kind an embedding program registers in code. All of them go through one
+//! [`StageRegistry`].
 
 pub mod builtin;
+pub mod registry;
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 pub use builtin::BuiltinKind;
+pub use registry::StageRegistry;
+
+use crate::engine::JobSpec;
+use crate::engine::progress::ProgressReporter;
 
 /// What a stage's `uses` resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +32,8 @@ pub enum StageKind {
     Builtin(BuiltinKind),
     /// A plugin declared in `plugins/NAME.toml`.
     Plugin(String),
+    /// A kind registered in code by the program embedding the engine; its `with` is not checked at load time.
+    Custom(String),
 }
 
 impl StageKind {
@@ -24,7 +41,7 @@ impl StageKind {
     pub fn name(&self) -> &str {
         match self {
             Self::Builtin(kind) => kind.name(),
-            Self::Plugin(name) => name,
+            Self::Plugin(name) | Self::Custom(name) => name,
         }
     }
 }
@@ -32,5 +49,93 @@ impl StageKind {
 impl fmt::Display for StageKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// One stage kind's behaviour.
+#[async_trait::async_trait]
+pub trait Stage: Send + Sync {
+    /// Runs one attempt. The stage must return promptly (within about a second) once `ctx.cancel` fires,
+    /// killing any process it started and dropping any request in flight.
+    ///
+    /// # Errors
+    /// A [`StageError`] saying whether another attempt can help.
+    async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError>;
+}
+
+/// Everything one attempt of a stage can see.
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    /// The job being run.
+    pub job: Arc<JobSpec>,
+    /// This stage's id in the pipeline.
+    pub stage_id: String,
+    /// The stage's `with` values, rendered.
+    pub params: Value,
+    /// The job's private work directory; removed when the job ends.
+    pub work_dir: PathBuf,
+    /// Outputs of the stage's ancestors, by stage id.
+    pub inputs: Arc<BTreeMap<String, Value>>,
+    /// Where to report sub-progress (fraction and message).
+    pub progress: ProgressReporter,
+    /// Fires when the job is cancelled, fails elsewhere, or the attempt times out.
+    pub cancel: CancellationToken,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// The `for_each` item and its index, when the stage fans out.
+    pub item: Option<(usize, Value)>,
+}
+
+/// A stage's result: a JSON value for templates and the store, and the files it left in the work directory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageOutput {
+    /// The output value, readable as `stages.<id>` by dependent stages.
+    pub value: Value,
+    /// Files the output refers to; a checkpoint is only reused while they all exist.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<PathBuf>,
+}
+
+impl From<Value> for StageOutput {
+    fn from(value: Value) -> Self {
+        Self { value, files: Vec::new() }
+    }
+}
+
+/// Why an attempt failed, and whether another attempt can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StageError {
+    /// A sentence naming what failed.
+    pub message: String,
+    /// Whether a retry can help (a timeout, a 5xx or 429, a dropped connection).
+    pub retryable: bool,
+    /// How long the provider asked us to wait before the next attempt; it wins over the backoff.
+    pub retry_after: Option<Duration>,
+    /// A stable class for tools, such as `timeout`, `http_status` or `invalid_output`.
+    pub code: &'static str,
+}
+
+impl StageError {
+    /// An error another attempt may not repeat.
+    pub fn transient(code: &'static str, message: impl Into<String>) -> Self {
+        Self { message: message.into(), retryable: true, retry_after: None, code }
+    }
+
+    /// An error every attempt would repeat (bad input, 4xx, schema mismatch).
+    pub fn permanent(code: &'static str, message: impl Into<String>) -> Self {
+        Self { message: message.into(), retryable: false, retry_after: None, code }
+    }
+
+    /// The attempt stopped because the job was cancelled.
+    pub fn cancelled() -> Self {
+        Self::permanent("cancelled", "cancelled")
+    }
+
+    /// Sets the wait the provider asked for.
+    #[must_use]
+    pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
+        self.retry_after = wait;
+        self
     }
 }

@@ -1,0 +1,63 @@
+//! Retry timing: exponential backoff with jitter, capped, unless the provider said how long to wait.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use crate::pipeline::RetryPolicy;
+use crate::stage::StageError;
+
+/// Jitter takes up to this share off each wait, so that workers that failed together do not retry together,
+/// while every wait stays longer than the one before it for coefficients of 1.25 and up.
+const JITTER: f64 = 0.2;
+
+/// The wait before the attempt after `failed_attempt` (1-based): the error's `retry_after` when it has one,
+/// otherwise `initial × coefficient^(failed_attempt − 1)`, capped at `max_interval`, minus up to 20% jitter.
+pub fn delay(policy: &RetryPolicy, failed_attempt: u32, error: &StageError) -> Duration {
+    error.retry_after.unwrap_or_else(|| backoff(policy, failed_attempt, random_unit()))
+}
+
+/// The backoff for `failed_attempt` with a jitter draw `unit` in `[0, 1)`.
+pub fn backoff(policy: &RetryPolicy, failed_attempt: u32, unit: f64) -> Duration {
+    let exponent = i32::try_from(failed_attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+    let base = policy.initial_interval.as_secs_f64() * policy.backoff_coefficient.powi(exponent);
+    let capped = base.min(policy.max_interval.as_secs_f64());
+    Duration::from_secs_f64((capped * (1.0 - JITTER * unit.clamp(0.0, 1.0))).max(0.0))
+}
+
+/// A number in `[0, 1)` from the standard library's randomly seeded hasher; good enough for jitter.
+fn random_unit() -> f64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 5,
+            initial_interval: Duration::from_secs(2),
+            backoff_coefficient: 2.0,
+            max_interval: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(&policy(), 1, 0.0), Duration::from_secs(2));
+        assert_eq!(backoff(&policy(), 2, 0.0), Duration::from_secs(4));
+        assert_eq!(backoff(&policy(), 3, 0.0), Duration::from_secs(5));
+        assert_eq!(backoff(&policy(), 1, 1.0), Duration::from_secs_f64(1.6));
+        assert!(backoff(&policy(), 2, 1.0) > backoff(&policy(), 1, 0.0));
+    }
+
+    #[test]
+    fn retry_after_wins() {
+        let error = StageError::transient("http_status", "429").with_retry_after(Some(Duration::from_millis(30)));
+        assert_eq!(delay(&policy(), 1, &error), Duration::from_millis(30));
+        let unit = random_unit();
+        assert!((0.0..1.0).contains(&unit));
+    }
+}

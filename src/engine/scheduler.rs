@@ -1,0 +1,545 @@
+//! The scheduling loop of one job run.
+//!
+//! The loop keeps one slot per stage (pending, running, done). Whenever a stage finishes it looks for pending
+//! stages whose needs are all done and decides, in this order: the trigger (run or skip), the checkpoint
+//! (restore instead of running when no need ran afresh and the output files still exist), the `if`
+//! expression (run or skip). Stages that run are spawned as tasks; each task renders `with`, runs attempts
+//! with a timeout and retries, and fans out over `for_each` items. A stage's output is checkpointed before it
+//! is marked done, so dependents only ever start after the checkpoint exists.
+//!
+//! A failing stage (without `on_failure = "continue"`), the job's cancellation and the deadline all fire the
+//! same `stop` token: running stages are cancelled and nothing new starts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::progress::{self, ProgressReporter, ProgressSink, Tracker};
+use super::workdir::WorkDir;
+use super::{Engine, EngineError, JobFailure, JobReport, JobSpec, JobStatus, StageReport, StageStatus, failure, retry};
+use crate::pipeline::template::{Renderer, to_json};
+use crate::pipeline::{OnFailure, Pipeline, StageSpec, Trigger};
+use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::units::HumanDuration;
+
+/// How long a cancelled attempt may take to clean up (kill its processes) before its task is aborted.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs one job; see the module documentation.
+pub(super) async fn run(
+    engine: &Engine,
+    pipeline: &Pipeline,
+    job: JobSpec,
+    sink: Arc<dyn ProgressSink>,
+    cancel: CancellationToken,
+) -> Result<JobReport, EngineError> {
+    engine.check(pipeline)?;
+    let saved = engine.checkpoints.load(&job.id).await?;
+    let root = &engine.settings.work_root;
+    let work_dir =
+        WorkDir::create(root, &job.id).map_err(|source| EngineError::WorkDir { root: root.clone(), source })?;
+    let tracker = Arc::new(Tracker::new(pipeline.stages.iter().map(|stage| stage.weight)));
+    let done = CancellationToken::new();
+    let emitter = tokio::spawn(progress::emit(
+        tracker.clone(),
+        sink,
+        job.id.clone(),
+        engine.settings.progress_interval,
+        done.clone(),
+    ));
+
+    let mut run = Run {
+        engine,
+        pipeline,
+        job: Arc::new(job),
+        saved,
+        work_dir: work_dir.path().to_path_buf(),
+        tracker: tracker.clone(),
+        stop: cancel.child_token(),
+        slots: pipeline.stages.iter().map(|_| Slot::Pending).collect(),
+        outputs: HashMap::new(),
+        permits: Arc::new(Semaphore::new(engine.settings.max_parallel_stages.max(1))),
+        failure: None,
+        tasks: JoinSet::new(),
+        task_stage: HashMap::new(),
+    };
+    let status = run.drive(&cancel).await;
+    match (&status, &run.failure) {
+        (JobStatus::Succeeded, _) => tracker.complete("completed"),
+        (JobStatus::Cancelled, _) => tracker.say("", "cancelled".into()),
+        (JobStatus::Failed, Some(failure)) => {
+            tracker.say(failure.stage.as_deref().unwrap_or_default(), format!("failed: {}", failure.message))
+        }
+        (JobStatus::Failed, None) => tracker.say("", "failed".into()),
+    }
+    done.cancel();
+    // The emitter only awaits the sink; if it panicked there is nothing left to report.
+    let _ = emitter.await;
+    let report = run.report(status);
+    drop(work_dir);
+    Ok(report)
+}
+
+/// What the loop knows about one stage.
+#[derive(Debug)]
+enum Slot {
+    Pending,
+    Running,
+    /// `fresh` is true when the stage ran (or failed) in this run, so its dependents must not be restored.
+    Done {
+        report: StageReport,
+        fresh: bool,
+    },
+}
+
+/// What a stage task hands back.
+struct Finished {
+    index: usize,
+    result: Result<StageOutput, StageError>,
+    attempts: u32,
+}
+
+struct Run<'a> {
+    engine: &'a Engine,
+    pipeline: &'a Pipeline,
+    job: Arc<JobSpec>,
+    saved: HashMap<String, StageOutput>,
+    work_dir: PathBuf,
+    tracker: Arc<Tracker>,
+    stop: CancellationToken,
+    slots: Vec<Slot>,
+    outputs: HashMap<String, Value>,
+    permits: Arc<Semaphore>,
+    failure: Option<JobFailure>,
+    tasks: JoinSet<Finished>,
+    task_stage: HashMap<tokio::task::Id, usize>,
+}
+
+impl Run<'_> {
+    async fn drive(&mut self, cancel: &CancellationToken) -> JobStatus {
+        let timeout = self.engine.settings.job_timeout;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut expired = false;
+        loop {
+            if !self.stop.is_cancelled() {
+                self.launch_ready();
+            }
+            if self.tasks.is_empty() {
+                break;
+            }
+            tokio::select! {
+                () = cancel.cancelled(), if !self.stop.is_cancelled() => self.stop.cancel(),
+                () = &mut deadline, if !expired => {
+                    expired = true;
+                    self.failure.get_or_insert(JobFailure {
+                        stage: None,
+                        message: format!("job exceeded its deadline of {}", HumanDuration(timeout)),
+                        retryable: false,
+                        code: "deadline",
+                    });
+                    self.stop.cancel();
+                }
+                Some(joined) = self.tasks.join_next_with_id() => self.finish(joined).await,
+            }
+        }
+        if cancel.is_cancelled() {
+            JobStatus::Cancelled
+        } else if self.failure.is_some() {
+            JobStatus::Failed
+        } else {
+            JobStatus::Succeeded
+        }
+    }
+
+    /// Decides every pending stage whose needs are done, repeatedly, since skips and restores free others.
+    fn launch_ready(&mut self) {
+        loop {
+            let ready: Vec<usize> = (0..self.slots.len())
+                .filter(|&index| matches!(self.slots[index], Slot::Pending))
+                .filter(|&index| self.pipeline.stages[index].needs.iter().all(|need| self.is_done(need)))
+                .collect();
+            if ready.is_empty() || self.stop.is_cancelled() {
+                return;
+            }
+            for index in ready {
+                if !self.stop.is_cancelled() {
+                    self.decide(index);
+                }
+            }
+        }
+    }
+
+    fn slot_of(&self, id: &str) -> Option<&Slot> {
+        self.pipeline.stages.iter().position(|stage| stage.id == id).map(|index| &self.slots[index])
+    }
+
+    fn is_done(&self, id: &str) -> bool {
+        matches!(self.slot_of(id), Some(Slot::Done { .. }))
+    }
+
+    fn decide(&mut self, index: usize) {
+        let spec = &self.pipeline.stages[index];
+        let needs: Vec<(StageStatus, bool)> = spec
+            .needs
+            .iter()
+            .filter_map(|need| match self.slot_of(need) {
+                Some(Slot::Done { report, fresh }) => Some((report.status, *fresh)),
+                _ => None,
+            })
+            .collect();
+        let succeeded = |status: &StageStatus| matches!(status, StageStatus::Succeeded | StageStatus::Restored);
+        let failed = |status: &StageStatus| matches!(status, StageStatus::Failed | StageStatus::Cancelled);
+        let runs = match spec.trigger {
+            Trigger::AllSuccess => needs.iter().all(|(status, _)| succeeded(status)),
+            Trigger::NoneFailed => !needs.iter().any(|(status, _)| failed(status)),
+            Trigger::AllDone => true,
+        };
+        if !runs {
+            let trigger = serde_json::to_value(spec.trigger).unwrap_or_default();
+            let reason = format!("trigger {trigger} not met by its needs");
+            return self.settle(index, StageStatus::Skipped, None, Some(reason), false, 0);
+        }
+        if let Some(saved) = self.saved.get(&spec.id)
+            && needs.iter().all(|(_, fresh)| !fresh)
+            && saved.files.iter().all(|file| file.exists())
+        {
+            let value = saved.value.clone();
+            self.outputs.insert(spec.id.clone(), value.clone());
+            return self.settle(index, StageStatus::Restored, Some(value), None, false, 0);
+        }
+        let inputs = self.inputs(spec);
+        if let Some(condition) = &spec.condition {
+            let context = minijinja::Value::from_serialize(json!({ "job": &*self.job, "stages": &inputs }));
+            let location = format!("stages.{}.if", spec.id);
+            match self.engine.renderer.evaluate(condition, &context, &location) {
+                Ok(value) if !value.is_true() => {
+                    let reason = format!("`if = \"{condition}\"` was false");
+                    return self.settle(index, StageStatus::Skipped, None, Some(reason), false, 0);
+                }
+                Ok(_) => {}
+                Err(error) => return self.fail(index, StageError::permanent("template", error.to_string()), 0),
+            }
+        }
+        let Some(stage) = self.engine.registry.get(&spec.uses) else {
+            // `check` ran before the job started, so this only happens if the registry changed underneath.
+            let error = StageError::permanent("unknown_kind", format!("stage kind `{}` is not available", spec.uses));
+            return self.fail(index, error, 0);
+        };
+        let task = Arc::new(StageTask {
+            spec: spec.clone(),
+            with: serde_json::to_value(&spec.with).unwrap_or(Value::Null),
+            stage,
+            job: self.job.clone(),
+            inputs: Arc::new(inputs),
+            work_dir: self.work_dir.clone(),
+            tracker: self.tracker.clone(),
+            index,
+            stop: self.stop.clone(),
+            renderer: self.engine.renderer.clone(),
+        });
+        let permits = self.permits.clone();
+        let handle = self.tasks.spawn(async move {
+            let permit = tokio::select! {
+                permit = permits.acquire_owned() => permit.ok(),
+                () = task.stop.cancelled() => None,
+            };
+            let Some(_permit) = permit else {
+                return Finished { index: task.index, result: Err(StageError::cancelled()), attempts: 0 };
+            };
+            task.tracker.say(&task.spec.id, format!("running {}", task.spec.id));
+            let (result, attempts) = task.clone().run().await;
+            Finished { index: task.index, result, attempts }
+        });
+        self.task_stage.insert(handle.id(), index);
+        self.slots[index] = Slot::Running;
+    }
+
+    /// Outputs of the stage's ancestors that have one.
+    fn inputs(&self, spec: &StageSpec) -> BTreeMap<String, Value> {
+        self.pipeline
+            .graph
+            .ancestors(&spec.id)
+            .into_iter()
+            .filter_map(|id| self.outputs.get(&id).map(|value| (id, value.clone())))
+            .collect()
+    }
+
+    async fn finish(&mut self, joined: Result<(tokio::task::Id, Finished), JoinError>) {
+        let (index, result, attempts) = match joined {
+            Ok((_, finished)) => (finished.index, finished.result, finished.attempts),
+            Err(error) => {
+                let Some(&index) = self.task_stage.get(&error.id()) else { return };
+                let message = format!("stage `{}` ended unexpectedly: {error}", self.pipeline.stages[index].id);
+                (index, Err(StageError::permanent("panic", message)), 0)
+            }
+        };
+        let id = self.pipeline.stages[index].id.clone();
+        match result {
+            Ok(output) => match self.engine.checkpoints.save(&self.job.id, &id, &output).await {
+                Ok(()) => {
+                    self.outputs.insert(id, output.value.clone());
+                    self.settle(index, StageStatus::Succeeded, Some(output.value), None, true, attempts);
+                }
+                Err(error) => self.fail(index, StageError::transient("checkpoint", error.to_string()), attempts),
+            },
+            Err(error) => self.fail(index, error, attempts),
+        }
+    }
+
+    fn fail(&mut self, index: usize, error: StageError, attempts: u32) {
+        let spec = &self.pipeline.stages[index];
+        if self.stop.is_cancelled() {
+            let reason = Some(error.message);
+            return self.settle(index, StageStatus::Cancelled, None, reason, true, attempts);
+        }
+        if spec.on_failure == OnFailure::Continue {
+            tracing::warn!(job = %self.job.id, stage = %spec.id, %error, "stage failed; the job continues");
+            return self.settle(index, StageStatus::Failed, None, Some(error.message), true, attempts);
+        }
+        self.failure.get_or_insert_with(|| failure(Some(&spec.id), &error));
+        self.settle(index, StageStatus::Failed, None, Some(error.message), true, attempts);
+        self.stop.cancel();
+    }
+
+    fn settle(
+        &mut self,
+        index: usize,
+        status: StageStatus,
+        output: Option<Value>,
+        reason: Option<String>,
+        fresh: bool,
+        attempts: u32,
+    ) {
+        if status != StageStatus::Cancelled {
+            self.tracker.finish_stage(index);
+        }
+        self.slots[index] = Slot::Done { report: StageReport { status, attempts, output, reason }, fresh };
+    }
+
+    fn report(self, status: JobStatus) -> JobReport {
+        let stages = self
+            .pipeline
+            .stages
+            .iter()
+            .zip(self.slots)
+            .map(|(spec, slot)| {
+                let report = match slot {
+                    Slot::Done { report, .. } => report,
+                    Slot::Pending | Slot::Running => {
+                        StageReport { status: StageStatus::NotRun, attempts: 0, output: None, reason: None }
+                    }
+                };
+                (spec.id.clone(), report)
+            })
+            .collect();
+        JobReport {
+            job_id: self.job.id.clone(),
+            pipeline: self.pipeline.name.clone(),
+            status,
+            stages,
+            failure: self.failure,
+        }
+    }
+}
+
+/// One stage of one job, with everything its attempts need.
+struct StageTask {
+    spec: StageSpec,
+    /// `with` as JSON, still holding its templates.
+    with: Value,
+    stage: Arc<dyn Stage>,
+    job: Arc<JobSpec>,
+    inputs: Arc<BTreeMap<String, Value>>,
+    work_dir: PathBuf,
+    tracker: Arc<Tracker>,
+    index: usize,
+    stop: CancellationToken,
+    renderer: Arc<Renderer>,
+}
+
+impl StageTask {
+    fn context(&self) -> Value {
+        json!({ "job": &*self.job, "stages": &*self.inputs })
+    }
+
+    async fn run(self: Arc<Self>) -> (Result<StageOutput, StageError>, u32) {
+        match self.spec.for_each.clone() {
+            None => self.attempts(None, self.stop.clone()).await,
+            Some(expression) => self.fan_out(&expression).await,
+        }
+    }
+
+    /// Runs the stage once per item, `max_parallel` at a time, and collects the outputs in item order.
+    async fn fan_out(self: Arc<Self>, expression: &str) -> (Result<StageOutput, StageError>, u32) {
+        let location = format!("stages.{}.for_each", self.spec.id);
+        let context = minijinja::Value::from_serialize(self.context());
+        let items = match self.renderer.evaluate(expression, &context, &location).and_then(|v| to_json(&v, &location)) {
+            Ok(Value::Array(items)) => items,
+            Ok(other) => {
+                let kind = json_type(&other);
+                return (Err(StageError::permanent("for_each", format!("`{location}` gave {kind}, not a list"))), 0);
+            }
+            Err(error) => return (Err(StageError::permanent("template", error.to_string())), 0),
+        };
+        let count = items.len();
+        self.tracker.set_slots(self.index, count);
+        let limit = Arc::new(Semaphore::new(self.spec.max_parallel.max(1) as usize));
+        let item_stop = self.stop.child_token();
+        let mut running = JoinSet::new();
+        for (position, item) in items.into_iter().enumerate() {
+            let (task, limit, stop) = (self.clone(), limit.clone(), item_stop.clone());
+            running.spawn(async move {
+                let permit = tokio::select! {
+                    permit = limit.acquire_owned() => permit.ok(),
+                    () = stop.cancelled() => None,
+                };
+                if permit.is_none() {
+                    return (position, (Err(StageError::cancelled()), 0));
+                }
+                (position, task.attempts(Some((position, item)), stop).await)
+            });
+        }
+        let mut outputs: Vec<Option<StageOutput>> = vec![None; count];
+        let mut first_error: Option<StageError> = None;
+        let mut attempts = 0;
+        while let Some(joined) = running.join_next().await {
+            match joined {
+                Ok((position, (Ok(output), tries))) => {
+                    attempts = attempts.max(tries);
+                    outputs[position] = Some(output);
+                }
+                Ok((position, (Err(mut error), tries))) => {
+                    attempts = attempts.max(tries);
+                    if first_error.is_none() && error.code != "cancelled" {
+                        error.message = format!("item {position} of {count}: {}", error.message);
+                        first_error = Some(error);
+                        item_stop.cancel();
+                    }
+                }
+                Err(error) => {
+                    first_error.get_or_insert_with(|| StageError::permanent("panic", error.to_string()));
+                    item_stop.cancel();
+                }
+            }
+        }
+        if let Some(error) = first_error {
+            return (Err(error), attempts);
+        }
+        if self.stop.is_cancelled() {
+            return (Err(StageError::cancelled()), attempts);
+        }
+        let outputs: Vec<StageOutput> = outputs.into_iter().flatten().collect();
+        let files = outputs.iter().flat_map(|output| output.files.iter().cloned()).collect();
+        let value = Value::Array(outputs.into_iter().map(|output| output.value).collect());
+        (Ok(StageOutput { value, files }), attempts)
+    }
+
+    /// Attempts the stage (or one item of it) until it succeeds, fails for good, or is stopped.
+    async fn attempts(
+        &self,
+        item: Option<(usize, Value)>,
+        stop: CancellationToken,
+    ) -> (Result<StageOutput, StageError>, u32) {
+        let id = &self.spec.id;
+        let mut context = self.context();
+        if let Some((position, value)) = &item {
+            context["item"] = value.clone();
+            context["index"] = json!(position);
+        }
+        let context = minijinja::Value::from_serialize(&context);
+        let slot = item.as_ref().map_or(0, |(position, _)| *position);
+        let max_attempts = self.spec.retry.max_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            let params = match self.renderer.render(&self.with, &context, &format!("stages.{id}.with")) {
+                Ok(params) => params,
+                Err(error) => return (Err(StageError::permanent("template", error.to_string())), attempt),
+            };
+            let token = stop.child_token();
+            let ctx = StageContext {
+                job: self.job.clone(),
+                stage_id: id.clone(),
+                params,
+                work_dir: self.work_dir.clone(),
+                inputs: self.inputs.clone(),
+                progress: ProgressReporter::new(self.tracker.clone(), self.index, slot, id),
+                cancel: token.clone(),
+                attempt,
+                item: item.clone(),
+            };
+            let stage = self.stage.clone();
+            let mut handle = tokio::spawn(async move { stage.run(ctx).await });
+            let result = tokio::select! {
+                joined = &mut handle => flatten(joined, id),
+                () = tokio::time::sleep(self.spec.timeout) => {
+                    token.cancel();
+                    settle(handle).await;
+                    let timeout = HumanDuration(self.spec.timeout);
+                    Err(StageError::transient("timeout", format!("stage `{id}` timed out after {timeout}")))
+                }
+                () = stop.cancelled() => {
+                    token.cancel();
+                    settle(handle).await;
+                    Err(StageError::cancelled())
+                }
+            };
+            match result {
+                Ok(output) => return (Ok(output), attempt),
+                Err(error) if error.retryable && attempt < max_attempts && !stop.is_cancelled() => {
+                    let wait = retry::delay(&self.spec.retry, attempt, &error);
+                    tracing::info!(stage = %id, attempt, ?wait, %error, "attempt failed; retrying");
+                    let message = format!("attempt {attempt} failed: {error}; retrying in {}", HumanDuration(wait));
+                    self.tracker.say(id, message);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stop.cancelled() => return (Err(StageError::cancelled()), attempt),
+                    }
+                    attempt += 1;
+                }
+                Err(error) => return (Err(error), attempt),
+            }
+        }
+    }
+}
+
+/// Gives a cancelled attempt time to clean up, then aborts it.
+async fn settle(mut handle: tokio::task::JoinHandle<Result<StageOutput, StageError>>) {
+    if tokio::time::timeout(CANCEL_GRACE, &mut handle).await.is_err() {
+        handle.abort();
+    }
+}
+
+/// The attempt's result; a panic inside the stage becomes a permanent error naming the stage.
+fn flatten(joined: Result<Result<StageOutput, StageError>, JoinError>, id: &str) -> Result<StageOutput, StageError> {
+    match joined {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => {
+            let payload = error.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_string());
+            Err(StageError::permanent("panic", format!("stage `{id}` panicked: {message}")))
+        }
+        Err(_) => Err(StageError::cancelled()),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,197 @@
+//! Local runs: `echo-worker process FILE...` runs jobs in this process, with no server and no queue, and shows
+//! a progress bar per file. This is wiring (it turns engine results into files, terminal output and an exit
+//! code), so it uses `anyhow` like `main.rs`.
+//!
+//! Choices: paths typed on the command line belong to the user and are always allowed; every file is checked
+//! before any job starts, and so is every stage kind of the pipeline; checkpoints live in memory, so a local
+//! run does not resume an earlier one; SIGINT or SIGTERM cancels every running job (child processes are
+//! killed, work directories removed) and the exit code is then 130.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::config::Settings;
+use crate::engine::checkpoint::MemoryCheckpoints;
+use crate::engine::progress::{ProgressSink, ProgressUpdate};
+use crate::engine::{Engine, JobReport, JobSpec, JobStatus};
+use crate::stage::StageRegistry;
+
+/// What `echo-worker process` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ProcessRequest {
+    /// The media files.
+    pub files: Vec<PathBuf>,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// `job.params`, from `--param key=value`.
+    pub params: serde_json::Map<String, Value>,
+    /// Folder for one `<file stem>.json` report per file; stdout when absent.
+    pub out: Option<PathBuf>,
+    /// Folder of pipeline files.
+    pub pipelines: PathBuf,
+    /// Folder of plugin files.
+    pub plugins: PathBuf,
+}
+
+/// Parses `key=value`; the value is JSON when it parses as JSON (`false`, `3`, `"x"`), text otherwise.
+///
+/// # Errors
+/// When there is no `=` or the key is empty.
+pub fn parse_param(text: &str) -> anyhow::Result<(String, Value)> {
+    let Some((key, value)) = text.split_once('=').filter(|(key, _)| !key.is_empty()) else {
+        bail!("`{text}` is not key=value");
+    };
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+    Ok((key.to_string(), value))
+}
+
+/// Runs every file through the pipeline and reports; the exit code is 0 when every job succeeded, 1 when
+/// any failed, 130 when cancelled by a signal.
+///
+/// # Errors
+/// Anything that stops the run before it starts: invalid pipelines, an unknown pipeline, a stage kind that
+/// cannot run here, an unreadable file.
+pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Result<ExitCode> {
+    let catalog = Catalog::load(&request.pipelines, &request.plugins)?;
+    let Some(pipeline) = catalog.pipelines.get(&request.pipeline).cloned() else {
+        let known: Vec<&str> = catalog.pipelines.keys().map(String::as_str).collect();
+        bail!("no pipeline named `{}`; known: {}", request.pipeline, known.join(", "));
+    };
+    let mut sources = Vec::with_capacity(request.files.len());
+    for file in &request.files {
+        let metadata = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+        if !metadata.is_file() {
+            bail!("{} is not a file", file.display());
+        }
+        sources.push(std::path::absolute(file).with_context(|| format!("cannot resolve {}", file.display()))?);
+    }
+    let http = reqwest::Client::builder().build().context("building the HTTP client")?;
+    let registry = StageRegistry::with_plugins(catalog.plugins.values(), http);
+    let engine = Engine::new(registry, Arc::new(MemoryCheckpoints::default()), settings.engine());
+    engine.check(&pipeline)?;
+
+    let cancel = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(cancel.clone()));
+    let bars = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let limit = Arc::new(Semaphore::new(settings.worker.concurrency.max(1) as usize));
+    let pipeline = Arc::new(pipeline);
+    let mut jobs = tokio::task::JoinSet::new();
+    for (index, (file, source)) in request.files.iter().zip(sources).enumerate() {
+        let bar = bars.add(ProgressBar::new(100));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:24!} [{bar:30}] {pos:>3}% {wide_msg}")
+                .expect("the template is valid")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(file.display().to_string());
+        let job = JobSpec {
+            id: format!("local-{}-{index}", std::process::id()),
+            recording_id: None,
+            pipeline: pipeline.name.clone(),
+            params: request.params.clone(),
+            source: Some(source.display().to_string()),
+        };
+        let (engine, pipeline, cancel, limit, file) =
+            (engine.clone(), pipeline.clone(), cancel.clone(), limit.clone(), file.clone());
+        jobs.spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let sink: Arc<dyn ProgressSink> = Arc::new(BarSink(bar.clone()));
+            let report = engine.run(&pipeline, job, sink, cancel).await;
+            bar.finish();
+            (index, file, report)
+        });
+    }
+    let mut reports = Vec::new();
+    while let Some(joined) = jobs.join_next().await {
+        let (index, file, report) = joined.context("a job task failed")?;
+        reports.push((index, file, report?));
+    }
+    reports.sort_by_key(|(index, _, _)| *index);
+    write_reports(&reports, request.out.as_deref())?;
+
+    let mut code = ExitCode::SUCCESS;
+    for (_, file, report) in &reports {
+        match report.status {
+            JobStatus::Succeeded => {}
+            JobStatus::Cancelled => {
+                eprintln!("{}: cancelled", file.display());
+                code = ExitCode::from(130);
+            }
+            JobStatus::Failed => {
+                let failure = report.failure.as_ref();
+                let stage = failure.and_then(|f| f.stage.as_deref()).map(|s| format!(" in stage `{s}`"));
+                let reason = failure.map_or("unknown reason", |f| f.message.as_str());
+                eprintln!("{}: failed{}: {reason}", file.display(), stage.unwrap_or_default());
+                if code == ExitCode::SUCCESS {
+                    code = ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// One report per file: `<stem>.json` in `out`, or on stdout (an object for one file, an array for several).
+fn write_reports(reports: &[(usize, PathBuf, JobReport)], out: Option<&Path>) -> anyhow::Result<()> {
+    let documents: Vec<Value> =
+        reports.iter().map(|(_, file, report)| json!({ "file": file, "report": report })).collect();
+    let Some(out) = out else {
+        let text = match documents.as_slice() {
+            [one] => serde_json::to_string_pretty(one)?,
+            many => serde_json::to_string_pretty(many)?,
+        };
+        println!("{text}");
+        return Ok(());
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut used = std::collections::HashSet::new();
+    for ((_, file, _), document) in reports.iter().zip(documents) {
+        let stem = file.file_stem().map_or_else(|| "report".into(), |stem| stem.to_string_lossy().into_owned());
+        let name =
+            (1..).map(|n| if n == 1 { stem.clone() } else { format!("{stem}-{n}") }).find(|n| used.insert(n.clone()));
+        let path = out.join(format!("{}.json", name.unwrap_or(stem)));
+        std::fs::write(&path, serde_json::to_string_pretty(&document)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn cancel_on_signal(cancel: CancellationToken) {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            cancel.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    eprintln!("cancelling: stopping every running job");
+    cancel.cancel();
+}
+
+/// Shows a job's progress on its bar.
+struct BarSink(ProgressBar);
+
+#[async_trait::async_trait]
+impl ProgressSink for BarSink {
+    async fn update(&self, update: ProgressUpdate) {
+        self.0.set_position(u64::from(update.percent));
+        self.0.set_message(match update.stage {
+            Some(stage) if !stage.is_empty() => format!("{stage}: {}", update.message),
+            _ => update.message,
+        });
+    }
+}

@@ -1,0 +1,67 @@
+//! The registry maps what `uses` names to the [`Stage`] that runs it: builtins, the plugins of the catalog,
+//! and kinds registered in code. A job only starts when every stage of its pipeline resolves, so a missing
+//! kind is reported before any work is done.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Stage, StageKind};
+use crate::pipeline::Pipeline;
+use crate::plugin::{Plugin, PluginAction};
+
+/// Stage implementations by kind name.
+#[derive(Clone, Default)]
+pub struct StageRegistry {
+    kinds: HashMap<String, Arc<dyn Stage>>,
+}
+
+impl std::fmt::Debug for StageRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&String> = self.kinds.keys().collect();
+        names.sort();
+        f.debug_struct("StageRegistry").field("kinds", &names).finish()
+    }
+}
+
+impl StageRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A registry holding the runnable plugins: `command` and `http` plugins run now; `prompt` plugins need
+    /// the AI provider and are not registered yet.
+    pub fn with_plugins<'a>(plugins: impl IntoIterator<Item = &'a Plugin>, http: reqwest::Client) -> Self {
+        let mut registry = Self::new();
+        for plugin in plugins {
+            let plugin = Arc::new(plugin.clone());
+            let stage: Arc<dyn Stage> = match &plugin.action {
+                PluginAction::Command(_) => Arc::new(crate::plugin::command::CommandStage::new(plugin.clone())),
+                PluginAction::Http(_) => Arc::new(crate::plugin::http::HttpStage::new(plugin.clone(), http.clone())),
+                PluginAction::Prompt(_) => continue,
+            };
+            registry.register(&plugin.name, stage);
+        }
+        registry
+    }
+
+    /// Registers (or replaces) the implementation of `name`.
+    pub fn register(&mut self, name: &str, stage: Arc<dyn Stage>) {
+        self.kinds.insert(name.to_string(), stage);
+    }
+
+    /// The implementation of `kind`, if there is one.
+    pub fn get(&self, kind: &StageKind) -> Option<Arc<dyn Stage>> {
+        self.kinds.get(kind.name()).cloned()
+    }
+
+    /// Stages of `pipeline` whose kind has no implementation here, as `(stage id, kind)`.
+    pub fn missing(&self, pipeline: &Pipeline) -> Vec<(String, StageKind)> {
+        pipeline
+            .stages
+            .iter()
+            .filter(|stage| self.get(&stage.uses).is_none())
+            .map(|stage| (stage.id.clone(), stage.uses.clone()))
+            .collect()
+    }
+}
