@@ -1,0 +1,225 @@
+//! Shared test helpers: test-only stage kinds that record what happened to them, pipelines compiled from
+//! inline TOML, and a progress sink that keeps every update.
+#![allow(dead_code)] // Each test binary uses a different part of this module.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use echo_worker::engine::checkpoint::{Checkpoints, MemoryCheckpoints};
+use echo_worker::engine::progress::{ProgressSink, ProgressUpdate};
+use echo_worker::engine::{Engine, EngineSettings, JobReport, JobSpec};
+use echo_worker::pipeline::Pipeline;
+use echo_worker::pipeline::compile::compile;
+use echo_worker::pipeline::document::Document;
+use echo_worker::plugin::PluginSet;
+use echo_worker::stage::{Stage, StageContext, StageError, StageOutput, StageRegistry};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The test-only stage kinds.
+pub const KINDS: [&str; 7] = ["record", "flaky", "broken", "boom", "chatty", "write_file", "count"];
+
+/// One attempt of a test stage, as it recorded itself.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub stage: String,
+    pub item: Option<usize>,
+    pub start: Instant,
+    pub end: Instant,
+}
+
+/// What the test stages saw: attempt timestamps and run counts, shared with the test.
+#[derive(Debug, Default)]
+pub struct Lab {
+    pub events: Mutex<Vec<Event>>,
+    pub runs: Mutex<HashMap<String, u32>>,
+}
+
+impl Lab {
+    fn count(&self, stage: &str) -> u32 {
+        let mut runs = self.runs.lock().unwrap();
+        let count = runs.entry(stage.to_string()).or_default();
+        *count += 1;
+        *count
+    }
+
+    pub fn runs_of(&self, stage: &str) -> u32 {
+        self.runs.lock().unwrap().get(stage).copied().unwrap_or(0)
+    }
+
+    pub fn events_of(&self, stage: &str) -> Vec<Event> {
+        self.events.lock().unwrap().iter().filter(|event| event.stage == stage).cloned().collect()
+    }
+}
+
+struct TestStage {
+    kind: &'static str,
+    lab: Arc<Lab>,
+}
+
+fn param_u64(ctx: &StageContext, name: &str) -> u64 {
+    ctx.params.get(name).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Sleeps, but stops at once when cancelled.
+async fn nap(ctx: &StageContext, millis: u64) -> Result<(), StageError> {
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(millis)) => Ok(()),
+        () = ctx.cancel.cancelled() => Err(StageError::cancelled()),
+    }
+}
+
+#[async_trait::async_trait]
+impl Stage for TestStage {
+    async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
+        let start = Instant::now();
+        let runs = self.lab.count(&ctx.stage_id);
+        let item = ctx.item.as_ref().map(|(index, _)| *index);
+        let result = match self.kind {
+            // Sleeps `ms`, then outputs what it saw.
+            "record" => nap(&ctx, param_u64(&ctx, "ms")).await.map(|()| {
+                json!({ "stage": ctx.stage_id, "params": ctx.params, "item": ctx.item.as_ref().map(|(_, v)| v) })
+            }),
+            // Fails with a retryable error `fail_times` times, then succeeds.
+            "flaky" => {
+                if u64::from(runs) <= param_u64(&ctx, "fail_times") {
+                    Err(StageError::transient("test", format!("flaky failure {runs}")))
+                } else {
+                    Ok(json!({ "succeeded_on": runs }))
+                }
+            }
+            "broken" => Err(StageError::permanent("bad_input", "the input is unusable")),
+            "boom" => panic!("boom stage exploded"),
+            // Reports progress `steps` times, `ms` apart.
+            "chatty" => {
+                let steps = param_u64(&ctx, "steps").max(1);
+                for step in 1..=steps {
+                    ctx.progress.report(step as f64 / steps as f64, format!("step {step}"));
+                    nap(&ctx, param_u64(&ctx, "ms")).await?;
+                }
+                Ok(json!({ "steps": steps }))
+            }
+            // Writes `path` (or a file in the work directory) and declares it as an output file.
+            "write_file" => {
+                let path = match ctx.params.get("path").and_then(Value::as_str) {
+                    Some(path) => Path::new(path).to_path_buf(),
+                    None => ctx.work_dir.join(format!("{}.txt", ctx.stage_id)),
+                };
+                std::fs::write(&path, "data").map_err(|e| StageError::permanent("io", e.to_string()))?;
+                self.lab.events.lock().unwrap().push(Event {
+                    stage: ctx.stage_id.clone(),
+                    item,
+                    start,
+                    end: Instant::now(),
+                });
+                return Ok(StageOutput { value: json!({ "path": path }), files: vec![path] });
+            }
+            // Counts runs; fails permanently when `fail` is true.
+            "count" => {
+                if ctx.params.get("fail").and_then(Value::as_bool).unwrap_or(false) {
+                    Err(StageError::permanent("test", format!("stage {} was told to fail", ctx.stage_id)))
+                } else {
+                    Ok(json!({ "run": runs }))
+                }
+            }
+            other => Err(StageError::permanent("test", format!("unknown test kind {other}"))),
+        };
+        self.lab.events.lock().unwrap().push(Event { stage: ctx.stage_id.clone(), item, start, end: Instant::now() });
+        result.map(StageOutput::from)
+    }
+}
+
+/// The plugins under `tests/fixtures/plugins/valid`.
+pub fn fixture_plugins() -> PluginSet {
+    let set = PluginSet::load_dir(Path::new("tests/fixtures/plugins/valid")).unwrap();
+    assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
+    set
+}
+
+/// Compiles a pipeline written inline; `name = "test"` is added.
+pub fn pipeline(body: &str) -> Pipeline {
+    let document = Document::new("test.toml", format!("name = \"test\"\n{body}"));
+    let custom: Vec<String> = KINDS.iter().map(|kind| kind.to_string()).collect();
+    compile(&document, &fixture_plugins(), &custom).unwrap_or_else(|diagnostics| {
+        panic!("test pipeline does not compile:\n{}", diagnostics.iter().map(|d| format!("{d}\n")).collect::<String>())
+    })
+}
+
+/// An engine with the test kinds and the fixture plugins, working under `work_root`.
+pub struct Bench {
+    pub lab: Arc<Lab>,
+    pub engine: Engine,
+    pub checkpoints: Arc<MemoryCheckpoints>,
+    pub work_root: tempfile::TempDir,
+}
+
+impl Bench {
+    pub fn new() -> Self {
+        Self::with_settings(|_| {})
+    }
+
+    pub fn with_settings(adjust: impl FnOnce(&mut EngineSettings)) -> Self {
+        let lab = Arc::new(Lab::default());
+        let plugins = fixture_plugins();
+        let mut registry = StageRegistry::with_plugins(plugins.plugins.values(), reqwest::Client::new());
+        for kind in KINDS {
+            registry.register(kind, Arc::new(TestStage { kind, lab: lab.clone() }));
+        }
+        let work_root = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings { work_root: work_root.path().to_path_buf(), ..EngineSettings::default() };
+        adjust(&mut settings);
+        let checkpoints = Arc::new(MemoryCheckpoints::default());
+        let engine = Engine::new(registry, checkpoints.clone() as Arc<dyn Checkpoints>, settings);
+        Self { lab, engine, checkpoints, work_root }
+    }
+
+    /// Runs a job to its end.
+    pub async fn run(&self, pipeline: &Pipeline, job: JobSpec) -> JobReport {
+        self.run_with(pipeline, job, Arc::new(Updates::default()), CancellationToken::new()).await
+    }
+
+    pub async fn run_with(
+        &self,
+        pipeline: &Pipeline,
+        job: JobSpec,
+        sink: Arc<dyn ProgressSink>,
+        cancel: CancellationToken,
+    ) -> JobReport {
+        // Every test job is bounded: nothing here should take more than a minute.
+        tokio::time::timeout(Duration::from_secs(60), self.engine.run(pipeline, job, sink, cancel))
+            .await
+            .expect("the job ends within a minute")
+            .expect("the job starts")
+    }
+
+    /// Work directories still present under the root.
+    pub fn leftover_work_dirs(&self) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(self.work_root.path()).unwrap().map(|entry| entry.unwrap().path()).collect()
+    }
+}
+
+/// A job with the given id and params.
+pub fn job(id: &str, params: Value) -> JobSpec {
+    JobSpec {
+        id: id.to_string(),
+        recording_id: Some(format!("rec-{id}")),
+        pipeline: "test".into(),
+        params: params.as_object().cloned().unwrap_or_default(),
+        source: None,
+    }
+}
+
+/// A sink that keeps every update and when it arrived.
+#[derive(Debug, Default)]
+pub struct Updates {
+    pub seen: Mutex<Vec<(Instant, ProgressUpdate)>>,
+}
+
+#[async_trait::async_trait]
+impl ProgressSink for Updates {
+    async fn update(&self, update: ProgressUpdate) {
+        self.seen.lock().unwrap().push((Instant::now(), update));
+    }
+}
