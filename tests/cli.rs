@@ -236,3 +236,105 @@ fn config_reports_bad_values_and_missing_files() {
     assert_eq!(code, 1);
     assert!(stderr.contains("config file missing.toml does not exist"), "{stderr}");
 }
+
+fn tone(dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("tone.m4a");
+    let status = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=2"])
+        .args(["-f", "lavfi", "-i", "anullsrc=r=44100:cl=mono:d=1", "-filter_complex", "[0][1]concat=n=2:v=0:a=1"])
+        .arg(&file)
+        .status()
+        .expect("ffmpeg is installed");
+    assert!(status.success());
+    file
+}
+
+const LOUDNESS_ONLY: [&str; 4] = ["--pipeline", "loudness-only", "--pipelines", "tests/fixtures/pipelines/process"];
+
+#[test]
+fn process_prints_a_loudness_report_for_generated_audio() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    let (code, stdout, stderr) = run(echo_worker(&["process", file.to_str().unwrap()]).args(LOUDNESS_ONLY));
+    assert_eq!(code, 0, "{stderr}");
+    let document: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON report");
+    assert_eq!(document["report"]["status"], "succeeded");
+    let loudness = &document["report"]["stages"]["loudness"]["output"];
+    assert!(loudness["integrated_lufs"].as_f64().is_some(), "{loudness}");
+    assert_eq!(loudness["silences"].as_array().unwrap().len(), 1, "{loudness}");
+}
+
+#[test]
+fn process_fails_on_a_text_file_named_mp3_and_names_the_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("song.mp3");
+    std::fs::write(&fake, "this is not audio\n".repeat(50)).unwrap();
+    let out = dir.path().join("reports");
+    let (code, _, stderr) =
+        run(echo_worker(&["process", fake.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(LOUDNESS_ONLY));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("song.mp3: failed in stage `loudness`: plugin `loudness` exited with status 1"),
+        "{stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("song.json")).unwrap()).unwrap();
+    assert_eq!(report["report"]["failure"]["stage"], "loudness");
+}
+
+#[test]
+fn process_refuses_before_any_work_what_cannot_run_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    let (code, stdout, stderr) = run(&mut echo_worker(&["process", file.to_str().unwrap()]));
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains(
+            "pipeline `default` cannot run here: stage `validate` uses `validate`, which is not available yet"
+        ),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(echo_worker(&["process", "no/such/file.mp3"]).args(LOUDNESS_ONLY));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot read no/such/file.mp3"), "{stderr}");
+}
+
+#[test]
+fn sigterm_cancels_process_and_kills_the_running_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    let pid_dir = dir.path().join("pids");
+    std::fs::create_dir(&pid_dir).unwrap();
+    let child = echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "sleep"])
+        .args(["--pipelines", "tests/fixtures/pipelines/signal", "--plugins", "tests/fixtures/plugins/valid"])
+        .arg("--param")
+        .arg(format!("pid_dir={}", pid_dir.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let leader = pid_dir.join("leader");
+    for _ in 0..400 {
+        if leader.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let leader: i32 = std::fs::read_to_string(&leader).expect("the plugin started").trim().parse().unwrap();
+    let sent = std::time::Instant::now();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(5), "exited {took:?} after SIGTERM");
+    assert!(!Path::new(&format!("/proc/{leader}")).exists() || is_zombie(leader), "plugin process {leader} is gone");
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+}

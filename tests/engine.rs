@@ -104,7 +104,8 @@ needs = ["bad"]
 #[tokio::test]
 async fn a_panicking_stage_fails_the_job_and_the_process_goes_on() {
     let bench = Bench::new();
-    let exploding = pipeline("[stages.boom]\nuses = \"boom\"\nretry = { max_attempts = 3, initial_interval = \"10ms\" }\n");
+    let exploding =
+        pipeline("[stages.boom]\nuses = \"boom\"\nretry = { max_attempts = 3, initial_interval = \"10ms\" }\n");
     let report = bench.run(&exploding, job("panics", json!({}))).await;
     assert_eq!(report.status, JobStatus::Failed);
     let failure = report.failure.unwrap();
@@ -347,7 +348,8 @@ async fn work_directories_are_removed_after_success_and_failure() {
     let written = report.stages["write"].output.as_ref().unwrap()["path"].as_str().unwrap().to_string();
     assert!(written.starts_with(bench.work_root.path().to_str().unwrap()), "{written}");
     assert!(!std::path::Path::new(&written).exists());
-    let failing = pipeline("[stages.write]\nuses = \"write_file\"\n[stages.bad]\nuses = \"broken\"\nneeds = [\"write\"]\n");
+    let failing =
+        pipeline("[stages.write]\nuses = \"write_file\"\n[stages.bad]\nuses = \"broken\"\nneeds = [\"write\"]\n");
     assert_eq!(bench.run(&failing, job("wd-bad", json!({}))).await.status, JobStatus::Failed);
     assert!(bench.leftover_work_dirs().is_empty(), "{:?}", bench.leftover_work_dirs());
 }
@@ -361,7 +363,8 @@ async fn a_pipeline_with_unavailable_kinds_is_refused_before_any_work() {
     );
     let custom = vec!["record".to_string()];
     let pipeline = echo_worker::pipeline::compile::compile(&document, &support::fixture_plugins(), &custom).unwrap();
-    let error = bench.engine.run(&pipeline, job("missing", json!({})), Arc::new(NullSink), CancellationToken::new()).await;
+    let error =
+        bench.engine.run(&pipeline, job("missing", json!({})), Arc::new(NullSink), CancellationToken::new()).await;
     let Err(error @ EngineError::MissingKinds { .. }) = error else { panic!("refused: {error:?}") };
     assert_eq!(
         error.to_string(),

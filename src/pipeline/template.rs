@@ -322,7 +322,9 @@ mod tests {
                 "list": ["HI"]
             })
         );
-        let error = renderer.render(&serde_json::json!("{{ stages.t.text | no_such_filter }}"), &context, "with.x").unwrap_err();
+        let error = renderer
+            .render(&serde_json::json!("{{ stages.t.text | no_such_filter }}"), &context, "with.x")
+            .unwrap_err();
         assert_eq!(error.location, "with.x");
         assert!(renderer.evaluate("job.params.flag != false", &context, "if").unwrap().is_true());
     }

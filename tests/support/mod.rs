@@ -79,9 +79,9 @@ impl Stage for TestStage {
         let item = ctx.item.as_ref().map(|(index, _)| *index);
         let result = match self.kind {
             // Sleeps `ms`, then outputs what it saw.
-            "record" => nap(&ctx, param_u64(&ctx, "ms")).await.map(|()| {
-                json!({ "stage": ctx.stage_id, "params": ctx.params, "item": ctx.item.as_ref().map(|(_, v)| v) })
-            }),
+            "record" => nap(&ctx, param_u64(&ctx, "ms")).await.map(
+                |()| json!({ "stage": ctx.stage_id, "params": ctx.params, "item": ctx.item.as_ref().map(|(_, v)| v) }),
+            ),
             // Fails with a retryable error `fail_times` times, then succeeds.
             "flaky" => {
                 if u64::from(runs) <= param_u64(&ctx, "fail_times") {

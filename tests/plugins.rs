@@ -1,0 +1,248 @@
+//! The `command` and `http` plugin kinds against real processes and a real HTTP server on loopback:
+//! what they send and receive, how failures are classified, and how cancellation stops them.
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use echo_worker::engine::progress::NullSink;
+use echo_worker::engine::{JobStatus, StageStatus};
+use serde_json::{Value, json};
+use support::{Bench, job, pipeline};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn a_command_gets_params_on_stdin_and_only_declared_environment() {
+    // ECHO_TEST_DECLARED and ECHO_TEST_UNDECLARED come from .cargo/config.toml.
+    let bench = Bench::new();
+    let pipeline =
+        pipeline("[stages.echo]\nuses = \"echo-json\"\nwith = { greeting = \"hello {{ job.params.who }}\" }\n");
+    let report = bench.run(&pipeline, job("cmd", json!({ "who": "ada" }))).await;
+    assert_eq!(report.status, JobStatus::Succeeded, "{report:?}");
+    let output = report.stages["echo"].output.clone().unwrap();
+    assert_eq!(output["stdin"], json!({ "greeting": "hello ada", "count": 2 }), "defaults are filled in");
+    assert_eq!(output["args"], json!(["HELLO ADA", "2", "declared-value"]));
+    assert_eq!(output["declared"], "declared-value");
+    assert_eq!(output["undeclared"], Value::Null, "undeclared variables do not reach the program");
+    assert_eq!(output["job_id"], "cmd");
+    let cwd = output["cwd"].as_str().unwrap();
+    assert!(cwd.starts_with(bench.work_root.path().canonicalize().unwrap().to_str().unwrap()), "{cwd}");
+}
+
+#[tokio::test]
+async fn a_failing_command_reports_the_tail_of_stderr_and_is_not_retried() {
+    let bench = Bench::new();
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("runs");
+    let pipeline = pipeline(&format!(
+        "[stages.exit]\nuses = \"exit-with\"\nretry = {{ max_attempts = 3, initial_interval = \"10ms\" }}\nwith = {{ status = 3, count_file = \"{}\" }}\n",
+        count.display()
+    ));
+    let report = bench.run(&pipeline, job("exit3", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Failed);
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.stage.as_deref(), Some("exit"));
+    assert!(
+        failure.message.starts_with("plugin `exit-with` exited with status 3: noise that scrolls away"),
+        "{}",
+        failure.message
+    );
+    assert!(failure.message.ends_with("the real reason: exit 3 was asked for"), "{}", failure.message);
+    assert_eq!(std::fs::read_to_string(&count).unwrap().lines().count(), 1);
+}
+
+#[tokio::test]
+async fn exit_status_75_asks_for_a_retry() {
+    let bench = Bench::new();
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("runs");
+    let pipeline = pipeline(&format!(
+        "[stages.exit]\nuses = \"exit-with\"\nretry = {{ max_attempts = 3, initial_interval = \"10ms\" }}\nwith = {{ status = 75, count_file = \"{}\" }}\n",
+        count.display()
+    ));
+    let report = bench.run(&pipeline, job("exit75", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Failed);
+    assert_eq!(std::fs::read_to_string(&count).unwrap().lines().count(), 3, "EX_TEMPFAIL is retried");
+    assert!(report.failure.unwrap().retryable);
+}
+
+fn process_is_gone(pid: u32) -> bool {
+    // A zombie (state Z) has exited and holds no resources but its table entry.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+async fn wait_for_file(path: &std::path::Path) -> String {
+    for _ in 0..200 {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text.trim().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} never appeared", path.display());
+}
+
+#[tokio::test]
+async fn cancelling_kills_the_command_and_its_children_and_removes_the_work_directory() {
+    cancel_sleeper(false).await;
+}
+
+#[tokio::test]
+async fn cancelling_kills_a_command_that_ignores_sigterm() {
+    cancel_sleeper(true).await;
+}
+
+async fn cancel_sleeper(stubborn: bool) {
+    let bench = Bench::new();
+    let pids = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(&format!(
+        "[stages.sleep]\nuses = \"sleeper\"\nwith = {{ pid_dir = \"{}\", stubborn = {stubborn} }}\n",
+        pids.path().display()
+    ));
+    let cancel = CancellationToken::new();
+    let running = {
+        let (engine, cancel) = (bench.engine.clone(), cancel.clone());
+        tokio::spawn(
+            async move { engine.run(&pipeline, job("cancel-cmd", json!({})), Arc::new(NullSink), cancel).await },
+        )
+    };
+    let leader: u32 = wait_for_file(&pids.path().join("leader")).await.parse().unwrap();
+    let child: u32 = wait_for_file(&pids.path().join("child")).await.parse().unwrap();
+    let work_dir = wait_for_file(&pids.path().join("workdir")).await;
+    assert!(!process_is_gone(leader) && !process_is_gone(child), "both are running before the cancel");
+
+    let cancelled_at = Instant::now();
+    cancel.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap().unwrap();
+    let took = cancelled_at.elapsed();
+    assert_eq!(report.status, JobStatus::Cancelled);
+    assert_eq!(report.stages["sleep"].status, StageStatus::Cancelled);
+    assert!(took < Duration::from_secs(3), "the job ended {took:?} after the cancel (about a second expected)");
+    for _ in 0..40 {
+        if process_is_gone(leader) && process_is_gone(child) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(process_is_gone(leader), "the plugin process {leader} is gone");
+    assert!(process_is_gone(child), "its `sleep 60` child {child} is gone");
+    assert!(!std::path::Path::new(&work_dir).exists(), "{work_dir} was removed");
+    println!("cancel (stubborn: {stubborn}) took {took:?}");
+}
+
+/// A loopback HTTP server whose answers the test scripts; it records every request.
+#[derive(Default)]
+struct Hook {
+    answers: Mutex<Vec<(u16, Option<&'static str>)>>,
+    requests: Mutex<Vec<(Instant, HeaderMap, Value)>>,
+    hits: AtomicU32,
+}
+
+async fn hook(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: axum::Json<Value>) -> impl IntoResponse {
+    hook.hits.fetch_add(1, Ordering::SeqCst);
+    hook.requests.lock().unwrap().push((Instant::now(), headers, body.0));
+    let (status, retry_after) = {
+        let mut answers = hook.answers.lock().unwrap();
+        if answers.is_empty() { (200, None) } else { answers.remove(0) }
+    };
+    if status == 0 {
+        // Hang: the client must give up (cancel) rather than us.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    let mut response_headers = HeaderMap::new();
+    if let Some(wait) = retry_after {
+        response_headers.insert("retry-after", wait.parse().unwrap());
+    }
+    (StatusCode::from_u16(status.max(200)).unwrap(), response_headers, axum::Json(json!({ "ok": status == 200 })))
+}
+
+async fn serve(answers: Vec<(u16, Option<&'static str>)>) -> (Arc<Hook>, String) {
+    let state = Arc::new(Hook { answers: Mutex::new(answers), ..Hook::default() });
+    let app = axum::Router::new().route("/hook", post(hook)).with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (state, url)
+}
+
+fn hook_pipeline(url: &str) -> echo_worker::pipeline::Pipeline {
+    pipeline(&format!(
+        "[stages.notify]\nuses = \"hook\"\nretry = {{ max_attempts = 3, initial_interval = \"20ms\" }}\nwith = {{ url = \"{url}\", payload = {{ n = 1 }} }}\n"
+    ))
+}
+
+#[tokio::test]
+async fn an_http_plugin_sends_its_templates_and_returns_the_answer() {
+    let bench = Bench::new();
+    let (hook, url) = serve(vec![]).await;
+    let report = bench.run(&hook_pipeline(&url), job("http-ok", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Succeeded, "{report:?}");
+    assert_eq!(report.stages["notify"].output, Some(json!({ "status": 200, "body": { "ok": true } })));
+    let requests = hook.requests.lock().unwrap();
+    let (_, headers, body) = &requests[0];
+    assert_eq!(headers["authorization"], "Bearer token-123");
+    assert_eq!(body, &json!({ "job": "http-ok", "data": { "n": 1 } }));
+}
+
+#[tokio::test]
+async fn http_5xx_is_retried_and_4xx_is_not() {
+    let bench = Bench::new();
+    let (hook, url) = serve(vec![(503, None), (200, None)]).await;
+    let report = bench.run(&hook_pipeline(&url), job("http-503", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Succeeded);
+    assert_eq!(report.stages["notify"].attempts, 2);
+    assert_eq!(hook.hits.load(Ordering::SeqCst), 2);
+
+    let (hook, url) = serve(vec![(404, None), (200, None)]).await;
+    let report = bench.run(&hook_pipeline(&url), job("http-404", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Failed);
+    assert_eq!(hook.hits.load(Ordering::SeqCst), 1, "a 404 is not retried");
+    let message = report.failure.unwrap().message;
+    assert!(message.starts_with("plugin `hook`: the server answered 404 Not Found"), "{message}");
+    assert!(!message.contains("127.0.0.1"), "the URL (which may hold tokens) is not in the message");
+}
+
+#[tokio::test]
+async fn retry_after_from_a_429_wins_over_the_backoff() {
+    let bench = Bench::new();
+    let (hook, url) = serve(vec![(429, Some("1")), (200, None)]).await;
+    let report = bench.run(&hook_pipeline(&url), job("http-429", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Succeeded);
+    let requests = hook.requests.lock().unwrap();
+    let wait = requests[1].0 - requests[0].0;
+    assert!(wait >= Duration::from_millis(950), "waited {wait:?}, as Retry-After: 1 asked, not the 20 ms backoff");
+}
+
+#[tokio::test]
+async fn cancelling_drops_an_http_request_in_flight() {
+    let bench = Bench::new();
+    let (hook, url) = serve(vec![(0, None)]).await;
+    let pipeline = hook_pipeline(&url);
+    let cancel = CancellationToken::new();
+    let running = {
+        let (engine, cancel) = (bench.engine.clone(), cancel.clone());
+        tokio::spawn(
+            async move { engine.run(&pipeline, job("http-hang", json!({})), Arc::new(NullSink), cancel).await },
+        )
+    };
+    for _ in 0..200 {
+        if hook.hits.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(hook.hits.load(Ordering::SeqCst), 1, "the request reached the server");
+    let cancelled_at = Instant::now();
+    cancel.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap().unwrap();
+    assert_eq!(report.status, JobStatus::Cancelled);
+    assert!(cancelled_at.elapsed() < Duration::from_secs(3), "took {:?}", cancelled_at.elapsed());
+}
