@@ -63,6 +63,7 @@ pub(super) async fn run(
         tracker: tracker.clone(),
         stop: cancel.child_token(),
         slots: pipeline.stages.iter().map(|_| Slot::Pending).collect(),
+        position: pipeline.stages.iter().enumerate().map(|(index, stage)| (stage.id.clone(), index)).collect(),
         outputs: HashMap::new(),
         permits: Arc::new(Semaphore::new(engine.settings.max_parallel_stages.max(1))),
         failure: None,
@@ -114,6 +115,8 @@ struct Run<'a> {
     tracker: Arc<Tracker>,
     stop: CancellationToken,
     slots: Vec<Slot>,
+    /// Stage id to its index in `slots`.
+    position: HashMap<String, usize>,
     outputs: HashMap<String, Value>,
     permits: Arc<Semaphore>,
     failure: Option<JobFailure>,
@@ -177,7 +180,7 @@ impl Run<'_> {
     }
 
     fn slot_of(&self, id: &str) -> Option<&Slot> {
-        self.pipeline.stages.iter().position(|stage| stage.id == id).map(|index| &self.slots[index])
+        self.position.get(id).map(|&index| &self.slots[index])
     }
 
     fn is_done(&self, id: &str) -> bool {
