@@ -21,7 +21,8 @@ pub const DEFAULT_CONFIG_FILE: &str = "echo.toml";
 const REDACTED: &str = "[redacted]";
 
 /// Environment names of the old deployment and the setting each one sets.
-const LEGACY_ENV: [(&str, &str); 18] = [
+const LEGACY_ENV: [(&str, &str); 19] = [
+    ("DATABASE_URL", "database.url"),
     ("PORT", "server.port"),
     ("ALLOWED_ORIGINS", "server.allowed_origins"),
     ("NODE_ENV", "environment"),
@@ -74,6 +75,10 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Input limits.
     pub limits: LimitSettings,
+    /// Where recordings and results are stored.
+    pub database: DatabaseSettings,
+    /// Rules for fetching sources.
+    pub download: DownloadSettings,
     /// Adjustments made while loading, to be logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -100,6 +105,27 @@ pub struct PathSettings {
     pub plugins: PathBuf,
     /// `TEMP_DIR`: where jobs get their work directories.
     pub temp_dir: PathBuf,
+    /// Local paths that arrive through the API or the queue must be under this folder.
+    pub storage_root: PathBuf,
+}
+
+/// Where recordings and results are stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseSettings {
+    /// `DATABASE_URL`: `sqlite://FILE` or `postgres://…`.
+    pub url: SecretUrl,
+    /// The recordings table (`schema.table` on PostgreSQL).
+    pub table: String,
+}
+
+/// Rules for fetching sources.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadSettings {
+    /// Internal addresses or CIDR ranges that sources may point at (comma-separated in the environment).
+    #[serde(deserialize_with = "comma_list")]
+    pub allow_private: Vec<String>,
+    /// Redirects followed per request.
+    pub max_redirects: usize,
 }
 
 /// The Redis queue.
@@ -165,6 +191,7 @@ impl Default for Settings {
                 pipelines: "pipelines".into(),
                 plugins: "plugins".into(),
                 temp_dir: std::env::temp_dir(),
+                storage_root: "storage".into(),
             },
             redis: RedisSettings::default(),
             supabase: SupabaseSettings::default(),
@@ -181,6 +208,8 @@ impl Default for Settings {
             // Three jobs at once keeps a 2-core machine busy without starving ffmpeg.
             worker: WorkerSettings { concurrency: 3, processing_timeout_ms: 3_600_000, max_parallel_stages: 4 },
             limits: LimitSettings { max_file_size_mb: 500 },
+            database: DatabaseSettings { url: SecretUrl::new("sqlite://echo.db"), table: "recordings".into() },
+            download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             warnings: Vec::new(),
         }
     }
@@ -243,6 +272,25 @@ impl Settings {
             job_timeout: std::time::Duration::from_millis(self.worker.processing_timeout_ms),
             ..crate::engine::EngineSettings::default()
         }
+    }
+
+    /// The rules for reaching sources.
+    ///
+    /// # Errors
+    /// A message naming an `allow_private` entry that is not an address or CIDR range.
+    pub fn source_policy(&self) -> Result<crate::source::SourcePolicy, String> {
+        Ok(crate::source::SourcePolicy {
+            storage_root: self.paths.storage_root.clone(),
+            allow_private: self.download.allow_private.iter().map(|range| range.parse()).collect::<Result<_, _>>()?,
+            supabase_url: self.supabase.url.clone(),
+            supabase_key: self.supabase.service_role_key.clone(),
+            max_redirects: self.download.max_redirects,
+        })
+    }
+
+    /// The largest accepted source.
+    pub fn max_file_size(&self) -> crate::units::ByteSize {
+        crate::units::ByteSize(self.limits.max_file_size_mb.saturating_mul(1_000_000))
     }
 
     /// The settings as TOML, with every secret redacted.

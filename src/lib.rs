@@ -3,6 +3,7 @@
 //! `plugins/*.toml`.
 //!
 //! # Layout
+//! - [`app`]: wiring from settings to store, fetcher and stage registry.
 //! - [`config`]: settings from built-in defaults, `echo.toml` and the environment; secrets never printed.
 //! - [`pipeline`]: pipeline files compiled into a checked DAG, with every error at `file:line:column`.
 //! - [`plugin`]: plugin files, the declarative stage kinds (`prompt`, `command`, `http`).
@@ -11,12 +12,17 @@
 //! - [`schema`]: the JSON Schemas of the pipeline and plugin files, generated from the Rust types.
 //! - [`units`]: duration, size and bitrate literals shared by every file format.
 
+pub mod app;
 pub mod catalog;
+pub mod child;
 pub mod config;
 pub mod engine;
 pub mod local;
+pub mod media;
 pub mod pipeline;
 pub mod plugin;
 pub mod schema;
+pub mod source;
 pub mod stage;
+pub mod store;
 pub mod units;

@@ -3,9 +3,12 @@
 //! code), so it uses `anyhow` like `main.rs`.
 //!
 //! Choices: paths typed on the command line belong to the user and are always allowed; every file is checked
-//! before any job starts, and so is every stage kind of the pipeline; checkpoints live in memory, so a local
-//! run does not resume an earlier one; SIGINT or SIGTERM cancels every running job (child processes are
-//! killed, work directories removed) and the exit code is then 130.
+//! before any job starts, and so is every stage kind of the pipeline; each file gets a recording row in the
+//! store (`DATABASE_URL`, `sqlite://echo.db` by default) that follows the job's status and progress and ends
+//! `completed` (with the pipeline's `persist` fields, or every stage output when it has no `persist`),
+//! `failed` (with the reason) or `cancelled`; checkpoints live in memory, so a local run does not resume an
+//! earlier one; SIGINT or SIGTERM cancels every running job (child processes are killed, work directories
+//! removed) and the exit code is then 130.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,12 +20,13 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::app;
 use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::engine::checkpoint::MemoryCheckpoints;
-use crate::engine::progress::{ProgressSink, ProgressUpdate};
+use crate::engine::progress::{ProgressSink, ProgressUpdate, Tee};
 use crate::engine::{Engine, JobReport, JobSpec, JobStatus};
-use crate::stage::StageRegistry;
+use crate::store::{NewRecording, RecordingStatus, Store, StoreError, StoreSink};
 
 /// What `echo-worker process` was asked to do.
 #[derive(Debug, Clone)]
@@ -73,8 +77,8 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
         }
         sources.push(std::path::absolute(file).with_context(|| format!("cannot resolve {}", file.display()))?);
     }
-    let http = reqwest::Client::builder().build().context("building the HTTP client")?;
-    let registry = StageRegistry::with_plugins(catalog.plugins.values(), http);
+    let store = app::store(settings).await?;
+    let registry = app::registry(settings, catalog.plugins.values(), store.clone())?;
     let engine = Engine::new(registry, Arc::new(MemoryCheckpoints::default()), settings.engine());
     engine.check(&pipeline)?;
 
@@ -92,33 +96,53 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
                 .progress_chars("=> "),
         );
         bar.set_prefix(file.display().to_string());
+        let recording_id = uuid::Uuid::new_v4().to_string();
+        let job_id = format!("local-{recording_id}");
+        let new = NewRecording {
+            id: recording_id.clone(),
+            file_url: Some(source.display().to_string()),
+            file_name: file.file_name().map(|name| name.to_string_lossy().into_owned()),
+            size_bytes: std::fs::metadata(&source).ok().and_then(|m| i64::try_from(m.len()).ok()),
+            pipeline: Some(pipeline.name.clone()),
+            job_id: Some(job_id.clone()),
+            ..NewRecording::default()
+        };
+        store.register(&new).await?;
+        store.set_status(&recording_id, RecordingStatus::Processing, Some("started"), None).await?;
         let job = JobSpec {
-            id: format!("local-{}-{index}", std::process::id()),
-            recording_id: None,
+            id: job_id,
+            recording_id: Some(recording_id.clone()),
             pipeline: pipeline.name.clone(),
             params: request.params.clone(),
             source: Some(source.display().to_string()),
+            trusted_source: true,
         };
-        let (engine, pipeline, cancel, limit, file) =
-            (engine.clone(), pipeline.clone(), cancel.clone(), limit.clone(), file.clone());
+        let (engine, pipeline, cancel, limit, file, store) =
+            (engine.clone(), pipeline.clone(), cancel.clone(), limit.clone(), file.clone(), store.clone());
         jobs.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            let sink: Arc<dyn ProgressSink> = Arc::new(BarSink(bar.clone()));
+            let store_sink = Arc::new(StoreSink::new(store.clone(), recording_id.clone()));
+            let sink: Arc<dyn ProgressSink> = Arc::new(Tee(vec![Arc::new(BarSink(bar.clone())), store_sink]));
             let report = engine.run(&pipeline, job, sink, cancel).await;
             bar.finish();
-            (index, file, report)
+            if let Ok(report) = &report
+                && let Err(error) = settle(store.as_ref(), &recording_id, report).await
+            {
+                tracing::warn!(recording = %recording_id, %error, "could not record how the job ended");
+            }
+            (index, file, recording_id, report)
         });
     }
     let mut reports = Vec::new();
     while let Some(joined) = jobs.join_next().await {
-        let (index, file, report) = joined.context("a job task failed")?;
-        reports.push((index, file, report?));
+        let (index, file, recording, report) = joined.context("a job task failed")?;
+        reports.push((index, file, recording, report?));
     }
-    reports.sort_by_key(|(index, _, _)| *index);
+    reports.sort_by_key(|(index, ..)| *index);
     write_reports(&reports, request.out.as_deref())?;
 
     let mut code = ExitCode::SUCCESS;
-    for (_, file, report) in &reports {
+    for (_, file, _, report) in &reports {
         match report.status {
             JobStatus::Succeeded => {}
             JobStatus::Cancelled => {
@@ -139,10 +163,40 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
     Ok(code)
 }
 
+/// Records how the job ended in its recording row.
+async fn settle(store: &dyn Store, id: &str, report: &JobReport) -> Result<(), StoreError> {
+    match report.status {
+        JobStatus::Succeeded => {
+            let completed = store.get(id).await?.is_some_and(|r| r.status == RecordingStatus::Completed);
+            if !completed {
+                let outputs = serde_json::to_value(report.outputs()).unwrap_or_default();
+                store.persist(id, None, &outputs).await?;
+            }
+        }
+        JobStatus::Failed => {
+            let failure = report.failure.as_ref();
+            let reason = failure.map_or_else(
+                || "failed".to_string(),
+                |f| match &f.stage {
+                    Some(stage) => format!("stage `{stage}`: {}", f.message),
+                    None => f.message.clone(),
+                },
+            );
+            store.set_status(id, RecordingStatus::Failed, Some("failed"), Some(&reason)).await?;
+        }
+        JobStatus::Cancelled => {
+            store.set_status(id, RecordingStatus::Cancelled, Some("cancelled"), None).await?;
+        }
+    }
+    Ok(())
+}
+
 /// One report per file: `<stem>.json` in `out`, or on stdout (an object for one file, an array for several).
-fn write_reports(reports: &[(usize, PathBuf, JobReport)], out: Option<&Path>) -> anyhow::Result<()> {
-    let documents: Vec<Value> =
-        reports.iter().map(|(_, file, report)| json!({ "file": file, "report": report })).collect();
+fn write_reports(reports: &[(usize, PathBuf, String, JobReport)], out: Option<&Path>) -> anyhow::Result<()> {
+    let documents: Vec<Value> = reports
+        .iter()
+        .map(|(_, file, recording, report)| json!({ "file": file, "recording_id": recording, "report": report }))
+        .collect();
     let Some(out) = out else {
         let text = match documents.as_slice() {
             [one] => serde_json::to_string_pretty(one)?,
@@ -153,7 +207,7 @@ fn write_reports(reports: &[(usize, PathBuf, JobReport)], out: Option<&Path>) ->
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut used = std::collections::HashSet::new();
-    for ((_, file, _), document) in reports.iter().zip(documents) {
+    for ((_, file, ..), document) in reports.iter().zip(documents) {
         let stem = file.file_stem().map_or_else(|| "report".into(), |stem| stem.to_string_lossy().into_owned());
         let name =
             (1..).map(|n| if n == 1 { stem.clone() } else { format!("{stem}-{n}") }).find(|n| used.insert(n.clone()));

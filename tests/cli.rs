@@ -18,6 +18,8 @@ fn echo_worker(args: &[&str]) -> Command {
     {
         command.env_remove(name);
     }
+    // Each run gets a private in-memory database unless a test points it at a file.
+    command.env("DATABASE_URL", "sqlite::memory:");
     command
 }
 
@@ -291,7 +293,7 @@ fn process_refuses_before_any_work_what_cannot_run_here() {
     assert!(stdout.is_empty());
     assert!(
         stderr.contains(
-            "pipeline `default` cannot run here: stage `validate` uses `validate`, which is not available yet"
+            "pipeline `default` cannot run here: stage `transcript` uses `whisper`, which is not available yet"
         ),
         "{stderr}"
     );

@@ -48,6 +48,10 @@ pub struct JobSpec {
     pub params: serde_json::Map<String, Value>,
     /// Where the media is: a URL, `supabase://bucket/path` or a local path.
     pub source: Option<String>,
+    /// The source was typed by the user on the command line, so a local path need not be under the storage
+    /// root. Never set for jobs from the API or the queue.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trusted_source: bool,
 }
 
 /// Limits of the engine.

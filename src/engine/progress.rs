@@ -40,6 +40,18 @@ impl ProgressSink for NullSink {
     async fn update(&self, _update: ProgressUpdate) {}
 }
 
+/// Sends every update to several sinks in turn.
+pub struct Tee(pub Vec<Arc<dyn ProgressSink>>);
+
+#[async_trait::async_trait]
+impl ProgressSink for Tee {
+    async fn update(&self, update: ProgressUpdate) {
+        for sink in &self.0 {
+            sink.update(update.clone()).await;
+        }
+    }
+}
+
 /// How often updates may reach a sink: 5 per second feels live and costs little.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
 

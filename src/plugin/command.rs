@@ -6,14 +6,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use super::{Plugin, PluginAction};
+use crate::child;
 use crate::pipeline::template::Renderer;
 use crate::stage::{Stage, StageContext, StageError, StageOutput};
 
@@ -115,16 +114,15 @@ impl Stage for CommandStage {
             .env("ECHO_STAGE_ID", &ctx.stage_id)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
+        child::isolate(&mut command);
         let mut child = command.spawn().map_err(|error| {
             StageError::permanent(
                 "spawn",
                 format!("plugin `{name}`: cannot start `{}`: {error}", self.program.display()),
             )
         })?;
-        let group = child.id().and_then(|pid| i32::try_from(pid).ok()).map(Pid::from_raw);
+        let group = child::group(&child);
 
         let input = serde_json::to_vec(&params).unwrap_or_default();
         let mut stdin = child.stdin.take();
@@ -140,15 +138,13 @@ impl Stage for CommandStage {
         let status = tokio::select! {
             status = child.wait() => status,
             () = ctx.cancel.cancelled() => {
-                terminate(group, &mut child).await;
+                child::terminate(&mut child, TERM_GRACE).await;
                 feed.abort();
                 return Err(StageError::cancelled());
             }
         };
         // The program is gone; anything it left running in its group goes too.
-        if let Some(group) = group {
-            let _ = killpg(group, Signal::SIGKILL);
-        }
+        child::kill_group(group);
         feed.abort();
         let status = status.map_err(|error| {
             StageError::transient("wait", format!("plugin `{name}`: waiting for the program: {error}"))
@@ -175,20 +171,6 @@ impl Stage for CommandStage {
             Err(StageError::permanent("exit_status", message))
         }
     }
-}
-
-/// SIGTERM to the group, then SIGKILL after a short grace, then reap the child.
-async fn terminate(group: Option<Pid>, child: &mut tokio::process::Child) {
-    if let Some(group) = group {
-        let _ = killpg(group, Signal::SIGTERM);
-        if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_err() {
-            let _ = killpg(group, Signal::SIGKILL);
-        } else {
-            // The leader exited; make sure nothing else in the group survives.
-            let _ = killpg(group, Signal::SIGKILL);
-        }
-    }
-    let _ = child.kill().await;
 }
 
 /// Reads a pipe to its end, keeping at most `limit` bytes; the flag says whether more was discarded.

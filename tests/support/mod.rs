@@ -208,6 +208,7 @@ pub fn job(id: &str, params: Value) -> JobSpec {
         pipeline: "test".into(),
         params: params.as_object().cloned().unwrap_or_default(),
         source: None,
+        trusted_source: false,
     }
 }
 

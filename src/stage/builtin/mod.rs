@@ -99,6 +99,18 @@ impl BuiltinKind {
     }
 }
 
+/// The stage's rendered `with` as the kind's parameter struct.
+///
+/// # Errors
+/// A permanent `invalid_params` error naming the stage and what serde refused (a whole-value template can
+/// produce a value of the wrong type at run time).
+pub fn params<T: DeserializeOwned>(ctx: &crate::stage::StageContext) -> Result<T, crate::stage::StageError> {
+    let value = if ctx.params.is_null() { serde_json::json!({}) } else { ctx.params.clone() };
+    serde_json::from_value(value).map_err(|error| {
+        crate::stage::StageError::permanent("invalid_params", format!("stage `{}`: {error}", ctx.stage_id))
+    })
+}
+
 fn check<T: DeserializeOwned + JsonSchema>(
     document: &Document,
     with: &SpannedValue<'_>,

@@ -1,18 +1,68 @@
-//! `persist`: writes the mapped fields and the final status to the recording in the store.
-//! Parameters only for now; the behaviour arrives with the store.
+//! `persist`: writes the mapped `fields` into the recording's `result`, the mapped `transcript` into its
+//! column, and marks the recording completed. Running it twice with the same values leaves the row exactly as
+//! it was, so a retried or recovered job can always run it again.
+
+use std::sync::Arc;
 
 use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::store::{Store, StoreError};
 
 /// `with` parameters of `persist`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PersistParams {
-    /// Result fields to write, each usually one `{{ stages.<id>... }}` template; stored in `result`, and in
-    /// a column of the same name where the table has one.
+    /// Result fields to write, each usually one `{{ stages.<id>... }}` template; stored in `result`.
     #[serde(default)]
     pub fields: IndexMap<String, serde_json::Value>,
     /// The transcript text to store in the `transcript` column.
     pub transcript: Option<String>,
+}
+
+/// The `persist` stage.
+#[derive(Clone)]
+pub struct PersistStage {
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for PersistStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistStage").finish_non_exhaustive()
+    }
+}
+
+impl PersistStage {
+    /// Writes into `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait::async_trait]
+impl Stage for PersistStage {
+    async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
+        let params: PersistParams = super::params(&ctx)?;
+        let id = ctx.job.recording_id.as_deref().ok_or_else(|| {
+            StageError::permanent(
+                "no_recording",
+                format!("stage `{}`: the job has no recording to write to", ctx.stage_id),
+            )
+        })?;
+        let result = Value::Object(params.fields.clone().into_iter().collect());
+        match self.store.persist(id, params.transcript.as_deref(), &result).await {
+            Ok(()) => {}
+            Err(error @ StoreError::Database { .. }) => return Err(StageError::transient("store", error.to_string())),
+            Err(error) => return Err(StageError::permanent("store", error.to_string())),
+        }
+        ctx.progress.report(1.0, "results stored");
+        Ok(StageOutput::from(json!({
+            "recording_id": id,
+            "fields": params.fields.keys().collect::<Vec<_>>(),
+            "transcript": params.transcript.is_some(),
+        })))
+    }
 }

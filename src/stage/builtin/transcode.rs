@@ -1,15 +1,31 @@
-//! `transcode`: one ffmpeg pass to mono speech audio, cut into chunks that fit the transcription API.
-//! Parameters only for now; the behaviour arrives with the media stages.
+//! `transcode`: one ffmpeg pass turns the first audio stream into mono speech audio (16 kHz MP3 at 32 kbps by
+//! default; Ogg/Opus and FLAC on request) while `silencedetect` listens, then the result is cut into chunks
+//! that each fit `max_chunk_bytes` and `max_chunk_duration`, by stream copy (no second encode).
+//!
+//! - Cut points are in the middle of the latest silence before each limit when `split_at_silence` is set, and
+//!   evenly spaced otherwise. A one-second margin under `max_chunk_duration` absorbs frame padding.
+//! - Each chunk's start and end are the real ones from ffmpeg's segment list, never index × length.
+//! - With `overlap`, each chunk after the first also carries that much audio from before its cut.
+//! - With `passthrough`, a file that already fits and is in a format the APIs accept is used as it is.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
+use crate::media::silence::{SilenceLog, cut_points};
+use crate::media::{MediaError, ffmpeg, probe};
+use crate::stage::{Stage, StageContext, StageError, StageOutput};
 use crate::units::{Bitrate, ByteSize, HumanDuration};
 
 /// `with` parameters of `transcode`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TranscodeParams {
+    /// The media file (default: the `path` output of the one ancestor that has one, i.e. `download`).
+    pub input: Option<String>,
     /// Output codec (default `mp3`).
     pub codec: Option<AudioCodec>,
     /// Output sample rate in Hz (default 16000).
@@ -23,6 +39,10 @@ pub struct TranscodeParams {
     pub max_chunk_bytes: Option<ByteSize>,
     /// Cut in the middle of the silence nearest each target point instead of at fixed times (default false).
     pub split_at_silence: Option<bool>,
+    /// Level under which audio counts as silence (default `"-30dB"`).
+    pub silence_threshold: Option<String>,
+    /// Shortest pause that counts as a silence (default `"500ms"`).
+    pub min_silence: Option<HumanDuration>,
     /// Audio repeated at the start of each chunk from the end of the previous one (default `"0s"`).
     pub overlap: Option<HumanDuration>,
     /// Keep a file that already fits and is in an accepted format as it is (default false).
@@ -30,13 +50,255 @@ pub struct TranscodeParams {
 }
 
 /// Audio codecs the transcription APIs accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AudioCodec {
     /// MP3 (`.mp3`).
+    #[default]
     Mp3,
-    /// Opus in an Ogg container (`.ogg`).
+    /// Opus in an Ogg container (`.ogg`; the APIs refuse the `.opus` extension).
     Opus,
     /// FLAC (`.flac`), lossless and large.
     Flac,
+}
+
+impl AudioCodec {
+    fn extension(self) -> &'static str {
+        match self {
+            Self::Mp3 => "mp3",
+            Self::Opus => "ogg",
+            Self::Flac => "flac",
+        }
+    }
+
+    fn encoder_args(self, bitrate: Bitrate) -> Vec<String> {
+        let bitrate = bitrate.to_string();
+        match self {
+            Self::Mp3 => vec!["-c:a".into(), "libmp3lame".into(), "-b:a".into(), bitrate],
+            Self::Opus => {
+                vec!["-c:a".into(), "libopus".into(), "-b:a".into(), bitrate, "-application".into(), "voip".into()]
+            }
+            Self::Flac => vec!["-c:a".into(), "flac".into(), "-sample_fmt".into(), "s16".into()],
+        }
+    }
+
+    /// Bytes per second of output, erring high so that chunks sized by it never exceed the byte limit.
+    fn bytes_per_second(self, bitrate: Bitrate, sample_rate: u32) -> f64 {
+        match self {
+            // Constant bitrate plus container overhead.
+            Self::Mp3 => f64::from(bitrate.0) / 8.0 * 1.02,
+            // Opus is VBR; allow for peaks well over the nominal rate.
+            Self::Opus => f64::from(bitrate.0) / 8.0 * 1.5,
+            // FLAC never exceeds raw 16-bit PCM by much.
+            Self::Flac => f64::from(sample_rate) * 2.0 * 1.02,
+        }
+    }
+}
+
+/// Room left under `max_chunk_duration` for frame padding and encoder delay.
+const DURATION_MARGIN: f64 = 1.0;
+/// Formats that can go to the transcription APIs as they are, by ffprobe format name.
+const PASSTHROUGH_FORMATS: [&str; 6] = ["mp3", "wav", "flac", "ogg", "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"];
+
+/// The `transcode` stage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TranscodeStage;
+
+fn media_error(error: MediaError) -> StageError {
+    match error {
+        MediaError::Cancelled => StageError::cancelled(),
+        MediaError::Spawn { .. } | MediaError::Io { .. } => StageError::transient("ffmpeg", error.to_string()),
+        other => StageError::permanent("transcode", other.to_string()),
+    }
+}
+
+/// The input file: `with.input`, or the `path` of the single ancestor output that has one.
+fn input_path(params: &TranscodeParams, ctx: &StageContext) -> Result<PathBuf, StageError> {
+    if let Some(input) = &params.input {
+        return Ok(PathBuf::from(input));
+    }
+    let paths: Vec<&str> = ctx.inputs.values().filter_map(|output| output.get("path")?.as_str()).collect();
+    match paths.as_slice() {
+        [one] => Ok(PathBuf::from(one)),
+        [] => Err(StageError::permanent(
+            "no_input",
+            format!("stage `{}` has no input: no ancestor outputs a `path`; set `with.input`", ctx.stage_id),
+        )),
+        _ => Err(StageError::permanent(
+            "no_input",
+            format!("stage `{}` has several ancestors with a `path`; set `with.input`", ctx.stage_id),
+        )),
+    }
+}
+
+/// Reads ffmpeg's CSV segment list: `name,start,end` per line.
+fn read_segment_list(list: &Path, dir: &Path) -> Result<Vec<(PathBuf, f64, f64)>, StageError> {
+    let text = std::fs::read_to_string(list)
+        .map_err(|error| StageError::transient("io", format!("reading {}: {error}", list.display())))?;
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let mut fields = line.rsplitn(3, ',');
+            let end = fields.next().and_then(|f| f.trim().parse::<f64>().ok());
+            let start = fields.next().and_then(|f| f.trim().parse::<f64>().ok());
+            let name = fields.next().map(|name| name.trim_matches('"'));
+            match (name, start, end) {
+                (Some(name), Some(start), Some(end)) => Ok((dir.join(name), start, end)),
+                _ => Err(StageError::permanent("transcode", format!("unreadable segment list line `{line}`"))),
+            }
+        })
+        .collect()
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+#[async_trait::async_trait]
+impl Stage for TranscodeStage {
+    async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
+        let params: TranscodeParams = super::params(&ctx)?;
+        let input = input_path(&params, &ctx)?;
+        let input_text = input.display().to_string();
+        let codec = params.codec.unwrap_or_default();
+        let sample_rate = params.sample_rate.unwrap_or(16_000);
+        let bitrate = params.bitrate.unwrap_or(Bitrate(32_000));
+        let max_duration = params.max_chunk_duration.map_or(20.0 * 60.0, |d| d.0.as_secs_f64());
+        let max_bytes = params.max_chunk_bytes.unwrap_or(ByteSize(24 << 20));
+        let overlap = params.overlap.map_or(0.0, |d| d.0.as_secs_f64());
+
+        let source = probe::probe(&input_text, &ctx.cancel).await.map_err(media_error)?;
+        if source.audio().is_none() {
+            return Err(StageError::permanent("no_audio", format!("{input_text} has no audio stream")));
+        }
+        let source_duration = source.duration.unwrap_or(0.0);
+        let size = std::fs::metadata(&input).map(|m| m.len()).unwrap_or(u64::MAX);
+        if params.passthrough.unwrap_or(false)
+            && size <= max_bytes.0
+            && source_duration <= max_duration - DURATION_MARGIN
+            && PASSTHROUGH_FORMATS.contains(&source.format.as_str())
+            && !source.has_video()
+        {
+            ctx.progress.report(1.0, "already fits; used as it is");
+            let chunk = json!({ "path": input, "start": 0.0, "end": source_duration, "bytes": size });
+            let format = source.format.split(',').next().unwrap_or_default().to_string();
+            return Ok(StageOutput {
+                value: json!({ "chunks": [chunk], "duration": source_duration, "format": format, "passthrough": true }),
+                files: vec![input],
+            });
+        }
+
+        let dir = ctx.work_dir.join(format!("{}-chunks", ctx.stage_id));
+        std::fs::create_dir_all(&dir)
+            .map_err(|error| StageError::transient("io", format!("creating {}: {error}", dir.display())))?;
+        let extension = codec.extension();
+        let full = dir.join(format!("full.{extension}"));
+        let mut args = os(&["-i", &input_text, "-map", "0:a:0", "-vn", "-ac", "1", "-ar", &sample_rate.to_string()]);
+        let split = params.split_at_silence.unwrap_or(false);
+        if split {
+            let threshold = params.silence_threshold.clone().unwrap_or_else(|| "-30dB".into());
+            let minimum = params.min_silence.map_or(0.5, |d| d.0.as_secs_f64());
+            args.extend(os(&["-af", &format!("silencedetect=noise={threshold}:d={minimum}")]));
+        }
+        args.extend(codec.encoder_args(bitrate).iter().map(OsString::from));
+        args.push(full.clone().into());
+        let mut silences = SilenceLog::default();
+        let progress = ctx.progress.clone();
+        ctx.progress.report(0.0, "transcoding");
+        ffmpeg::run(
+            &args,
+            &input_text,
+            Some(source_duration),
+            |fraction| progress.report(fraction * 0.9, "transcoding"),
+            |line| silences.feed(line),
+            &ctx.cancel,
+        )
+        .await
+        .map_err(media_error)?;
+
+        let full_text = full.display().to_string();
+        let duration =
+            probe::probe(&full_text, &ctx.cancel).await.map_err(media_error)?.duration.unwrap_or(source_duration);
+        let silences = silences.finish(duration);
+        let limit = (max_duration - DURATION_MARGIN)
+            .min(max_bytes.0 as f64 * 0.95 / codec.bytes_per_second(bitrate, sample_rate));
+        if limit <= 1.0 {
+            return Err(StageError::permanent(
+                "chunk_limits",
+                "max_chunk_bytes and max_chunk_duration leave less than a second per chunk",
+            ));
+        }
+        let cuts = cut_points(duration, limit, split.then_some(silences.as_slice()));
+        ctx.progress.report(0.92, format!("cutting {} chunks", cuts.len() + 1));
+        let mut chunks: Vec<(PathBuf, f64, f64)> = if cuts.is_empty() {
+            let only = dir.join(format!("chunk_000.{extension}"));
+            std::fs::rename(&full, &only).map_err(|error| StageError::transient("io", error.to_string()))?;
+            vec![(only, 0.0, duration)]
+        } else {
+            let times: Vec<String> = cuts.iter().map(|cut| format!("{cut:.3}")).collect();
+            let list = dir.join("chunks.csv");
+            let pattern = dir.join(format!("chunk_%03d.{extension}"));
+            let mut args = os(&[
+                "-i",
+                &full_text,
+                "-map",
+                "0:a",
+                "-c",
+                "copy",
+                "-f",
+                "segment",
+                "-segment_times",
+                &times.join(","),
+            ]);
+            args.extend(os(&["-reset_timestamps", "1", "-segment_list_type", "csv", "-segment_list"]));
+            args.push(list.clone().into());
+            args.push(pattern.into());
+            ffmpeg::run(&args, &full_text, None, |_| {}, |_| {}, &ctx.cancel).await.map_err(media_error)?;
+            read_segment_list(&list, &dir)?
+        };
+        if overlap > 0.0 && chunks.len() > 1 {
+            for (index, chunk) in chunks.iter_mut().enumerate().skip(1) {
+                let (path, start, end) = chunk.clone();
+                let from = (start - overlap).max(0.0);
+                let target = dir.join(format!("overlap_{index:03}.{extension}"));
+                let mut args = os(&["-ss", &format!("{from:.3}"), "-to", &format!("{end:.3}"), "-i", &full_text]);
+                args.extend(os(&["-map", "0:a", "-c", "copy"]));
+                args.push(target.clone().into());
+                ffmpeg::run(&args, &full_text, None, |_| {}, |_| {}, &ctx.cancel).await.map_err(media_error)?;
+                let probed = probe::probe(&target.display().to_string(), &ctx.cancel).await.map_err(media_error)?;
+                let length = probed.duration.unwrap_or(end - from);
+                let _ = std::fs::remove_file(&path);
+                *chunk = (target, (end - length).max(0.0), end);
+            }
+        }
+        let _ = std::fs::remove_file(&full);
+
+        let mut listed = Vec::with_capacity(chunks.len());
+        for (index, (path, start, end)) in chunks.iter().enumerate() {
+            let bytes = std::fs::metadata(path)
+                .map_err(|error| StageError::transient("io", format!("{}: {error}", path.display())))?
+                .len();
+            if bytes > max_bytes.0 {
+                return Err(StageError::permanent(
+                    "chunk_too_large",
+                    format!(
+                        "chunk {index} is {}, over max_chunk_bytes {max_bytes}; lower the bitrate or max_chunk_duration",
+                        ByteSize(bytes)
+                    ),
+                ));
+            }
+            listed.push(json!({ "path": path, "start": start, "end": end, "bytes": bytes }));
+        }
+        ctx.progress.report(1.0, format!("{} chunks", listed.len()));
+        let files = chunks.into_iter().map(|(path, _, _)| path).collect();
+        Ok(StageOutput {
+            value: json!({
+                "chunks": Value::Array(listed),
+                "duration": duration,
+                "format": extension,
+                "silences": silences.len(),
+            }),
+            files,
+        })
+    }
 }

@@ -1,9 +1,24 @@
-//! `validate`: checks the source where it lies (size, sniffed type, duration, streams) so that junk is refused
-//! before it is downloaded. Parameters only for now; the behaviour arrives with the media stages.
+//! `validate`: checks the source where it lies, before anything is downloaded, so that a 500 MB upload that is
+//! not media is refused at the cost of a few kilobytes. For a URL: a HEAD (size), a ranged read of the first
+//! bytes (type, sniffed from the bytes, never the name) and ffprobe reading the URL (streams, duration); for a
+//! local file: the file itself. Then a short decode near the announced end catches truncated files.
+//!
+//! Every refusal is a permanent error naming the reason: empty, over `max_size`, not media (and what it is),
+//! no audio stream, over `max_duration`, truncated, or a type outside `accept`.
 
+use std::ffi::OsString;
+
+use reqwest::Method;
+use reqwest::header::{CONTENT_LENGTH, HeaderValue, RANGE};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
 
+use crate::media::sniff::{SNIFF_LEN, matches, sniff};
+use crate::media::{MediaError, ffmpeg, probe};
+use crate::source::{Fetcher, Source, check_status};
+use crate::stage::{Stage, StageContext, StageError, StageOutput};
 use crate::units::{ByteSize, HumanDuration};
 
 /// `with` parameters of `validate`.
@@ -16,4 +31,182 @@ pub struct ValidateParams {
     pub max_duration: Option<HumanDuration>,
     /// Accepted MIME types, sniffed from the bytes; `*` matches any subtype (default `["audio/*", "video/*"]`).
     pub accept: Option<Vec<String>>,
+}
+
+/// The `validate` stage.
+#[derive(Debug, Clone)]
+pub struct ValidateStage {
+    fetcher: Fetcher,
+    default_max_size: ByteSize,
+}
+
+/// Seconds decoded near the announced end to prove the file is whole.
+const TAIL_CHECK: f64 = 1.0;
+
+impl ValidateStage {
+    /// A validate stage reading sources through `fetcher`, refusing files over `default_max_size` unless a
+    /// pipeline sets its own `max_size`.
+    pub fn new(fetcher: Fetcher, default_max_size: ByteSize) -> Self {
+        Self { fetcher, default_max_size }
+    }
+}
+
+fn refuse(code: &'static str, message: impl Into<String>) -> StageError {
+    StageError::permanent(code, message)
+}
+
+/// What can be learnt without reading the whole source: its size, first bytes and a path or URL for ffprobe.
+struct Glance {
+    size: Option<u64>,
+    head: Vec<u8>,
+    probe_input: String,
+}
+
+impl ValidateStage {
+    async fn glance(&self, source: &Source, ctx: &StageContext) -> Result<Glance, StageError> {
+        if let Source::Local(path) = source {
+            let unreadable =
+                |error: std::io::Error| refuse("unreadable", format!("cannot read {}: {error}", path.display()));
+            let metadata = tokio::fs::metadata(path).await.map_err(unreadable)?;
+            if !metadata.is_file() {
+                return Err(refuse("not_a_file", format!("{} is not a file", path.display())));
+            }
+            let mut file = tokio::fs::File::open(path).await.map_err(unreadable)?;
+            let mut head = vec![0; SNIFF_LEN];
+            let mut read = 0;
+            while read < SNIFF_LEN {
+                match file.read(&mut head[read..]).await.map_err(unreadable)? {
+                    0 => break,
+                    n => read += n,
+                }
+            }
+            head.truncate(read);
+            return Ok(Glance { size: Some(metadata.len()), head, probe_input: path.display().to_string() });
+        }
+        let (url, headers) = self.fetcher.locate(source)?;
+        let (response, url) = self.fetcher.send(Method::HEAD, url, headers.clone(), &ctx.cancel).await?;
+        let response = check_status(response, url.as_str())?;
+        let size = response.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let mut ranged = headers;
+        ranged.insert(RANGE, HeaderValue::from_static("bytes=0-63"));
+        let (mut response, url) = self.fetcher.send(Method::GET, url, ranged, &ctx.cancel).await?;
+        response = check_status(response, url.as_str())?;
+        let mut head = Vec::with_capacity(SNIFF_LEN);
+        // A server that ignores Range sends the whole body; read only the first chunks and drop the rest.
+        while head.len() < SNIFF_LEN {
+            let chunk = tokio::select! {
+                chunk = response.chunk() => chunk.map_err(|e| StageError::transient("network", format!("reading {}: {e}", crate::media::printable(url.as_str()))))?,
+                () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
+            };
+            let Some(chunk) = chunk else { break };
+            head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_LEN - head.len())]);
+        }
+        drop(response);
+        let probe_input = match source {
+            Source::Supabase { bucket, path } => self.fetcher.signed_url(bucket, path, &ctx.cancel).await?.to_string(),
+            _ => url.to_string(),
+        };
+        Ok(Glance { size, head, probe_input })
+    }
+}
+
+/// Decodes about a second just before the announced end; `false` when nothing decodes there.
+async fn decodes_near_end(input: &str, duration: f64, ctx: &StageContext) -> Result<bool, StageError> {
+    let start = (duration - 2.0 * TAIL_CHECK).max(0.0);
+    let mut args: Vec<OsString> = vec!["-v".into(), "error".into(), "-ss".into(), format!("{start:.3}").into()];
+    if input.starts_with("http") {
+        args.extend(["-max_redirects".into(), "0".into()]);
+    }
+    args.extend(
+        ["-i", input, "-t", &TAIL_CHECK.to_string(), "-map", "0:a:0", "-f", "null", "-"].iter().map(OsString::from),
+    );
+    let mut decoded: f64 = 0.0;
+    let result =
+        ffmpeg::run(&args, input, Some(TAIL_CHECK), |fraction| decoded = decoded.max(fraction), |_| {}, &ctx.cancel)
+            .await;
+    match result {
+        Ok(()) => Ok(decoded > 0.0),
+        Err(MediaError::Cancelled) => Err(StageError::cancelled()),
+        Err(error @ MediaError::Spawn { .. }) => Err(StageError::transient("ffmpeg", error.to_string())),
+        Err(MediaError::Failed { .. }) => Ok(false),
+        Err(other) => Err(StageError::permanent("undecodable", other.to_string())),
+    }
+}
+
+#[async_trait::async_trait]
+impl Stage for ValidateStage {
+    async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
+        let params: ValidateParams = super::params(&ctx)?;
+        let text = ctx.job.source.as_deref().ok_or_else(|| refuse("no_source", "the job has no source to validate"))?;
+        let source = Source::parse(text, ctx.job.trusted_source, self.fetcher.policy())?;
+        let max_size = params.max_size.unwrap_or(self.default_max_size);
+        ctx.progress.report(0.05, "checking the source");
+
+        let glance = self.glance(&source, &ctx).await?;
+        if glance.size == Some(0) || glance.head.is_empty() {
+            return Err(refuse("empty", "the file is empty (0 bytes)"));
+        }
+        if let Some(size) = glance.size.filter(|size| *size > max_size.0) {
+            return Err(refuse("too_large", format!("the file is {}, over the limit of {max_size}", ByteSize(size))));
+        }
+        let sniffed = sniff(&glance.head);
+        if let (false, Some(mime)) = (sniffed.media, sniffed.mime) {
+            return Err(refuse("not_media", format!("the file is not audio or video: its bytes are {mime}")));
+        }
+        ctx.progress.report(0.3, "probing streams");
+        let probed = match probe::probe(&glance.probe_input, &ctx.cancel).await {
+            Ok(probed) => probed,
+            Err(MediaError::Cancelled) => return Err(StageError::cancelled()),
+            Err(error @ MediaError::Spawn { .. }) => return Err(StageError::transient("ffprobe", error.to_string())),
+            Err(MediaError::Failed { stderr, .. }) => {
+                return Err(refuse("not_media", format!("the file is not readable audio or video: {stderr}")));
+            }
+            Err(error) => return Err(refuse("not_media", error.to_string())),
+        };
+        let video = probed.has_video();
+        let Some(audio) = probed.audio().cloned() else {
+            let what = if video { "a video without sound" } else { "no audio stream" };
+            return Err(refuse("no_audio", format!("the file has no audio to transcribe: {what}")));
+        };
+        let duration = probed.duration.unwrap_or(0.0);
+        if let Some(limit) = params.max_duration
+            && duration > limit.0.as_secs_f64()
+        {
+            let length = HumanDuration(std::time::Duration::from_secs_f64(duration.round()));
+            return Err(refuse("too_long", format!("the recording lasts {length}, over the limit of {limit}")));
+        }
+        ctx.progress.report(0.6, "checking that the audio decodes to the end");
+        if duration > 0.0 && !decodes_near_end(&glance.probe_input, duration, &ctx).await? {
+            return Err(refuse(
+                "truncated",
+                format!(
+                    "the file is truncated or damaged: its header announces {duration:.1} s, but no audio decodes near the end"
+                ),
+            ));
+        }
+        let mime = sniffed.mime.map_or_else(
+            || {
+                format!(
+                    "{}/x-{}",
+                    if video { "video" } else { "audio" },
+                    probed.format.split(',').next().unwrap_or("unknown")
+                )
+            },
+            str::to_string,
+        );
+        let accept = params.accept.unwrap_or_else(|| vec!["audio/*".into(), "video/*".into()]);
+        if !accept.iter().any(|pattern| matches(&mime, pattern)) {
+            return Err(refuse(
+                "unsupported_type",
+                format!("{mime} is not accepted here (accepted: {})", accept.join(", ")),
+            ));
+        }
+        Ok(StageOutput::from(json!({
+            "size": glance.size,
+            "mime": mime,
+            "duration": duration,
+            "audio": { "codec": audio.codec, "sample_rate": audio.sample_rate, "channels": audio.channels },
+            "video": video,
+        })))
+    }
 }

@@ -1,0 +1,154 @@
+//! ffprobe: duration and streams of a file or URL, from its JSON output.
+
+use std::process::Stdio;
+
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::{MediaError, printable};
+
+/// What ffprobe found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Probe {
+    /// Container names, e.g. `mov,mp4,m4a,3gp,3g2,mj2`.
+    pub format: String,
+    /// Duration in seconds, when known.
+    pub duration: Option<f64>,
+    /// Every stream.
+    pub streams: Vec<Stream>,
+}
+
+/// One stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stream {
+    /// `audio`, `video`, `subtitle`, `data`...
+    pub kind: String,
+    /// Codec name, e.g. `aac`.
+    pub codec: String,
+    /// Audio sample rate.
+    pub sample_rate: Option<u32>,
+    /// Audio channels.
+    pub channels: Option<u32>,
+    /// Video streams that are only an attached cover picture.
+    pub attached_picture: bool,
+}
+
+impl Probe {
+    /// The first audio stream.
+    pub fn audio(&self) -> Option<&Stream> {
+        self.streams.iter().find(|stream| stream.kind == "audio")
+    }
+
+    /// Whether there is a real video stream (not just cover art).
+    pub fn has_video(&self) -> bool {
+        self.streams.iter().any(|stream| stream.kind == "video" && !stream.attached_picture)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawProbe {
+    #[serde(default)]
+    format: RawFormat,
+    #[serde(default)]
+    streams: Vec<RawStream>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawFormat {
+    #[serde(default)]
+    format_name: String,
+    duration: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawStream {
+    #[serde(default)]
+    codec_type: String,
+    #[serde(default)]
+    codec_name: String,
+    sample_rate: Option<String>,
+    channels: Option<u32>,
+    #[serde(default)]
+    disposition: RawDisposition,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDisposition {
+    #[serde(default)]
+    attached_pic: u8,
+}
+
+/// Parses ffprobe's `-show_format -show_streams -of json` output.
+///
+/// # Errors
+/// [`MediaError::Output`] when it is not that JSON.
+pub fn parse(json: &[u8], input: &str) -> Result<Probe, MediaError> {
+    let raw: RawProbe = serde_json::from_slice(json).map_err(|error| MediaError::Output {
+        program: "ffprobe",
+        input: printable(input),
+        reason: error.to_string(),
+    })?;
+    Ok(Probe {
+        format: raw.format.format_name,
+        duration: raw.format.duration.and_then(|d| d.parse().ok()).filter(|d: &f64| d.is_finite() && *d >= 0.0),
+        streams: raw
+            .streams
+            .into_iter()
+            .map(|stream| Stream {
+                kind: stream.codec_type,
+                codec: stream.codec_name,
+                sample_rate: stream.sample_rate.and_then(|rate| rate.parse().ok()),
+                channels: stream.channels,
+                attached_picture: stream.disposition.attached_pic == 1,
+            })
+            .collect(),
+    })
+}
+
+/// Runs ffprobe on a path or URL. URLs are read without following redirects (the caller resolved them).
+///
+/// # Errors
+/// [`MediaError::Failed`] with ffprobe's reason when it cannot read the input (not media, truncated, refused),
+/// [`MediaError::Cancelled`] when `cancel` fires.
+pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, MediaError> {
+    let mut command = Command::new("ffprobe");
+    command.args(["-v", "error", "-show_format", "-show_streams", "-of", "json"]);
+    if input.starts_with("http://") || input.starts_with("https://") {
+        command.args(["-max_redirects", "0", "-rw_timeout", "30000000"]);
+    }
+    command.arg(input).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let child = command.spawn().map_err(|source| MediaError::Spawn { program: "ffprobe", source })?;
+    let output = tokio::select! {
+        output = child.wait_with_output() => output.map_err(|source| MediaError::Spawn { program: "ffprobe", source })?,
+        () = cancel.cancelled() => return Err(MediaError::Cancelled),
+    };
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = stderr.lines().rfind(|line| !line.trim().is_empty()).unwrap_or("no reason given");
+        return Err(MediaError::Failed {
+            program: "ffprobe",
+            input: printable(input),
+            stderr: stderr.replace(input, &printable(input)),
+        });
+    }
+    parse(&output.stdout, input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ffprobe_json() {
+        let json = br#"{"streams":[
+            {"codec_type":"video","codec_name":"mjpeg","disposition":{"attached_pic":1}},
+            {"codec_type":"audio","codec_name":"mp3","sample_rate":"44100","channels":2}],
+            "format":{"format_name":"mp3","duration":"64.000000","size":"1024"}}"#;
+        let probe = parse(json, "x.mp3").unwrap();
+        assert_eq!(probe.duration, Some(64.0));
+        assert_eq!(probe.audio().unwrap().sample_rate, Some(44100));
+        assert!(!probe.has_video(), "cover art is not video");
+        assert!(parse(b"not json", "x").is_err());
+    }
+}

@@ -1,0 +1,123 @@
+//! Silences reported by ffmpeg's `silencedetect`, and where to cut a recording into chunks so that each chunk
+//! stays under a length limit and, when asked, every cut falls in the middle of a silence.
+
+use serde::Serialize;
+
+/// One silent interval, in seconds from the start.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Silence {
+    /// Where it starts.
+    pub start: f64,
+    /// Where it ends.
+    pub end: f64,
+}
+
+impl Silence {
+    /// Its midpoint, where a cut goes.
+    pub fn middle(&self) -> f64 {
+        (self.start + self.end) / 2.0
+    }
+}
+
+/// Collects silences from silencedetect's stderr lines (`silence_start: 19.99` then
+/// `silence_end: 22.00 | silence_duration: 2.01`).
+#[derive(Debug, Default)]
+pub struct SilenceLog {
+    open: Option<f64>,
+    /// The complete intervals seen so far.
+    pub silences: Vec<Silence>,
+}
+
+impl SilenceLog {
+    /// Feeds one stderr line.
+    pub fn feed(&mut self, line: &str) {
+        let number = |marker: &str| {
+            line.split_once(marker)
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .and_then(|text| text.parse::<f64>().ok())
+        };
+        if let Some(start) = number("silence_start: ") {
+            self.open = Some(start.max(0.0));
+        } else if let Some(end) = number("silence_end: ")
+            && let Some(start) = self.open.take()
+        {
+            self.silences.push(Silence { start, end });
+        }
+    }
+
+    /// Ends the log; a silence still open runs to `duration`.
+    pub fn finish(mut self, duration: f64) -> Vec<Silence> {
+        if let Some(start) = self.open.take() {
+            self.silences.push(Silence { start, end: duration });
+        }
+        self.silences
+    }
+}
+
+/// Cut points (seconds) that split `duration` into chunks of at most `max_chunk` seconds.
+///
+/// Without silences the chunks are of equal length. With silences, each cut is the middle of the latest
+/// silence that keeps the chunk within `max_chunk` and makes it at least half of `max_chunk` long, and falls
+/// back to the limit itself when no silence qualifies.
+pub fn cut_points(duration: f64, max_chunk: f64, silences: Option<&[Silence]>) -> Vec<f64> {
+    if !(duration.is_finite() && max_chunk.is_finite()) || max_chunk <= 0.0 || duration <= max_chunk {
+        return Vec::new();
+    }
+    let Some(silences) = silences else {
+        let count = (duration / max_chunk).ceil();
+        let length = duration / count;
+        return (1..count as usize).map(|index| length * index as f64).collect();
+    };
+    let mut cuts = Vec::new();
+    let mut start = 0.0;
+    while duration - start > max_chunk {
+        let limit = start + max_chunk;
+        let earliest = start + max_chunk / 2.0;
+        let cut = silences
+            .iter()
+            .map(Silence::middle)
+            .filter(|middle| *middle > earliest && *middle <= limit && *middle < duration)
+            .fold(None, |best: Option<f64>, middle| Some(best.map_or(middle, |best| best.max(middle))))
+            .unwrap_or(limit);
+        cuts.push(cut);
+        start = cut;
+    }
+    cuts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_silencedetect_lines() {
+        let mut log = SilenceLog::default();
+        log.feed("[silencedetect @ 0x55] silence_start: 19.9999");
+        log.feed("[silencedetect @ 0x55] silence_end: 22.0001 | silence_duration: 2.00025");
+        log.feed("size=N/A time=00:00:30.00 bitrate=N/A");
+        log.feed("[silencedetect @ 0x55] silence_start: 40.5");
+        assert_eq!(log.finish(45.0), [Silence { start: 19.9999, end: 22.0001 }, Silence { start: 40.5, end: 45.0 }]);
+    }
+
+    #[test]
+    fn equal_chunks_without_silences() {
+        assert_eq!(cut_points(3000.0, 599.0, None).len(), 5, "3000 s in chunks of at most 599 s is 6 chunks");
+        let cuts = cut_points(3000.0, 599.0, None);
+        assert!((cuts[0] - 500.0).abs() < 1e-9, "{cuts:?}");
+        assert!(cut_points(100.0, 600.0, None).is_empty());
+    }
+
+    #[test]
+    fn cuts_go_in_the_latest_silence_before_the_limit() {
+        let silences = [
+            Silence { start: 100.0, end: 102.0 },
+            Silence { start: 500.0, end: 504.0 },
+            Silence { start: 560.0, end: 562.0 },
+            Silence { start: 1150.0, end: 1152.0 },
+        ];
+        let cuts = cut_points(1500.0, 600.0, Some(&silences));
+        assert_eq!(cuts, [561.0, 1151.0]);
+        // No usable silence: cut at the limit.
+        assert_eq!(cut_points(1300.0, 600.0, Some(&[])), [600.0, 1200.0]);
+    }
+}
