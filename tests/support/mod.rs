@@ -2,6 +2,8 @@
 //! inline TOML, and a progress sink that keeps every update.
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub mod media;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -82,6 +82,15 @@ impl AudioCodec {
         }
     }
 
+    /// How the second pass writes chunks: a stream copy, except for FLAC, whose copied header would still
+    /// announce the whole recording's length, so it is re-encoded (losslessly and quickly).
+    fn cut_args(self, bitrate: Bitrate) -> Vec<String> {
+        match self {
+            Self::Mp3 | Self::Opus => vec!["-c".into(), "copy".into()],
+            Self::Flac => self.encoder_args(bitrate),
+        }
+    }
+
     /// Bytes per second of output, erring high so that chunks sized by it never exceed the byte limit.
     fn bytes_per_second(self, bitrate: Bitrate, sample_rate: u32) -> f64 {
         match self {
@@ -220,7 +229,8 @@ impl Stage for TranscodeStage {
         let duration =
             probe::probe(&full_text, &ctx.cancel).await.map_err(media_error)?.duration.unwrap_or(source_duration);
         let silences = silences.finish(duration);
-        let limit = (max_duration - DURATION_MARGIN)
+        // An overlapped chunk also carries `overlap` seconds from before its cut, within the same limit.
+        let limit = (max_duration - DURATION_MARGIN - overlap)
             .min(max_bytes.0 as f64 * 0.95 / codec.bytes_per_second(bitrate, sample_rate));
         if limit <= 1.0 {
             return Err(StageError::permanent(
@@ -230,47 +240,44 @@ impl Stage for TranscodeStage {
         }
         let cuts = cut_points(duration, limit, split.then_some(silences.as_slice()));
         ctx.progress.report(0.92, format!("cutting {} chunks", cuts.len() + 1));
-        let mut chunks: Vec<(PathBuf, f64, f64)> = if cuts.is_empty() {
+        let chunks: Vec<(PathBuf, f64, f64)> = if cuts.is_empty() {
             let only = dir.join(format!("chunk_000.{extension}"));
             std::fs::rename(&full, &only).map_err(|error| StageError::transient("io", error.to_string()))?;
             vec![(only, 0.0, duration)]
+        } else if codec == AudioCodec::Flac || overlap > 0.0 {
+            // One extraction per chunk: FLAC needs its own header per file, and overlapping chunks cannot come
+            // from the segment muxer. Starts are measured from each chunk's real length.
+            let mut bounds = vec![0.0];
+            bounds.extend(&cuts);
+            bounds.push(duration);
+            let mut chunks = Vec::with_capacity(bounds.len() - 1);
+            for (index, pair) in bounds.windows(2).enumerate() {
+                let from = if index == 0 { 0.0 } else { (pair[0] - overlap).max(0.0) };
+                let target = dir.join(format!("chunk_{index:03}.{extension}"));
+                let mut args = os(&["-ss", &format!("{from:.3}"), "-to", &format!("{:.3}", pair[1]), "-i", &full_text]);
+                args.extend(os(&["-map", "0:a"]));
+                args.extend(codec.cut_args(bitrate).iter().map(OsString::from));
+                args.push(target.clone().into());
+                ffmpeg::run(&args, &full_text, None, |_| {}, |_| {}, &ctx.cancel).await.map_err(media_error)?;
+                let probed = probe::probe(&target.display().to_string(), &ctx.cancel).await.map_err(media_error)?;
+                let length = probed.duration.unwrap_or(pair[1] - from);
+                let end = if index + 2 == bounds.len() { duration } else { pair[1] };
+                chunks.push((target, (end - length).max(0.0), end));
+            }
+            chunks
         } else {
             let times: Vec<String> = cuts.iter().map(|cut| format!("{cut:.3}")).collect();
             let list = dir.join("chunks.csv");
             let pattern = dir.join(format!("chunk_%03d.{extension}"));
-            let mut args = os(&[
-                "-i",
-                &full_text,
-                "-map",
-                "0:a",
-                "-c",
-                "copy",
-                "-f",
-                "segment",
-                "-segment_times",
-                &times.join(","),
-            ]);
+            let mut args = os(&["-i", &full_text, "-map", "0:a"]);
+            args.extend(codec.cut_args(bitrate).iter().map(OsString::from));
+            args.extend(os(&["-f", "segment", "-segment_times", &times.join(",")]));
             args.extend(os(&["-reset_timestamps", "1", "-segment_list_type", "csv", "-segment_list"]));
             args.push(list.clone().into());
             args.push(pattern.into());
             ffmpeg::run(&args, &full_text, None, |_| {}, |_| {}, &ctx.cancel).await.map_err(media_error)?;
             read_segment_list(&list, &dir)?
         };
-        if overlap > 0.0 && chunks.len() > 1 {
-            for (index, chunk) in chunks.iter_mut().enumerate().skip(1) {
-                let (path, start, end) = chunk.clone();
-                let from = (start - overlap).max(0.0);
-                let target = dir.join(format!("overlap_{index:03}.{extension}"));
-                let mut args = os(&["-ss", &format!("{from:.3}"), "-to", &format!("{end:.3}"), "-i", &full_text]);
-                args.extend(os(&["-map", "0:a", "-c", "copy"]));
-                args.push(target.clone().into());
-                ffmpeg::run(&args, &full_text, None, |_| {}, |_| {}, &ctx.cancel).await.map_err(media_error)?;
-                let probed = probe::probe(&target.display().to_string(), &ctx.cancel).await.map_err(media_error)?;
-                let length = probed.duration.unwrap_or(end - from);
-                let _ = std::fs::remove_file(&path);
-                *chunk = (target, (end - length).max(0.0), end);
-            }
-        }
         let _ = std::fs::remove_file(&full);
 
         let mut listed = Vec::with_capacity(chunks.len());

@@ -1,0 +1,231 @@
+//! The `validate` and `transcode` stages on media generated with ffmpeg: every kind of good and bad file, and
+//! a 50-minute recording cut into chunks at fixed times and in known silences.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use echo_worker::source::{Fetcher, SourcePolicy};
+use echo_worker::stage::StageError;
+use echo_worker::stage::builtin::transcode::TranscodeStage;
+use echo_worker::stage::builtin::validate::ValidateStage;
+use echo_worker::units::ByteSize;
+use serde_json::{Value, json};
+use support::media::{ffmpeg, job, run_stage, tone, video, with_silences};
+
+fn validator() -> ValidateStage {
+    let policy = SourcePolicy { max_redirects: 5, ..SourcePolicy::default() };
+    ValidateStage::new(Fetcher::new(policy).unwrap(), ByteSize(500_000_000))
+}
+
+async fn validate(path: &Path, params: Value) -> Result<Value, StageError> {
+    let work = tempfile::tempdir().unwrap();
+    run_stage(&validator(), job(path.to_str().unwrap(), true), params, BTreeMap::new(), work.path())
+        .await
+        .map(|output| output.value)
+}
+
+async fn refused(path: &Path, params: Value) -> StageError {
+    let error = validate(path, params).await.expect_err("the file is refused");
+    assert!(!error.retryable, "a bad file is not retried: {error:?}");
+    error
+}
+
+#[tokio::test]
+async fn good_audio_and_video_files_pass_with_their_facts() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, mime, codec) in
+        [("a.wav", "audio/wav", "pcm_s16le"), ("a.mp3", "audio/mpeg", "mp3"), ("a.m4a", "audio/mp4", "aac")]
+    {
+        let file = tone(dir.path(), name, 3);
+        let output = validate(&file, json!({})).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(output["mime"], mime, "{name}");
+        assert_eq!(output["audio"]["codec"], codec, "{name}");
+        assert_eq!(output["video"], false, "{name}");
+        let duration = output["duration"].as_f64().unwrap();
+        assert!((duration - 3.0).abs() < 0.1, "{name}: {duration}");
+        assert_eq!(output["size"].as_u64(), Some(std::fs::metadata(&file).unwrap().len()));
+    }
+    let clip = video(dir.path(), "clip.mp4", true);
+    let output = validate(&clip, json!({})).await.unwrap();
+    assert_eq!((output["mime"].as_str(), output["video"].as_bool()), (Some("video/mp4"), Some(true)));
+    assert_eq!(output["audio"]["sample_rate"], 44100);
+}
+
+#[tokio::test]
+async fn bad_files_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent_video = video(dir.path(), "silent.mp4", false);
+    let error = refused(&silent_video, json!({})).await;
+    assert_eq!(error.code, "no_audio");
+    assert_eq!(error.message, "the file has no audio to transcribe: a video without sound");
+
+    let empty = dir.path().join("empty.mp3");
+    std::fs::write(&empty, b"").unwrap();
+    let error = refused(&empty, json!({})).await;
+    assert_eq!((error.code, error.message.as_str()), ("empty", "the file is empty (0 bytes)"));
+
+    let png = dir.path().join("picture.png");
+    ffmpeg(&["-f", "lavfi", "-i", "color=c=red:s=32x32:d=1", "-frames:v", "1", png.to_str().unwrap()]);
+    let renamed = dir.path().join("song.mp3");
+    std::fs::rename(&png, &renamed).unwrap();
+    let error = refused(&renamed, json!({})).await;
+    assert_eq!(error.code, "not_media");
+    assert_eq!(error.message, "the file is not audio or video: its bytes are image/png");
+
+    let whole = tone(dir.path(), "whole.mp3", 20);
+    let bytes = std::fs::read(&whole).unwrap();
+    let truncated = dir.path().join("truncated.mp3");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let error = refused(&truncated, json!({})).await;
+    assert_eq!(error.code, "truncated", "{}", error.message);
+    assert!(error.message.contains("announces 20.0 s"), "{}", error.message);
+
+    let text = dir.path().join("notes.m4a");
+    std::fs::write(&text, "meeting notes, not a recording\n".repeat(40)).unwrap();
+    let error = refused(&text, json!({})).await;
+    assert_eq!(error.message, "the file is not audio or video: its bytes are text/plain");
+}
+
+#[tokio::test]
+async fn limits_and_accepted_types_come_from_the_params() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path(), "long.mp3", 8);
+    let error = refused(&file, json!({ "max_size": "10KB" })).await;
+    assert_eq!(error.code, "too_large");
+    assert!(error.message.starts_with("the file is "), "{}", error.message);
+    assert!(error.message.ends_with("over the limit of 10KB"), "{}", error.message);
+    let error = refused(&file, json!({ "max_duration": "5s" })).await;
+    assert_eq!((error.code, error.message.as_str()), ("too_long", "the recording lasts 8s, over the limit of 5s"));
+    let clip = video(dir.path(), "clip.mp4", true);
+    let error = refused(&clip, json!({ "accept": ["audio/*"] })).await;
+    assert_eq!(error.message, "video/mp4 is not accepted here (accepted: audio/*)");
+    let error = validate(&file, json!({ "max_size": 12 })).await.unwrap_err();
+    assert_eq!(error.code, "too_large", "a bare number counts bytes");
+}
+
+fn transcoder_inputs(path: &Path) -> BTreeMap<String, Value> {
+    BTreeMap::from([("download".to_string(), json!({ "path": path, "bytes": 1 }))])
+}
+
+async fn transcode(input: &Path, params: Value, work: &Path) -> Value {
+    run_stage(&TranscodeStage, job("unused", true), params, transcoder_inputs(input), work)
+        .await
+        .unwrap_or_else(|error| panic!("transcode failed: {error}"))
+        .value
+}
+
+fn chunks(output: &Value) -> Vec<(f64, f64, u64, String)> {
+    output["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["start"].as_f64().unwrap(),
+                c["end"].as_f64().unwrap(),
+                c["bytes"].as_u64().unwrap(),
+                c["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Chunks start at 0, follow each other without gaps, end at the duration, and respect both limits.
+fn assert_covering(output: &Value, max_seconds: f64, max_bytes: u64) {
+    let duration = output["duration"].as_f64().unwrap();
+    let chunks = chunks(output);
+    assert!(chunks[0].0.abs() < 0.05, "first chunk starts at 0: {chunks:?}");
+    for pair in chunks.windows(2) {
+        assert!((pair[1].0 - pair[0].1).abs() < 0.05, "no gap between {:?} and {:?}", pair[0], pair[1]);
+    }
+    assert!((chunks.last().unwrap().1 - duration).abs() < 0.1, "last chunk ends at {duration}: {chunks:?}");
+    for (start, end, bytes, path) in &chunks {
+        assert!(end - start <= max_seconds, "chunk {start}-{end} is within {max_seconds} s");
+        assert!(*bytes <= max_bytes, "chunk of {bytes} bytes is within {max_bytes}");
+        assert_eq!(std::fs::metadata(path).unwrap().len(), *bytes);
+        let probed = Command::new("ffprobe")
+            .args(["-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", path])
+            .output()
+            .unwrap();
+        let real: f64 = String::from_utf8_lossy(&probed.stdout).trim().parse().unwrap();
+        assert!((real - (end - start)).abs() < 0.1, "{path} lasts {real}, the list says {}", end - start);
+    }
+}
+
+use std::process::Command;
+
+#[tokio::test]
+async fn a_fifty_minute_recording_is_cut_into_chunks_that_cover_it_and_fall_in_silences() {
+    let dir = tempfile::tempdir().unwrap();
+    // Silent from 118 to 120 s of every two minutes.
+    let (source, silences) = with_silences(dir.path(), "meeting.mp3", 3000, 120);
+
+    let work = tempfile::tempdir().unwrap();
+    let fixed = transcode(&source, json!({ "max_chunk_duration": "10m" }), work.path()).await;
+    let count = fixed["chunks"].as_array().unwrap().len();
+    assert!((5..=6).contains(&count), "5 or 6 chunks, got {count}");
+    assert!((fixed["duration"].as_f64().unwrap() - 3000.0).abs() < 0.5);
+    assert_eq!(fixed["format"], "mp3");
+    assert_covering(&fixed, 600.0, 24 << 20);
+
+    let work = tempfile::tempdir().unwrap();
+    let split = transcode(&source, json!({ "max_chunk_duration": "10m", "split_at_silence": true }), work.path()).await;
+    assert_covering(&split, 600.0, 24 << 20);
+    let cuts: Vec<f64> = chunks(&split).iter().skip(1).map(|chunk| chunk.0).collect();
+    assert!((5..=6).contains(&(cuts.len() + 1)), "{cuts:?}");
+    for cut in cuts {
+        assert!(
+            silences.iter().any(|(start, end)| cut >= *start && cut <= *end),
+            "cut at {cut} falls inside a known silence"
+        );
+    }
+}
+
+#[tokio::test]
+async fn codecs_sizes_overlap_and_passthrough() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = tone(dir.path(), "talk.wav", 30);
+
+    let work = tempfile::tempdir().unwrap();
+    let opus =
+        transcode(&source, json!({ "codec": "opus", "bitrate": "24k", "max_chunk_duration": "12s" }), work.path())
+            .await;
+    assert_eq!(opus["format"], "ogg", "Opus goes in an .ogg file, which the APIs accept");
+    assert!(chunks(&opus).iter().all(|chunk| chunk.3.ends_with(".ogg")));
+    assert_covering(&opus, 12.0, 24 << 20);
+
+    let work = tempfile::tempdir().unwrap();
+    let flac = transcode(&source, json!({ "codec": "flac", "max_chunk_bytes": "300KB" }), work.path()).await;
+    assert!(chunks(&flac).len() >= 2, "the byte limit forces chunks: {flac}");
+    assert_covering(&flac, 1200.0, 300_000);
+
+    let work = tempfile::tempdir().unwrap();
+    let overlapped = transcode(&source, json!({ "max_chunk_duration": "14s", "overlap": "2s" }), work.path()).await;
+    let parts = chunks(&overlapped);
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    for pair in parts.windows(2) {
+        let shared = pair[0].1 - pair[1].0;
+        assert!((shared - 2.0).abs() < 0.1, "chunks share about 2 s: {parts:?}");
+    }
+    assert!(parts.iter().all(|(start, end, ..)| end - start <= 14.0), "the overlap counts toward the limit");
+
+    let small = tone(dir.path(), "small.mp3", 5);
+    let work = tempfile::tempdir().unwrap();
+    let kept = transcode(&small, json!({ "passthrough": true }), work.path()).await;
+    assert_eq!(kept["passthrough"], true);
+    assert_eq!(chunks(&kept)[0].3, small.to_str().unwrap(), "the file is used as it is");
+}
+
+#[tokio::test]
+async fn transcode_refuses_a_file_without_audio() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = video(dir.path(), "silent.mp4", false);
+    let work = tempfile::tempdir().unwrap();
+    let error = run_stage(&TranscodeStage, job("unused", true), json!({}), transcoder_inputs(&silent), work.path())
+        .await
+        .unwrap_err();
+    assert_eq!(error.code, "no_audio");
+    assert!(!error.retryable);
+}
