@@ -340,3 +340,28 @@ fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
 }
+
+#[test]
+fn process_audio_qa_leaves_a_completed_row_with_the_loudness_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    let database = format!("sqlite://{}", dir.path().join("echo.db").display());
+    let (code, stdout, stderr) =
+        run(echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "audio-qa"]).env("DATABASE_URL", &database));
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let id = report["recording_id"].as_str().unwrap().to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let row = runtime.block_on(async {
+        use echo_worker::store::Store;
+        let store = echo_worker::store::SqlStore::connect(&database, "recordings").await.unwrap();
+        store.get(&id).await.unwrap().expect("the recording row exists")
+    });
+    assert_eq!(row.status, echo_worker::store::RecordingStatus::Completed);
+    assert_eq!(row.progress, 100);
+    assert_eq!(row.pipeline.as_deref(), Some("audio-qa"));
+    let result = row.result.expect("a result");
+    assert!(result["loudness"]["integrated_lufs"].as_f64().is_some(), "{result}");
+    assert_eq!(result["chunks"], 1);
+    assert!((result["duration"].as_f64().unwrap() - 3.0).abs() < 0.1, "{result}");
+}

@@ -199,13 +199,14 @@ fn quoted(states: &[&str]) -> String {
 impl Store for SqlStore {
     async fn register(&self, new: &NewRecording) -> Result<Recording, StoreError> {
         let sql = self.sql(
-            "INSERT INTO {table} (id, file_url, file_name, mime_type, size_bytes, owner_id, pipeline, job_id) \
+            "INSERT INTO {table} AS r (id, file_url, file_name, mime_type, size_bytes, owner_id, pipeline, job_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (id) DO UPDATE SET \
-               file_url = COALESCE(excluded.file_url, file_url), file_name = COALESCE(excluded.file_name, file_name), \
-               mime_type = COALESCE(excluded.mime_type, mime_type), size_bytes = COALESCE(excluded.size_bytes, size_bytes), \
-               owner_id = COALESCE(excluded.owner_id, owner_id), pipeline = COALESCE(excluded.pipeline, pipeline), \
-               job_id = COALESCE(excluded.job_id, job_id), updated_at = {now}",
+               file_url = COALESCE(excluded.file_url, r.file_url), file_name = COALESCE(excluded.file_name, r.file_name), \
+               mime_type = COALESCE(excluded.mime_type, r.mime_type), \
+               size_bytes = COALESCE(excluded.size_bytes, r.size_bytes), \
+               owner_id = COALESCE(excluded.owner_id, r.owner_id), pipeline = COALESCE(excluded.pipeline, r.pipeline), \
+               job_id = COALESCE(excluded.job_id, r.job_id), updated_at = {now}",
         );
         sqlx::query(&sql)
             .bind(&new.id)
