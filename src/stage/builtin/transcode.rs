@@ -207,7 +207,11 @@ impl Stage for TranscodeStage {
         if split {
             let threshold = params.silence_threshold.clone().unwrap_or_else(|| "-30dB".into());
             let minimum = params.min_silence.map_or(0.5, |d| d.0.as_secs_f64());
-            args.extend(os(&["-af", &format!("silencedetect=noise={threshold}:d={minimum}")]));
+            // Convert first, so silencedetect listens to 16 kHz mono rather than to the source's full rate.
+            let filter = format!(
+                "aformat=sample_rates={sample_rate}:channel_layouts=mono,silencedetect=noise={threshold}:d={minimum}"
+            );
+            args.extend(os(&["-af", &filter]));
         }
         args.extend(codec.encoder_args(bitrate).iter().map(OsString::from));
         args.push(full.clone().into());
