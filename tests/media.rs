@@ -47,6 +47,10 @@ async fn good_audio_and_video_files_pass_with_their_facts() {
         assert!((duration - 3.0).abs() < 0.1, "{name}: {duration}");
         assert_eq!(output["size"].as_u64(), Some(std::fs::metadata(&file).unwrap().len()));
     }
+    let (pauses, _) = with_silences(dir.path(), "pauses.mp3", 60, 20);
+    let output = validate(&pauses, json!({})).await.unwrap();
+    assert_eq!(output["mime"], "audio/mpeg");
+    assert!((output["duration"].as_f64().unwrap() - 60.0).abs() < 0.2);
     let clip = video(dir.path(), "clip.mp4", true);
     let output = validate(&clip, json!({})).await.unwrap();
     assert_eq!((output["mime"].as_str(), output["video"].as_bool()), (Some("video/mp4"), Some(true)));
@@ -228,4 +232,50 @@ async fn transcode_refuses_a_file_without_audio() {
         .unwrap_err();
     assert_eq!(error.code, "no_audio");
     assert!(!error.retryable);
+}
+
+/// ffmpeg processes whose command line mentions `needle`.
+fn ffmpeg_processes(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.starts_with("ffmpeg") && cmdline.contains(needle))
+        .count()
+}
+
+#[tokio::test]
+async fn cancelling_a_transcode_kills_ffmpeg() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _) = with_silences(dir.path(), "long.mp3", 1800, 120);
+    let work = tempfile::tempdir().unwrap();
+    let needle = work.path().to_str().unwrap().to_string();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let running = {
+        let (cancel, source, work) = (cancel.clone(), source.clone(), work.path().to_path_buf());
+        tokio::spawn(async move {
+            support::media::run_stage_with(
+                &TranscodeStage,
+                job("unused", true),
+                json!({}),
+                transcoder_inputs(&source),
+                &work,
+                cancel,
+            )
+            .await
+        })
+    };
+    for _ in 0..200 {
+        if ffmpeg_processes(&needle) > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(ffmpeg_processes(&needle), 1, "ffmpeg is encoding");
+    let cancelled_at = std::time::Instant::now();
+    cancel.cancel();
+    let error = tokio::time::timeout(std::time::Duration::from_secs(10), running).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(error.code, "cancelled");
+    assert!(cancelled_at.elapsed() < std::time::Duration::from_secs(2), "{:?}", cancelled_at.elapsed());
+    assert_eq!(ffmpeg_processes(&needle), 0, "no ffmpeg is left running");
 }
