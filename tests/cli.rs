@@ -360,6 +360,8 @@ fn process_audio_qa_leaves_a_completed_row_with_the_loudness_report() {
     assert_eq!(row.status, echo_worker::store::RecordingStatus::Completed);
     assert_eq!(row.progress, 100);
     assert_eq!(row.pipeline.as_deref(), Some("audio-qa"));
+    assert_eq!(row.mime_type.as_deref(), Some("audio/mp4"), "validate's facts reach the row");
+    assert!((row.duration_s.unwrap() - 3.0).abs() < 0.1);
     let result = row.result.expect("a result");
     assert!(result["loudness"]["integrated_lufs"].as_f64().is_some(), "{result}");
     assert_eq!(result["chunks"], 1);

@@ -173,7 +173,7 @@ pub trait Store: Send + Sync {
     /// Records progress, the current stage and a message; ignored unless the recording is `processing`.
     async fn set_progress(&self, id: &str, progress: u8, stage: Option<&str>, message: &str) -> Result<(), StoreError>;
 
-    /// Records media facts found by `validate`.
+    /// Records media facts found by `validate`; the same facts again change nothing.
     async fn set_media(
         &self,
         id: &str,

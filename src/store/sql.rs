@@ -287,7 +287,10 @@ impl Store for SqlStore {
     ) -> Result<(), StoreError> {
         let sql = self.sql(
             "UPDATE {table} SET mime_type = $2, size_bytes = COALESCE($3, size_bytes), \
-             duration_s = COALESCE($4, duration_s), updated_at = {now} WHERE id = $1",
+             duration_s = COALESCE($4, duration_s), updated_at = {now} \
+             WHERE id = $1 AND NOT (mime_type IS NOT DISTINCT FROM $2 \
+               AND size_bytes IS NOT DISTINCT FROM COALESCE($3, size_bytes) \
+               AND duration_s IS NOT DISTINCT FROM COALESCE($4, duration_s))",
         );
         sqlx::query(&sql)
             .bind(id)

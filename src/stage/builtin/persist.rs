@@ -53,11 +53,18 @@ impl Stage for PersistStage {
             )
         })?;
         let result = Value::Object(params.fields.clone().into_iter().collect());
-        match self.store.persist(id, params.transcript.as_deref(), &result).await {
-            Ok(()) => {}
-            Err(error @ StoreError::Database { .. }) => return Err(StageError::transient("store", error.to_string())),
-            Err(error) => return Err(StageError::permanent("store", error.to_string())),
+        let classify = |error: StoreError| match error {
+            StoreError::Database { .. } => StageError::transient("store", error.to_string()),
+            other => StageError::permanent("store", other.to_string()),
+        };
+        // The media facts `validate` found fill the row's mime_type, size_bytes and duration_s columns.
+        if let Some(facts) = ctx.inputs.values().find(|output| output.get("mime").is_some_and(Value::is_string)) {
+            let mime = facts["mime"].as_str().unwrap_or_default();
+            let size = facts.get("size").and_then(Value::as_i64);
+            let duration = facts.get("duration").and_then(Value::as_f64);
+            self.store.set_media(id, mime, size, duration).await.map_err(classify)?;
         }
+        self.store.persist(id, params.transcript.as_deref(), &result).await.map_err(classify)?;
         ctx.progress.report(1.0, "results stored");
         Ok(StageOutput::from(json!({
             "recording_id": id,
