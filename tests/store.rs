@@ -226,13 +226,16 @@ async fn persist_is_idempotent() {
         let params =
             json!({ "transcript": "hello world", "fields": { "summary": "short", "items": [{ "task": "t" }] } });
         let work = tempfile::tempdir().unwrap();
-        run_stage(&stage, job.clone(), params.clone(), BTreeMap::new(), work.path()).await.unwrap();
+        let facts = json!({ "mime": "audio/webm", "size": 1234, "duration": 61.5, "video": false });
+        let inputs = BTreeMap::from([("validate".to_string(), facts)]);
+        run_stage(&stage, job.clone(), params.clone(), inputs.clone(), work.path()).await.unwrap();
         let first = row(&store, "r5").await;
         assert_eq!(first.status, RecordingStatus::Completed);
         assert_eq!(first.transcript.as_deref(), Some("hello world"));
         assert_eq!(first.result, Some(json!({ "summary": "short", "items": [{ "task": "t" }] })));
+        assert_eq!((first.mime_type.as_deref(), first.duration_s), (Some("audio/webm"), Some(61.5)));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        run_stage(&stage, job.clone(), params, BTreeMap::new(), work.path()).await.unwrap();
+        run_stage(&stage, job.clone(), params, inputs, work.path()).await.unwrap();
         assert_eq!(row(&store, "r5").await, first, "the second run leaves the row exactly as it was");
 
         let mut orphan = (*job).clone();
