@@ -104,6 +104,7 @@ async fn transcode_once(input: &Path, work: &Path) -> Duration {
         cancel: CancellationToken::new(),
         attempt: 1,
         item: None,
+        checkpoints: Arc::new(echo_worker::engine::checkpoint::MemoryCheckpoints::default()),
     };
     let started = Instant::now();
     TranscodeStage.run(ctx).await.expect("transcode succeeds");

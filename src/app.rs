@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use crate::ai::Providers;
 use crate::config::Settings;
 use crate::plugin::Plugin;
 use crate::source::Fetcher;
 use crate::stage::StageRegistry;
 use crate::stage::builtin::{
-    BuiltinKind, download::DownloadStage, persist::PersistStage, transcode::TranscodeStage, validate::ValidateStage,
+    BuiltinKind, analyze::AnalyzeStage, download::DownloadStage, persist::PersistStage, transcode::TranscodeStage,
+    validate::ValidateStage, whisper::WhisperStage,
 };
 use crate::store::{SqlStore, Store};
 
@@ -38,11 +40,50 @@ pub fn registry<'a>(
     let policy = settings.source_policy().map_err(anyhow::Error::msg).context("reading download.allow_private")?;
     let fetcher = Fetcher::new(policy).context("building the HTTP client for sources")?;
     let http = reqwest::Client::builder().build().context("building the HTTP client for plugins")?;
-    let mut registry = StageRegistry::with_plugins(plugins, http);
+    let (providers, default) = settings.providers();
+    let providers = Arc::new(Providers::new(providers, default).map_err(anyhow::Error::msg)?);
+    let ai = (!providers.is_empty()).then(|| providers.clone());
+    let mut registry = StageRegistry::with_plugins(plugins, http, ai.clone());
     let max = settings.max_file_size();
     registry.register(BuiltinKind::Validate.name(), Arc::new(ValidateStage::new(fetcher.clone(), max)));
     registry.register(BuiltinKind::Download.name(), Arc::new(DownloadStage::new(fetcher, max)));
     registry.register(BuiltinKind::Transcode.name(), Arc::new(TranscodeStage));
     registry.register(BuiltinKind::Persist.name(), Arc::new(PersistStage::new(store)));
+    if let Some(providers) = ai {
+        registry.register(BuiltinKind::Whisper.name(), Arc::new(WhisperStage::new(providers.clone())));
+        registry.register(BuiltinKind::Analyze.name(), Arc::new(AnalyzeStage::new(providers)));
+    }
     Ok(registry)
+}
+
+/// Settings a pipeline needs before it can run: an AI provider for `whisper`, `analyze` and `prompt` plugins.
+///
+/// # Errors
+/// A message naming the stages and the variables to set.
+pub fn check_requirements(
+    settings: &Settings,
+    pipeline: &crate::pipeline::Pipeline,
+    plugins: &indexmap::IndexMap<String, Plugin>,
+) -> anyhow::Result<()> {
+    let needs_ai: Vec<String> = pipeline
+        .stages
+        .iter()
+        .filter(|stage| match &stage.uses {
+            crate::stage::StageKind::Builtin(kind) => matches!(kind, BuiltinKind::Whisper | BuiltinKind::Analyze),
+            crate::stage::StageKind::Plugin(name) => {
+                plugins.get(name).is_some_and(|plugin| matches!(plugin.action, crate::plugin::PluginAction::Prompt(_)))
+            }
+            crate::stage::StageKind::Custom(_) => false,
+        })
+        .map(|stage| format!("`{}` ({})", stage.id, stage.uses))
+        .collect();
+    if !needs_ai.is_empty() && settings.providers().0.is_empty() {
+        anyhow::bail!(
+            "pipeline `{}` needs an AI provider for {}: set AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_KEY, or configure \
+             [ai.providers.NAME] (ECHO_AI__PROVIDERS__NAME__STYLE, __ENDPOINT, __API_KEY)",
+            pipeline.name,
+            needs_ai.join(", ")
+        );
+    }
+    Ok(())
 }

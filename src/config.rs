@@ -79,6 +79,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// Rules for fetching sources.
     pub download: DownloadSettings,
+    /// AI providers beyond the seed's Azure variables.
+    pub ai: AiSettings,
     /// Adjustments made while loading, to be logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -116,6 +118,16 @@ pub struct DatabaseSettings {
     pub url: SecretUrl,
     /// The recordings table (`schema.table` on PostgreSQL).
     pub table: String,
+}
+
+/// AI providers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AiSettings {
+    /// The provider stages use when they name none (default: `azure` when configured, else the first).
+    pub default_provider: Option<String>,
+    /// Named providers, e.g. `[ai.providers.local]` or `ECHO_AI__PROVIDERS__LOCAL__ENDPOINT`.
+    #[serde(default)]
+    pub providers: indexmap::IndexMap<String, crate::ai::ProviderSettings>,
 }
 
 /// Rules for fetching sources.
@@ -210,6 +222,7 @@ impl Default for Settings {
             limits: LimitSettings { max_file_size_mb: 500 },
             database: DatabaseSettings { url: SecretUrl::new("sqlite://echo.db"), table: "recordings".into() },
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
+            ai: AiSettings::default(),
             warnings: Vec::new(),
         }
     }
@@ -286,6 +299,35 @@ impl Settings {
             supabase_key: self.supabase.service_role_key.clone(),
             max_redirects: self.download.max_redirects,
         })
+    }
+
+    /// Every AI provider: the ones under `[ai.providers]`, plus `azure` from the seed's `AZURE_OPENAI_*`
+    /// variables when the endpoint and key are set (unless `[ai.providers.azure]` exists). Returns the
+    /// providers and the default one's name.
+    pub fn providers(&self) -> (indexmap::IndexMap<String, crate::ai::ProviderSettings>, Option<String>) {
+        let mut providers = self.ai.providers.clone();
+        let azure = &self.azure_openai;
+        if let (Some(endpoint), Some(key)) = (&azure.endpoint, &azure.api_key)
+            && !providers.contains_key("azure")
+        {
+            let mut seed =
+                crate::ai::ProviderSettings::new(crate::ai::ProviderStyle::Azure, endpoint.clone(), Some(key.clone()));
+            seed.api_version = azure.api_version.clone();
+            seed.transcription_endpoint = azure.whisper_endpoint.clone();
+            seed.transcription_api_key = azure.whisper_api_key.clone();
+            seed.transcription_model = azure.whisper_deployment.clone();
+            seed.chat_model = azure.chat_deployment.clone();
+            // Azure's default Whisper quota is 3 requests a minute.
+            seed.transcription_rpm = Some(3);
+            providers.insert("azure".into(), seed);
+        }
+        let default = self
+            .ai
+            .default_provider
+            .clone()
+            .or_else(|| providers.contains_key("azure").then(|| "azure".to_string()))
+            .or_else(|| providers.keys().next().cloned());
+        (providers, default)
     }
 
     /// The largest accepted source.

@@ -12,6 +12,7 @@
 //! - [`schema`]: the JSON Schemas of the pipeline and plugin files, generated from the Rust types.
 //! - [`units`]: duration, size and bitrate literals shared by every file format.
 
+pub mod ai;
 pub mod app;
 pub mod catalog;
 pub mod child;

@@ -77,6 +77,7 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
         }
         sources.push(std::path::absolute(file).with_context(|| format!("cannot resolve {}", file.display()))?);
     }
+    app::check_requirements(settings, &pipeline, &catalog.plugins)?;
     let store = app::store(settings).await?;
     let registry = app::registry(settings, catalog.plugins.values(), store.clone())?;
     let engine = Engine::new(registry, Arc::new(MemoryCheckpoints::default()), settings.engine());

@@ -293,7 +293,7 @@ fn process_refuses_before_any_work_what_cannot_run_here() {
     assert!(stdout.is_empty());
     assert!(
         stderr.contains(
-            "pipeline `default` cannot run here: stage `transcript` uses `whisper`, which is not available yet"
+            "pipeline `default` needs an AI provider for `transcript` (whisper), `analysis` (analyze): set AZURE_OPENAI_ENDPOINT"
         ),
         "{stderr}"
     );

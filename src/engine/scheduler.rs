@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use super::checkpoint::Checkpoints;
 use super::progress::{self, ProgressReporter, ProgressSink, Tracker};
 use super::workdir::WorkDir;
 use super::{Engine, EngineError, JobFailure, JobReport, JobSpec, JobStatus, StageReport, StageStatus, failure, retry};
@@ -246,6 +247,7 @@ impl Run<'_> {
             index,
             stop: self.stop.clone(),
             renderer: self.engine.renderer.clone(),
+            checkpoints: self.engine.checkpoints.clone(),
         });
         let permits = self.permits.clone();
         let handle = self.tasks.spawn(async move {
@@ -365,6 +367,7 @@ struct StageTask {
     index: usize,
     stop: CancellationToken,
     renderer: Arc<Renderer>,
+    checkpoints: Arc<dyn Checkpoints>,
 }
 
 impl StageTask {
@@ -476,6 +479,7 @@ impl StageTask {
                 cancel: token.clone(),
                 attempt,
                 item: item.clone(),
+                checkpoints: self.checkpoints.clone(),
             };
             let stage = self.stage.clone();
             let mut handle = tokio::spawn(async move { stage.run(ctx).await });

@@ -23,6 +23,7 @@ pub use builtin::BuiltinKind;
 pub use registry::StageRegistry;
 
 use crate::engine::JobSpec;
+use crate::engine::checkpoint::Checkpoints;
 use crate::engine::progress::ProgressReporter;
 
 /// What a stage's `uses` resolved to.
@@ -64,7 +65,7 @@ pub trait Stage: Send + Sync {
 }
 
 /// Everything one attempt of a stage can see.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StageContext {
     /// The job being run.
     pub job: Arc<JobSpec>,
@@ -84,6 +85,19 @@ pub struct StageContext {
     pub attempt: u32,
     /// The `for_each` item and its index, when the stage fans out.
     pub item: Option<(usize, Value)>,
+    /// The job's checkpoint store, for stages that save progress inside themselves (one transcribed chunk at a
+    /// time) under keys of their own.
+    pub checkpoints: Arc<dyn Checkpoints>,
+}
+
+impl std::fmt::Debug for StageContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageContext")
+            .field("job", &self.job.id)
+            .field("stage_id", &self.stage_id)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A stage's result: a JSON value for templates and the store, and the files it left in the work directory.

@@ -29,16 +29,25 @@ impl StageRegistry {
         Self::default()
     }
 
-    /// A registry holding the runnable plugins: `command` and `http` plugins run now; `prompt` plugins need
-    /// the AI provider and are not registered yet.
-    pub fn with_plugins<'a>(plugins: impl IntoIterator<Item = &'a Plugin>, http: reqwest::Client) -> Self {
+    /// A registry holding the runnable plugins: `command` and `http` plugins always, `prompt` plugins when
+    /// an AI provider is configured.
+    pub fn with_plugins<'a>(
+        plugins: impl IntoIterator<Item = &'a Plugin>,
+        http: reqwest::Client,
+        providers: Option<Arc<crate::ai::Providers>>,
+    ) -> Self {
         let mut registry = Self::new();
         for plugin in plugins {
             let plugin = Arc::new(plugin.clone());
-            let stage: Arc<dyn Stage> = match &plugin.action {
-                PluginAction::Command(_) => Arc::new(crate::plugin::command::CommandStage::new(plugin.clone())),
-                PluginAction::Http(_) => Arc::new(crate::plugin::http::HttpStage::new(plugin.clone(), http.clone())),
-                PluginAction::Prompt(_) => continue,
+            let stage: Arc<dyn Stage> = match (&plugin.action, &providers) {
+                (PluginAction::Command(_), _) => Arc::new(crate::plugin::command::CommandStage::new(plugin.clone())),
+                (PluginAction::Http(_), _) => {
+                    Arc::new(crate::plugin::http::HttpStage::new(plugin.clone(), http.clone()))
+                }
+                (PluginAction::Prompt(_), Some(providers)) => {
+                    Arc::new(crate::plugin::prompt::PromptStage::new(plugin.clone(), providers.clone()))
+                }
+                (PluginAction::Prompt(_), None) => continue,
             };
             registry.register(&plugin.name, stage);
         }

@@ -91,6 +91,7 @@ pub async fn run_stage_with(
         cancel,
         attempt: 1,
         item: None,
+        checkpoints: Arc::new(echo_worker::engine::checkpoint::MemoryCheckpoints::default()),
     };
     stage.run(ctx).await
 }

@@ -165,7 +165,7 @@ impl Bench {
     pub fn with_settings(adjust: impl FnOnce(&mut EngineSettings)) -> Self {
         let lab = Arc::new(Lab::default());
         let plugins = fixture_plugins();
-        let mut registry = StageRegistry::with_plugins(plugins.plugins.values(), reqwest::Client::new());
+        let mut registry = StageRegistry::with_plugins(plugins.plugins.values(), reqwest::Client::new(), None);
         for kind in KINDS {
             registry.register(kind, Arc::new(TestStage { kind, lab: lab.clone() }));
         }
