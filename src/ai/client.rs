@@ -290,6 +290,7 @@ impl Provider {
             let permit = limiter.acquire(cancel).await.ok_or_else(cancelled)?;
             let request = build().await.ok_or_else(|| self.transient("io", "cannot prepare the request".into()))?;
             usage.requests += 1;
+            tracing::debug!(provider = %self.name, attempt, "sending a request");
             let sent = tokio::select! {
                 sent = request.send() => sent,
                 () = cancel.cancelled() => return Err(cancelled()),
