@@ -402,3 +402,60 @@ async fn neither_api_key_appears_in_any_log_line() {
     assert!(fake.seen(Kind::Transcription).iter().all(|s| s.status == 200));
     assert!(!fake.seen(Kind::Chat).is_empty());
 }
+
+#[tokio::test]
+async fn hangs_and_server_errors_are_retried_per_request() {
+    let world = world(ProviderStyle::Openai, |p| {
+        p.timeout_secs = 1;
+        p.max_concurrent = 1;
+    })
+    .await;
+    world.fake.fault(Kind::Transcription, Fault::Hang);
+    world.fake.fault(Kind::Transcription, Fault::ServerError);
+    let dir = tempfile::tempdir().unwrap();
+    let file = speech(dir.path(), 3);
+    let report = world.run(&world.inline(TRANSCRIBE), &file, "hang").await;
+    assert_eq!(report.status, JobStatus::Succeeded, "{report:#?}");
+    let statuses: Vec<u16> = world.fake.seen(Kind::Transcription).iter().map(|s| s.status).collect();
+    assert_eq!(&statuses[..3], [504, 500, 200], "the hung request timed out, the 500 was retried");
+    assert_eq!(report.stages["transcript"].attempts, 1, "retries happen per request, inside one stage attempt");
+}
+
+#[tokio::test]
+async fn the_provider_refuses_oversized_uploads_and_unknown_extensions() {
+    let world = world(ProviderStyle::Openai, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = speech(dir.path(), 1);
+    let opus = dir.path().join("voice.opus");
+    std::fs::copy(&file, &opus).unwrap();
+    let big = dir.path().join("big.mp3");
+    support::media::ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "anoisesrc=d=150:r=48000:a=0.5",
+        "-ac",
+        "2",
+        "-c:a",
+        "pcm_s16le",
+        "-f",
+        "wav",
+        dir.path().join("big.wav").to_str().unwrap(),
+    ]);
+    std::fs::copy(dir.path().join("big.wav"), &big).unwrap();
+    for (path, expected) in
+        [(&opus, "Unsupported file format opus"), (&big, "Maximum content size limit (26214400) exceeded")]
+    {
+        let pipeline = world.inline(&format!(
+            "[stages.transcript]\nuses = \"whisper\"\nretry = {{ max_attempts = 2, initial_interval = \"10ms\" }}\nwith = {{ chunks = [{{ path = \"{}\", start = 0.0, end = 60.0 }}] }}\n",
+            path.display()
+        ));
+        let before = world.fake.seen(Kind::Transcription).len();
+        let report = world.run(&pipeline, &file, &format!("refused-{}", before)).await;
+        let failure =
+            report.failure.clone().unwrap_or_else(|| panic!("{report:#?} {:?}", world.fake.seen(Kind::Transcription)));
+        assert!(failure.message.contains(expected), "{}", failure.message);
+        assert!(!failure.retryable);
+        assert_eq!(world.fake.seen(Kind::Transcription).len(), before + 1, "not retried");
+    }
+}

@@ -36,6 +36,8 @@ pub enum Fault {
     TooMany(u64),
     /// 500.
     ServerError,
+    /// No answer for a minute (the client must time out).
+    Hang,
     /// A reply that is not JSON of the schema.
     BadJson,
     /// 429 `insufficient_quota`.
@@ -261,6 +263,9 @@ async fn transcription(fake: Arc<Fake>, mut form: Multipart, needs_model: bool) 
     if let Some((status, response)) = refusal {
         seen.status = status.as_u16();
         fake.record(seen);
+        if status == StatusCode::GATEWAY_TIMEOUT {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
         return response;
     }
     let bytes = file.unwrap();
@@ -318,6 +323,7 @@ fn fault_response(fault: &Fault) -> (StatusCode, Response) {
             ),
         ),
         Fault::BadJson => (StatusCode::OK, StatusCode::OK.into_response()),
+        Fault::Hang => (StatusCode::GATEWAY_TIMEOUT, error(StatusCode::GATEWAY_TIMEOUT, "timeout", "hung")),
     }
 }
 
