@@ -35,16 +35,22 @@ async fn a_command_gets_params_on_stdin_and_only_declared_environment() {
     assert!(cwd.starts_with(bench.work_root.path().canonicalize().unwrap().to_str().unwrap()), "{cwd}");
 }
 
-#[tokio::test]
-async fn a_failing_command_reports_the_tail_of_stderr_and_is_not_retried() {
+/// Runs the `exit-with` plugin (3 attempts allowed) with `status`; returns the report and how often it ran.
+async fn exit_with(status: u8) -> (echo_worker::engine::JobReport, usize) {
     let bench = Bench::new();
     let dir = tempfile::tempdir().unwrap();
     let count = dir.path().join("runs");
     let pipeline = pipeline(&format!(
-        "[stages.exit]\nuses = \"exit-with\"\nretry = {{ max_attempts = 3, initial_interval = \"10ms\" }}\nwith = {{ status = 3, count_file = \"{}\" }}\n",
+        "[stages.exit]\nuses = \"exit-with\"\nretry = {{ max_attempts = 3, initial_interval = \"10ms\" }}\nwith = {{ status = {status}, count_file = \"{}\" }}\n",
         count.display()
     ));
-    let report = bench.run(&pipeline, job("exit3", json!({}))).await;
+    let report = bench.run(&pipeline, job(&format!("exit{status}"), json!({}))).await;
+    (report, std::fs::read_to_string(&count).unwrap().lines().count())
+}
+
+#[tokio::test]
+async fn a_failing_command_reports_the_tail_of_stderr_and_is_not_retried() {
+    let (report, runs) = exit_with(3).await;
     assert_eq!(report.status, JobStatus::Failed);
     let failure = report.failure.unwrap();
     assert_eq!(failure.stage.as_deref(), Some("exit"));
@@ -54,21 +60,14 @@ async fn a_failing_command_reports_the_tail_of_stderr_and_is_not_retried() {
         failure.message
     );
     assert!(failure.message.ends_with("the real reason: exit 3 was asked for"), "{}", failure.message);
-    assert_eq!(std::fs::read_to_string(&count).unwrap().lines().count(), 1);
+    assert_eq!(runs, 1);
 }
 
 #[tokio::test]
 async fn exit_status_75_asks_for_a_retry() {
-    let bench = Bench::new();
-    let dir = tempfile::tempdir().unwrap();
-    let count = dir.path().join("runs");
-    let pipeline = pipeline(&format!(
-        "[stages.exit]\nuses = \"exit-with\"\nretry = {{ max_attempts = 3, initial_interval = \"10ms\" }}\nwith = {{ status = 75, count_file = \"{}\" }}\n",
-        count.display()
-    ));
-    let report = bench.run(&pipeline, job("exit75", json!({}))).await;
+    let (report, runs) = exit_with(75).await;
     assert_eq!(report.status, JobStatus::Failed);
-    assert_eq!(std::fs::read_to_string(&count).unwrap().lines().count(), 3, "EX_TEMPFAIL is retried");
+    assert_eq!(runs, 3, "EX_TEMPFAIL is retried");
     assert!(report.failure.unwrap().retryable);
 }
 
