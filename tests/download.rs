@@ -81,6 +81,8 @@ async fn route(
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
     server.requests.lock().unwrap().push((name.clone(), range));
     match name.as_str() {
+        "signed.mp3" if method == axum::http::Method::HEAD => StatusCode::FORBIDDEN.into_response(),
+        "signed.mp3" => serve_bytes(&server, &server.audio, &headers),
         _ if method == axum::http::Method::HEAD && name.ends_with(".mp3") => {
             let length = if name == "tone.mp3" { server.audio.len() } else { 50 << 20 };
             ([(header::CONTENT_LENGTH, length)], ()).into_response()
@@ -315,4 +317,9 @@ async fn validate_refuses_a_large_non_media_url_after_a_few_bytes() {
             .unwrap();
     assert_eq!(facts.value["mime"], "audio/mpeg");
     assert!((facts.value["duration"].as_f64().unwrap() - 4.0).abs() < 0.1);
+
+    // A URL signed for GET only (S3-style) answers 403 to HEAD; the ranged read tells the size instead.
+    let signed = format!("{base}/files/signed.mp3?X-Amz-Signature=abc");
+    let facts = run_stage(&validator, job(&signed, false), json!({}), BTreeMap::new(), work.path()).await.unwrap();
+    assert_eq!(facts.value["size"], server.audio.len() as u64, "the size comes from Content-Range");
 }

@@ -9,7 +9,7 @@
 use std::ffi::OsString;
 
 use reqwest::Method;
-use reqwest::header::{CONTENT_LENGTH, HeaderValue, RANGE};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderValue, RANGE};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -84,13 +84,29 @@ impl ValidateStage {
             return Ok(Glance { size: Some(metadata.len()), head, probe_input: path.display().to_string() });
         }
         let (url, headers) = self.fetcher.locate(source)?;
-        let (response, url) = self.fetcher.send(Method::HEAD, url, headers.clone(), &ctx.cancel).await?;
-        let response = check_status(response, url.as_str())?;
-        let size = response.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let (response, head_url) = self.fetcher.send(Method::HEAD, url.clone(), headers.clone(), &ctx.cancel).await?;
+        // A URL signed for GET (S3-style) answers 403 to HEAD, and some servers refuse HEAD; the ranged read
+        // below then tells the size instead.
+        let head_refused = matches!(response.status().as_u16(), 403 | 405 | 501);
+        let mut size: Option<u64> = None;
+        if !head_refused {
+            let response = check_status(response, head_url.as_str())?;
+            size = response.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        }
         let mut ranged = headers;
         ranged.insert(RANGE, HeaderValue::from_static("bytes=0-63"));
         let (mut response, url) = self.fetcher.send(Method::GET, url, ranged, &ctx.cancel).await?;
         response = check_status(response, url.as_str())?;
+        if size.is_none() {
+            let header =
+                |name| response.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_string);
+            size = match response.status() {
+                reqwest::StatusCode::PARTIAL_CONTENT => {
+                    header(CONTENT_RANGE).and_then(|range| range.rsplit('/').next()?.parse().ok())
+                }
+                _ => header(CONTENT_LENGTH).and_then(|length| length.parse().ok()),
+            };
+        }
         let mut head = Vec::with_capacity(SNIFF_LEN);
         // A server that ignores Range sends the whole body; read only the first chunks and drop the rest.
         while head.len() < SNIFF_LEN {
