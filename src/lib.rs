@@ -8,6 +8,7 @@
 //! - [`pipeline`]: pipeline files compiled into a checked DAG, with every error at `file:line:column`.
 //! - [`plugin`]: plugin files, the declarative stage kinds (`prompt`, `command`, `http`).
 //! - [`stage`]: the stage kinds and the builtin kinds' parameters.
+//! - [`defaults`]: the shipped pipelines and plugins, embedded for running with no files around.
 //! - [`catalog`]: the pipelines and plugins of a deployment, loaded together.
 //! - [`schema`]: the JSON Schemas of the pipeline and plugin files, generated from the Rust types.
 //! - [`units`]: duration, size and bitrate literals shared by every file format.
@@ -17,6 +18,7 @@ pub mod app;
 pub mod catalog;
 pub mod child;
 pub mod config;
+pub mod defaults;
 pub mod engine;
 pub mod local;
 pub mod media;

@@ -131,7 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Process { files, pipeline, params, out, folders: args } => {
-            let (pipelines, plugins) = folders(&settings, &args);
+            let (pipelines, plugins) = folders(&settings, &args)?;
             let request = echo_worker::local::ProcessRequest {
                 files,
                 pipeline,
@@ -155,15 +155,29 @@ fn init_tracing(settings: &Settings) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
 }
 
-fn folders(settings: &Settings, folders: &Folders) -> (PathBuf, PathBuf) {
-    (
-        folders.pipelines.clone().unwrap_or_else(|| settings.paths.pipelines.clone()),
-        folders.plugins.clone().unwrap_or_else(|| settings.paths.plugins.clone()),
-    )
+/// The pipelines and plugins folders: from the flags, else the settings. When neither folder exists and
+/// neither was configured, the shipped ones embedded in the binary are unpacked into the temp dir and used.
+fn folders(settings: &Settings, folders: &Folders) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let pipelines = folders.pipelines.clone().unwrap_or_else(|| settings.paths.pipelines.clone());
+    let plugins = folders.plugins.clone().unwrap_or_else(|| settings.paths.plugins.clone());
+    let standard = Settings::default().paths;
+    let unconfigured = folders.pipelines.is_none()
+        && folders.plugins.is_none()
+        && settings.paths.pipelines == standard.pipelines
+        && settings.paths.plugins == standard.plugins;
+    if unconfigured && !pipelines.exists() && !plugins.exists() {
+        let root = echo_worker::defaults::folder(&settings.paths.temp_dir);
+        let unpacked = echo_worker::defaults::unpack(&root).map_err(|(path, error)| {
+            anyhow::anyhow!("cannot unpack the embedded pipelines into {}: {error}", path.display())
+        })?;
+        tracing::info!(folder = %root.display(), "no pipelines/ or plugins/ here; using the embedded ones");
+        return Ok(unpacked);
+    }
+    Ok((pipelines, plugins))
 }
 
 fn validate(settings: &Settings, args: &Folders, format: Format) -> anyhow::Result<ExitCode> {
-    let (pipelines, plugins) = folders(settings, args);
+    let (pipelines, plugins) = folders(settings, args)?;
     let (catalog, diagnostics) = match Catalog::load(&pipelines, &plugins) {
         Ok(catalog) => (catalog, Vec::new()),
         Err(LoadError::Invalid(diagnostics)) => (Catalog::default(), diagnostics),
@@ -228,7 +242,7 @@ fn pipeline_json(pipeline: &Pipeline) -> serde_json::Value {
 }
 
 fn graph(settings: &Settings, args: &Folders, name: &str, format: GraphFormat) -> anyhow::Result<ExitCode> {
-    let (pipelines, plugins) = folders(settings, args);
+    let (pipelines, plugins) = folders(settings, args)?;
     let catalog = Catalog::load(&pipelines, &plugins)?;
     let Some(pipeline) = catalog.pipelines.get(name) else {
         let known: Vec<&str> = catalog.pipelines.keys().map(String::as_str).collect();

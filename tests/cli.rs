@@ -367,3 +367,36 @@ fn process_audio_qa_leaves_a_completed_row_with_the_loudness_report() {
     assert_eq!(result["chunks"], 1);
     assert!((result["duration"].as_f64().unwrap() - 3.0).abs() < 0.1, "{result}");
 }
+
+#[test]
+fn the_embedded_defaults_match_the_shipped_folders() {
+    let mut shipped: Vec<(String, String)> = ["pipelines", "plugins"]
+        .iter()
+        .flat_map(|folder| {
+            std::fs::read_dir(folder)
+                .unwrap()
+                .map(move |entry| format!("{folder}/{}", entry.unwrap().file_name().to_string_lossy()))
+        })
+        .map(|name| (name.clone(), std::fs::read_to_string(&name).unwrap()))
+        .collect();
+    shipped.sort();
+    let mut embedded: Vec<(String, String)> =
+        echo_worker::defaults::FILES.iter().map(|(name, text)| (name.to_string(), text.to_string())).collect();
+    embedded.sort();
+    assert_eq!(embedded, shipped, "src/defaults.rs lists every shipped file, as it is");
+}
+
+#[test]
+fn an_empty_folder_runs_on_the_embedded_defaults() {
+    let cwd = tempfile::tempdir().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(echo_worker(&["validate"]).current_dir(cwd.path()).env("TEMP_DIR", temp.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("5 pipelines and 7 plugins are valid"), "{stdout}");
+    let file = tone(cwd.path());
+    let (code, stdout, stderr) = run(echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "audio-qa"])
+        .current_dir(cwd.path())
+        .env("TEMP_DIR", temp.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("integrated_lufs"), "the unpacked loudness.sh ran: {stdout}");
+}
