@@ -54,11 +54,6 @@ const DURATION_HINT: &str = "expected parts like \"500ms\", \"30s\", \"10m\", \"
 const SIZE_HINT: &str = "expected a number with a unit such as \"500MB\", \"24MiB\" or \"2GB\"";
 
 impl HumanDuration {
-    /// Builds from whole seconds.
-    pub const fn from_secs(secs: u64) -> Self {
-        Self(std::time::Duration::from_secs(secs))
-    }
-
     /// Reads a duration literal.
     ///
     /// # Errors

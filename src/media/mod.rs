@@ -11,8 +11,6 @@ pub mod probe;
 pub mod silence;
 pub mod sniff;
 
-use std::path::PathBuf;
-
 /// Why a media tool failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
@@ -47,14 +45,6 @@ pub enum MediaError {
     /// The caller cancelled.
     #[error("cancelled")]
     Cancelled,
-    /// A file it should have written is missing or unreadable.
-    #[error("cannot read {}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
 }
 
 /// A URL without its query string and fragment, safe to print (signed URLs carry tokens there).

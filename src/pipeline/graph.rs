@@ -35,11 +35,6 @@ impl StageGraph {
         Self { graph, index }
     }
 
-    /// Stage ids in declaration order.
-    pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.graph.node_indices().map(|node| self.graph[node].as_str())
-    }
-
     /// Every cycle, each as a closed chain `[a, b, c, a]` where each stage needs the one before it.
     /// One chain per strongly connected component, starting at its first-declared stage.
     pub fn cycles(&self) -> Vec<Vec<String>> {

@@ -93,11 +93,6 @@ impl SqlStore {
         Ok(store)
     }
 
-    /// The dialect in use.
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
     /// The pool, for health checks.
     pub fn pool(&self) -> &AnyPool {
         &self.pool

@@ -116,7 +116,7 @@ pub struct TranscodeStage;
 fn media_error(error: MediaError) -> StageError {
     match error {
         MediaError::Cancelled => StageError::cancelled(),
-        MediaError::Spawn { .. } | MediaError::Io { .. } => StageError::transient("ffmpeg", error.to_string()),
+        MediaError::Spawn { .. } => StageError::transient("ffmpeg", error.to_string()),
         other => StageError::permanent("transcode", other.to_string()),
     }
 }
