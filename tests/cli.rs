@@ -166,12 +166,14 @@ fn every_command_has_help() {
     assert!(stderr.contains("unrecognized subcommand"), "{stderr}");
 }
 
-const SECRETS: [&str; 5] = [
+const SECRETS: [&str; 7] = [
     "sk-azure-secret-0001",
     "whisper-secret-0002",
     "service-role-secret-0003",
     "redis-password-0004",
     "file-secret-0005",
+    "sk-openai-secret-0006",
+    "database-password-0007",
 ];
 
 #[test]
@@ -195,6 +197,10 @@ fn config_prints_effective_settings_without_any_secret() {
         .env("ALLOWED_ORIGINS", "https://a.example, https://b.example")
         .env("AZURE_OPENAI_ENDPOINT", "https://res.openai.azure.com/openai/deployments/whisper?api-version=2024-06-01")
         .env("ECHO_LIMITS__MAX_FILE_SIZE_MB", "2048")
+        .env("ECHO_AI__PROVIDERS__OPENAI__STYLE", "openai")
+        .env("ECHO_AI__PROVIDERS__OPENAI__ENDPOINT", "https://api.openai.com/v1")
+        .env("ECHO_AI__PROVIDERS__OPENAI__API_KEY", SECRETS[5])
+        .env("DATABASE_URL", format!("postgres://app:{}@db.example:5432/app", SECRETS[6]))
         .env("RUST_LOG", "trace"));
     assert_eq!(code, 0, "{stderr}");
     for secret in SECRETS {
@@ -215,6 +221,8 @@ fn config_prints_effective_settings_without_any_secret() {
     assert_eq!(settings["supabase"]["service_role_key"].as_str(), Some("[redacted]"));
     assert_eq!(settings["redis"]["url"].as_str(), Some("redis://default:[redacted]@cache:6379/0"));
     assert_eq!(settings["azure_openai"]["endpoint"].as_str(), Some("https://res.openai.azure.com"));
+    assert_eq!(settings["ai"]["providers"]["openai"]["api_key"].as_str(), Some("[redacted]"));
+    assert_eq!(settings["database"]["url"].as_str(), Some("postgres://app:[redacted]@db.example:5432/app"));
     assert!(stderr.contains("using its origin https://res.openai.azure.com"), "the fix is announced: {stderr}");
 }
 
