@@ -28,11 +28,26 @@ pub async fn store(settings: &Settings) -> anyhow::Result<Arc<SqlStore>> {
     Ok(Arc::new(store))
 }
 
+/// Time allowed to reach Redis at start-up.
+const REDIS_CONNECT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A reconnecting Redis connection.
+///
+/// # Errors
+/// When the URL is invalid or Redis does not answer within 10 s.
+pub async fn redis_connection(url: &crate::config::SecretUrl) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(url.expose()).with_context(|| format!("reading REDIS_URL {}", url.redacted()))?;
+    tokio::time::timeout(REDIS_CONNECT, client.get_connection_manager())
+        .await
+        .map_err(|_| anyhow::anyhow!("Redis at {} did not answer within {REDIS_CONNECT:?}", url.redacted()))?
+        .with_context(|| format!("connecting to Redis at {}", url.redacted()))
+}
+
 /// Every stage kind this process can run: the builtins available so far and the catalog's runnable plugins.
 ///
 /// # Errors
 /// When the download allow-list has an entry that is not an address or range, or HTTP cannot be set up.
-pub fn registry<'a>(
+pub async fn registry<'a>(
     settings: &Settings,
     plugins: impl IntoIterator<Item = &'a Plugin>,
     store: Arc<dyn Store>,
@@ -41,7 +56,11 @@ pub fn registry<'a>(
     let fetcher = Fetcher::new(policy).context("building the HTTP client for sources")?;
     let http = reqwest::Client::builder().build().context("building the HTTP client for plugins")?;
     let (providers, default) = settings.providers();
-    let providers = Arc::new(Providers::new(providers, default).map_err(anyhow::Error::msg)?);
+    let redis = match &settings.redis.url {
+        Some(url) => Some((redis_connection(url).await?, settings.redis.prefix.clone())),
+        None => None,
+    };
+    let providers = Arc::new(Providers::new(providers, default, redis).map_err(anyhow::Error::msg)?);
     let ai = (!providers.is_empty()).then(|| providers.clone());
     let mut registry = StageRegistry::with_plugins(plugins, http, ai.clone());
     let max = settings.max_file_size();

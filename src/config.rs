@@ -140,11 +140,19 @@ pub struct DownloadSettings {
     pub max_redirects: usize,
 }
 
-/// The Redis queue.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Redis: the queue, and request limits shared by every worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RedisSettings {
-    /// `REDIS_URL`; without it the queue runs in-process.
+    /// `REDIS_URL`; without it the queue and the AI request limits stay in-process.
     pub url: Option<SecretUrl>,
+    /// Prefix of every key this deployment writes, so several deployments can share one Redis.
+    pub prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self { url: None, prefix: "echo:".into() }
+    }
 }
 
 /// Supabase storage and database.

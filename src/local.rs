@@ -79,7 +79,7 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
     }
     app::check_requirements(settings, &pipeline, &catalog.plugins)?;
     let store = app::store(settings).await?;
-    let registry = app::registry(settings, catalog.plugins.values(), store.clone())?;
+    let registry = app::registry(settings, catalog.plugins.values(), store.clone()).await?;
     let engine = Engine::new(registry, Arc::new(MemoryCheckpoints::default()), settings.engine());
     engine.check(&pipeline)?;
 

@@ -70,7 +70,7 @@ async fn world(style: ProviderStyle, tweak: impl FnOnce(&mut ProviderSettings)) 
     settings.ai.providers.insert("fake".into(), provider);
     let catalog = Catalog::load(Path::new("pipelines"), Path::new("plugins")).unwrap();
     let store: Arc<dyn Store> = app::store(&settings).await.unwrap();
-    let registry = app::registry(&settings, catalog.plugins.values(), store.clone()).unwrap();
+    let registry = app::registry(&settings, catalog.plugins.values(), store.clone()).await.unwrap();
     let engine =
         Engine::new(registry, Arc::new(MemoryCheckpoints::default()) as Arc<dyn Checkpoints>, settings.engine());
     World { fake, settings, engine, catalog, store, _temp: temp }
@@ -457,5 +457,46 @@ async fn the_provider_refuses_oversized_uploads_and_unknown_extensions() {
         assert!(failure.message.contains(expected), "{}", failure.message);
         assert!(!failure.retryable);
         assert_eq!(world.fake.seen(Kind::Transcription).len(), before + 1, "not retried");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_share_the_request_window_through_redis() {
+    let window = Duration::from_secs(2);
+    let fake = Fake::start().await;
+    *fake.limit.lock().unwrap() = Some((3, window));
+    *fake.delay.lock().unwrap() = Duration::from_millis(50);
+    let dir = tempfile::tempdir().unwrap();
+    let file = speech(dir.path(), 3);
+    let prefix = format!("echo-test-{}:", uuid::Uuid::new_v4().simple());
+    let worker = |name: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_echo-worker"))
+            .args(["process", file.to_str().unwrap(), "--pipeline", "short-chunks"])
+            .args(["--pipelines", "tests/fixtures/pipelines/ai"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("DATABASE_URL", "sqlite::memory:")
+            .env("TEMP_DIR", dir.path().join(name))
+            .env("REDIS_URL", "redis://127.0.0.1:6379")
+            .env("ECHO_REDIS__PREFIX", &prefix)
+            .env("ECHO_AI__PROVIDERS__FAKE__STYLE", "openai")
+            .env("ECHO_AI__PROVIDERS__FAKE__ENDPOINT", format!("{}/v1", fake.base))
+            .env("ECHO_AI__PROVIDERS__FAKE__API_KEY", KEY)
+            // "3 requests per minute", with the window shrunk to 2 s so the test stays short.
+            .env("ECHO_AI__PROVIDERS__FAKE__TRANSCRIPTION_RPM", "3")
+            .env("ECHO_AI__PROVIDERS__FAKE__RATE_WINDOW_MS", "2000")
+            .output()
+    };
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    let (first, second) = tokio::join!(worker("a"), worker("b"));
+    for output in [first.unwrap(), second.unwrap()] {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let seen = fake.seen(Kind::Transcription);
+    // Three minutes in chunks of under a minute (the limit keeps a one-second margin) is 4 chunks per worker.
+    assert_eq!(seen.len(), 8, "each chunk sent once: {:?}", seen.iter().map(|s| s.status).collect::<Vec<_>>());
+    assert!(seen.iter().all(|s| s.status == 200), "the two processes together never exceeded the window");
+    for index in 3..seen.len() {
+        assert!(seen[index].at - seen[index - 3].at >= window, "request {index} respects the shared window");
     }
 }

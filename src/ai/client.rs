@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::limit::Limiter;
+use super::limit::{Limiter, SharedWindow};
 use super::{AiError, ProviderSettings, ProviderStyle, Usage};
 
 /// One transcribed piece of audio, times relative to the uploaded file.
@@ -84,10 +84,17 @@ impl Providers {
     ///
     /// # Errors
     /// When an HTTP client cannot be built.
-    pub fn new(settings: IndexMap<String, ProviderSettings>, default: Option<String>) -> Result<Self, AiError> {
+    ///
+    /// With `redis` (a connection and a key prefix), each provider's request windows are shared by every process
+    /// using the same Redis and prefix.
+    pub fn new(
+        settings: IndexMap<String, ProviderSettings>,
+        default: Option<String>,
+        redis: Option<(redis::aio::ConnectionManager, String)>,
+    ) -> Result<Self, AiError> {
         let providers = settings
             .into_iter()
-            .map(|(name, settings)| Ok((name.clone(), Arc::new(Provider::new(&name, settings)?))))
+            .map(|(name, settings)| Ok((name.clone(), Arc::new(Provider::new(&name, settings, redis.clone())?))))
             .collect::<Result<IndexMap<_, _>, AiError>>()?;
         let default = default.or_else(|| providers.keys().next().cloned());
         Ok(Self { providers, default })
@@ -131,7 +138,11 @@ impl Provider {
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new(name: &str, settings: ProviderSettings) -> Result<Self, AiError> {
+    pub fn new(
+        name: &str,
+        settings: ProviderSettings,
+        redis: Option<(redis::aio::ConnectionManager, String)>,
+    ) -> Result<Self, AiError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(settings.timeout_secs))
             .connect_timeout(Duration::from_secs(15))
@@ -143,10 +154,17 @@ impl Provider {
                 retry_after: None,
             })?;
         let window = Duration::from_millis(settings.rate_window_ms);
+        // One key per provider and kind; the hash tag keeps each key on one Redis Cluster slot.
+        let shared = |kind: &str| {
+            redis.clone().map(|(connection, prefix)| {
+                SharedWindow::new(connection, format!("{prefix}{{ratelimit}}:{name}:{kind}"))
+            })
+        };
         Ok(Self {
             name: name.to_string(),
-            transcription: Limiter::new(settings.transcription_rpm, window, settings.max_concurrent),
-            chat: Limiter::new(settings.chat_rpm, window, settings.max_concurrent),
+            transcription: Limiter::new(settings.transcription_rpm, window, settings.max_concurrent)
+                .shared(shared("transcription")),
+            chat: Limiter::new(settings.chat_rpm, window, settings.max_concurrent).shared(shared("chat")),
             settings,
             http,
         })
