@@ -304,11 +304,11 @@ impl Fetcher {
         let request =
             self.client.post(&sign).headers(supabase_headers(key)).json(&serde_json::json!({ "expiresIn": 300 }));
         let response = tokio::select! {
-            response = request.send() => response.map_err(|error| network(&sign, &error))?,
+            response = request.send() => response.map_err(|error| network(&sign, error))?,
             () = cancel.cancelled() => return Err(SourceError::Cancelled),
         };
         let response = check_status(response, &sign)?;
-        let body: serde_json::Value = response.json().await.map_err(|error| network(&sign, &error))?;
+        let body: serde_json::Value = response.json().await.map_err(|error| network(&sign, error))?;
         let signed = body.get("signedURL").or_else(|| body.get("signedUrl")).and_then(|v| v.as_str());
         let signed = signed.ok_or_else(|| SourceError::Network {
             url: printable(&sign),
@@ -338,7 +338,7 @@ impl Fetcher {
             self.check_host(&url).await?;
             let request = self.client.request(method.clone(), url.clone()).headers(headers.clone());
             let response = tokio::select! {
-                response = request.send() => response.map_err(|error| network(url.as_str(), &error))?,
+                response = request.send() => response.map_err(|error| network(url.as_str(), error))?,
                 () = cancel.cancelled() => return Err(SourceError::Cancelled),
             };
             if !response.status().is_redirection() {
@@ -410,12 +410,10 @@ fn supabase_headers(key: &Secret) -> HeaderMap {
     headers
 }
 
-fn network(url: &str, error: &reqwest::Error) -> SourceError {
-    let mut message = error.to_string();
-    if let Some(start) = message.find(" for url (") {
-        message.truncate(start);
-    }
-    SourceError::Network { url: printable(url), message }
+/// A network failure, named by the URL without its query; the error's own copy of the URL (which may hold a
+/// token) is dropped.
+fn network(url: &str, error: reqwest::Error) -> SourceError {
+    SourceError::Network { url: printable(url), message: error.without_url().to_string() }
 }
 
 /// Turns an error status into a [`SourceError::Status`].

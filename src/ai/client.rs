@@ -317,13 +317,7 @@ impl Provider {
             let error = match sent {
                 Ok(response) if response.status().is_success() => return Ok((response, usage)),
                 Ok(response) => self.classify(response).await,
-                Err(error) => {
-                    let mut text = error.to_string();
-                    if let Some(start) = text.find(" for url (") {
-                        text.truncate(start);
-                    }
-                    self.transient("network", format!("request failed: {text}"))
-                }
+                Err(error) => self.transient("network", format!("request failed: {}", error.without_url())),
             };
             if !error.retryable || attempt >= self.settings.max_retries {
                 return Err(error);

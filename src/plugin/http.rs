@@ -114,13 +114,13 @@ impl Stage for HttpStage {
         };
         // The URL may carry a token in its query, so messages name the plugin, not the URL.
         let response = response.map_err(|error| {
-            StageError::transient("http_connect", format!("plugin `{name}`: request failed: {}", without_url(&error)))
+            StageError::transient("http_connect", format!("plugin `{name}`: request failed: {}", error.without_url()))
         })?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
         let text = tokio::select! {
             text = response.text() => text.map_err(|error| {
-                StageError::transient("http_body", format!("plugin `{name}`: reading the response: {}", without_url(&error)))
+                StageError::transient("http_body", format!("plugin `{name}`: reading the response: {}", error.without_url()))
             })?,
             () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
         };
@@ -136,14 +136,6 @@ impl Stage for HttpStage {
             Err(StageError::permanent("http_status", message))
         }
     }
-}
-
-fn without_url(error: &reqwest::Error) -> String {
-    let mut error = error.to_string();
-    if let Some(start) = error.find(" for url (") {
-        error.truncate(start);
-    }
-    error
 }
 
 /// `Retry-After` in seconds (HTTP dates are rare from APIs and are ignored, falling back to the backoff).
