@@ -1,7 +1,6 @@
 //! The HTTP side of a provider: URLs and auth per style, streamed multipart uploads, the SDK retry policy and
 //! the classification of provider errors.
 
-use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::limit::{Limiter, SharedWindow};
 use super::{AiError, ProviderSettings, ProviderStyle, Usage};
+use crate::engine::retry;
+use crate::pipeline::RetryPolicy;
 
 /// One transcribed piece of audio, times relative to the uploaded file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -386,13 +387,15 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .or_else(|| number("retry-after").map(Duration::from_secs_f64))
 }
 
-/// 0.5 s, 1 s, 2 s… capped at 8 s, minus up to 20% jitter.
+/// 0.5 s, 1 s, 2 s… capped at 8 s, minus up to 20% jitter: the engine's backoff with the SDKs' numbers.
 fn backoff(attempt: u32) -> Duration {
-    let base = (0.5 * 2f64.powi(i32::try_from(attempt).unwrap_or(16))).min(MAX_BACKOFF.as_secs_f64());
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(attempt);
-    let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
-    Duration::from_secs_f64(base * (1.0 - 0.2 * unit))
+    let policy = RetryPolicy {
+        max_attempts: u32::MAX,
+        initial_interval: Duration::from_millis(500),
+        backoff_coefficient: 2.0,
+        max_interval: MAX_BACKOFF,
+    };
+    retry::backoff(&policy, attempt + 1, retry::random_unit())
 }
 
 fn mime_of(path: &Path) -> &'static str {

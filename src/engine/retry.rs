@@ -25,7 +25,7 @@ pub fn backoff(policy: &RetryPolicy, failed_attempt: u32, unit: f64) -> Duration
 }
 
 /// A number in `[0, 1)` from the standard library's randomly seeded hasher; good enough for jitter.
-fn random_unit() -> f64 {
+pub fn random_unit() -> f64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(0);
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
