@@ -3,13 +3,19 @@
 //! `plugins/*.toml`.
 //!
 //! # Layout
-//! - [`app`]: wiring from settings to store, fetcher and stage registry.
 //! - [`config`]: settings from built-in defaults, `echo.toml` and the environment; secrets never printed.
 //! - [`pipeline`]: pipeline files compiled into a checked DAG, with every error at `file:line:column`.
 //! - [`plugin`]: plugin files, the declarative stage kinds (`prompt`, `command`, `http`).
-//! - [`stage`]: the stage kinds and the builtin kinds' parameters.
-//! - [`defaults`]: the shipped pipelines and plugins, embedded for running with no files around.
 //! - [`catalog`]: the pipelines and plugins of a deployment, loaded together.
+//! - [`defaults`]: the shipped pipelines and plugins, embedded for running with no files around.
+//! - [`stage`]: the `Stage` trait, the registry, and the builtin kinds (`validate` … `persist`).
+//! - [`engine`]: runs one job's stage DAG: retries, timeouts, cancellation, checkpoints, progress.
+//! - [`source`]: where media comes from, and the rules for reaching it (storage root, internal addresses).
+//! - [`media`]: ffprobe and ffmpeg as child processes; [`child`]: process groups that die with their job.
+//! - [`ai`]: the Azure / OpenAI-compatible client, request limits and structured replies.
+//! - [`store`]: recordings, status and results in SQLite or PostgreSQL.
+//! - [`app`]: wiring from settings to store, fetcher, providers and stage registry.
+//! - [`local`]: `echo-worker process`, jobs run in this process.
 //! - [`schema`]: the JSON Schemas of the pipeline and plugin files, generated from the Rust types.
 //! - [`units`]: duration, size and bitrate literals shared by every file format.
 

@@ -11,7 +11,7 @@
 //! retried after `retry-after-ms`, then `retry-after`, then exponential backoff with jitter. Quota, content
 //! filter and context-length errors are permanent and say so.
 //!
-//! The limits are per process for now; they become shared through Redis when the Redis queue arrives.
+//! With `REDIS_URL` set, the request windows are shared by every worker process through Redis (see [`limit`]).
 
 pub mod client;
 pub mod jsonschema;
