@@ -9,7 +9,7 @@
 //!   drops requests in flight.
 //! - Finished stages are checkpointed before their dependents start; a later run of the same job restores
 //!   them instead of running them again, unless their output files are gone.
-//! - Progress is reported, coalesced, to a [`ProgressSink`](progress::ProgressSink).
+//! - Progress is reported, coalesced, to a [`ProgressSink`].
 //!
 //! The work happens in [`scheduler`]; this module holds the types callers use.
 
