@@ -47,7 +47,6 @@ fn speech(dir: &Path, minutes: u32) -> PathBuf {
 
 struct World {
     fake: Arc<Fake>,
-    settings: Settings,
     engine: Engine,
     catalog: Catalog,
     store: Arc<dyn Store>,
@@ -73,7 +72,7 @@ async fn world(style: ProviderStyle, tweak: impl FnOnce(&mut ProviderSettings)) 
     let registry = app::registry(&settings, catalog.plugins.values(), store.clone()).await.unwrap();
     let engine =
         Engine::new(registry, Arc::new(MemoryCheckpoints::default()) as Arc<dyn Checkpoints>, settings.engine());
-    World { fake, settings, engine, catalog, store, _temp: temp }
+    World { fake, engine, catalog, store, _temp: temp }
 }
 
 impl World {
@@ -362,7 +361,6 @@ async fn default_and_podcast_run_end_to_end() {
         let row = world.store.get(&format!("e2e-{name}")).await.unwrap().unwrap();
         assert_eq!(row.status, RecordingStatus::Completed, "{name}");
     }
-    let _ = &world.settings;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
