@@ -5,14 +5,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use echo_worker::engine::checkpoint::MemoryCheckpoints;
-use echo_worker::engine::progress::NullSink;
-use echo_worker::engine::{Engine, EngineSettings, JobSpec, JobStatus};
+use echo_worker::document::Document;
+use echo_worker::engine::{Engine, EngineSettings, JobStatus, StageRegistry};
+use echo_worker::job::JobSpec;
+use echo_worker::job::checkpoint::MemoryCheckpoints;
+use echo_worker::job::progress::NullSink;
+use echo_worker::job::{StageError, StageOutput};
 use echo_worker::pipeline::Pipeline;
 use echo_worker::pipeline::compile::compile;
-use echo_worker::pipeline::document::Document;
 use echo_worker::plugin::PluginSet;
-use echo_worker::stage::{Stage, StageContext, StageError, StageOutput, StageRegistry};
+use echo_worker::stage::{Stage, StageContext};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

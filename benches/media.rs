@@ -15,14 +15,15 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use echo_worker::engine::checkpoint::MemoryCheckpoints;
-use echo_worker::engine::progress::NullSink;
-use echo_worker::engine::{Engine, EngineSettings, JobSpec, JobStatus};
+use echo_worker::document::Document;
+use echo_worker::engine::{Engine, EngineSettings, JobStatus, StageRegistry};
+use echo_worker::job::JobSpec;
+use echo_worker::job::checkpoint::MemoryCheckpoints;
+use echo_worker::job::progress::NullSink;
 use echo_worker::pipeline::compile::compile;
-use echo_worker::pipeline::document::Document;
 use echo_worker::plugin::PluginSet;
 use echo_worker::source::{Fetcher, SourcePolicy};
-use echo_worker::stage::StageRegistry;
+
 use echo_worker::stage::builtin::download::DownloadStage;
 use echo_worker::stage::builtin::transcode::TranscodeStage;
 use echo_worker::stage::builtin::validate::ValidateStage;
@@ -100,11 +101,11 @@ async fn transcode_once(input: &Path, work: &Path) -> Duration {
         params: serde_json::json!({ "input": input, "split_at_silence": true }),
         work_dir: work.to_path_buf(),
         inputs: Arc::new(Default::default()),
-        progress: echo_worker::engine::progress::ProgressReporter::detached(),
+        progress: echo_worker::job::progress::ProgressReporter::detached(),
         cancel: CancellationToken::new(),
         attempt: 1,
         item: None,
-        checkpoints: Arc::new(echo_worker::engine::checkpoint::MemoryCheckpoints::default()),
+        checkpoints: Arc::new(echo_worker::job::checkpoint::MemoryCheckpoints::default()),
     };
     let started = Instant::now();
     TranscodeStage.run(ctx).await.expect("transcode succeeds");

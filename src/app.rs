@@ -7,9 +7,9 @@ use anyhow::Context as _;
 
 use crate::ai::Providers;
 use crate::config::Settings;
+use crate::engine::StageRegistry;
 use crate::plugin::Plugin;
 use crate::source::Fetcher;
-use crate::stage::StageRegistry;
 use crate::stage::builtin::{
     BuiltinKind, analyze::AnalyzeStage, download::DownloadStage, persist::PersistStage, transcode::TranscodeStage,
     validate::ValidateStage, whisper::WhisperStage,
@@ -35,7 +35,7 @@ const REDIS_CONNECT: std::time::Duration = std::time::Duration::from_secs(10);
 ///
 /// # Errors
 /// When the URL is invalid or Redis does not answer within 10 s.
-pub async fn redis_connection(url: &crate::config::SecretUrl) -> anyhow::Result<redis::aio::ConnectionManager> {
+pub async fn redis_connection(url: &crate::secret::SecretUrl) -> anyhow::Result<redis::aio::ConnectionManager> {
     let client = redis::Client::open(url.expose()).with_context(|| format!("reading REDIS_URL {}", url.redacted()))?;
     tokio::time::timeout(REDIS_CONNECT, client.get_connection_manager())
         .await

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use indexmap::IndexMap;
 
+use crate::document::Document;
+use crate::document::{LoadError, toml_files};
+use crate::pipeline::Pipeline;
 use crate::pipeline::compile::compile;
-use crate::pipeline::document::Document;
-use crate::pipeline::{LoadError, Pipeline, toml_files};
 use crate::plugin::{Plugin, PluginSet};
 
 /// The loaded pipelines and plugins.

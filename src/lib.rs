@@ -3,21 +3,20 @@
 //! `plugins/*.toml`.
 //!
 //! # Layout
-//! - [`config`]: settings from built-in defaults, `echo.toml` and the environment; secrets never printed.
-//! - [`pipeline`]: pipeline files compiled into a checked DAG, with every error at `file:line:column`.
-//! - [`plugin`]: plugin files, the declarative stage kinds (`prompt`, `command`, `http`).
-//! - [`catalog`]: the pipelines and plugins of a deployment, loaded together.
-//! - [`defaults`]: the shipped pipelines and plugins, embedded for running with no files around.
-//! - [`stage`]: the `Stage` trait, the registry, and the builtin kinds (`validate` … `persist`).
+//! Listed from the bottom up: a module uses only modules listed above it (ARCHITECTURE.md; checked by
+//! `tests/architecture.rs`).
+//! - [`units`]: duration, size and bitrate literals; [`secret`]: credentials that never print;
+//!   [`child`]: process groups that die with their job; [`defaults`]: the shipped files, embedded.
+//! - [`document`]: TOML with positions, every problem at `file:line:column`; [`template`]: minijinja.
+//! - [`job`]: the contract shared by engine, stages, store and queue (job spec, stage outputs and errors,
+//!   checkpoints, progress); [`retry`]: retry policies and backoff.
+//! - [`media`]: ffprobe and ffmpeg; [`source`]: where media comes from and the rules for reaching it;
+//!   [`ai`]: the Azure / OpenAI-compatible client; [`store`]: recordings in SQLite or PostgreSQL.
+//! - [`stage`]: the `Stage` trait and the builtin kinds; [`plugin`]: plugin files and the declarative kinds.
+//! - [`pipeline`]: pipeline files compiled into a checked DAG; [`catalog`]: all of them loaded together;
+//!   [`schema`]: the JSON Schemas of both formats.
 //! - [`engine`]: runs one job's stage DAG: retries, timeouts, cancellation, checkpoints, progress.
-//! - [`source`]: where media comes from, and the rules for reaching it (storage root, internal addresses).
-//! - [`media`]: ffprobe and ffmpeg as child processes; [`child`]: process groups that die with their job.
-//! - [`ai`]: the Azure / OpenAI-compatible client, request limits and structured replies.
-//! - [`store`]: recordings, status and results in SQLite or PostgreSQL.
-//! - [`app`]: wiring from settings to store, fetcher, providers and stage registry.
-//! - [`local`]: `echo-worker process`, jobs run in this process.
-//! - [`schema`]: the JSON Schemas of the pipeline and plugin files, generated from the Rust types.
-//! - [`units`]: duration, size and bitrate literals shared by every file format.
+//! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`.
 
 pub mod ai;
 pub mod app;
@@ -25,13 +24,18 @@ pub mod catalog;
 pub mod child;
 pub mod config;
 pub mod defaults;
+pub mod document;
 pub mod engine;
+pub mod job;
 pub mod local;
 pub mod media;
 pub mod pipeline;
 pub mod plugin;
+pub mod retry;
 pub mod schema;
+pub mod secret;
 pub mod source;
 pub mod stage;
 pub mod store;
+pub mod template;
 pub mod units;

@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::app;
 use crate::catalog::Catalog;
 use crate::config::Settings;
-use crate::engine::checkpoint::MemoryCheckpoints;
-use crate::engine::progress::{ProgressSink, ProgressUpdate, Tee};
-use crate::engine::{Engine, JobReport, JobSpec, JobStatus};
+use crate::engine::{Engine, JobReport, JobStatus};
+use crate::job::JobSpec;
+use crate::job::checkpoint::MemoryCheckpoints;
+use crate::job::progress::{ProgressSink, ProgressUpdate, Tee};
 use crate::store::{NewRecording, RecordingStatus, Store, StoreError, StoreSink};
 
 /// What `echo-worker process` was asked to do.

@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use echo_worker::catalog::Catalog;
 use echo_worker::config::Settings;
-use echo_worker::pipeline::{Diagnostic, LoadError, Pipeline};
+use echo_worker::document::{Diagnostic, LoadError};
+use echo_worker::pipeline::Pipeline;
 use echo_worker::schema;
 use serde_json::json;
 

@@ -21,8 +21,8 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, LOCATION};
 use reqwest::{Method, Response, StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Secret;
-use crate::stage::StageError;
+use crate::job::StageError;
+use crate::secret::Secret;
 
 /// Where media may come from.
 #[derive(Debug, Clone, Default)]

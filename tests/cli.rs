@@ -54,7 +54,7 @@ fn validate_exits_1_and_lists_every_error_with_its_position() {
         "{stderr}"
     );
     assert!(stderr.contains("tests/fixtures/pipelines/invalid/syntax.toml:3:17: invalid TOML"), "{stderr}");
-    let expected: usize = echo_worker::pipeline::toml_files(Path::new("tests/fixtures/pipelines/invalid"))
+    let expected: usize = echo_worker::document::toml_files(Path::new("tests/fixtures/pipelines/invalid"))
         .unwrap()
         .iter()
         .map(|file| std::fs::read_to_string(file.with_extension("expected")).unwrap().lines().count())

@@ -194,7 +194,7 @@ async fn download(
     base: &str,
     source: &str,
     params: serde_json::Value,
-) -> (Result<serde_json::Value, echo_worker::stage::StageError>, tempfile::TempDir) {
+) -> (Result<serde_json::Value, echo_worker::job::StageError>, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     let result = run_stage(&downloader(base, true), job(source, false), params, BTreeMap::new(), work.path()).await;
     (result.map(|output| output.value), work)

@@ -7,8 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use echo_worker::engine::progress::NullSink;
 use echo_worker::engine::{EngineError, JobStatus, StageStatus};
+use echo_worker::job::progress::NullSink;
 use serde_json::json;
 use support::{Bench, Updates, job, pipeline};
 use tokio_util::sync::CancellationToken;
@@ -357,7 +357,7 @@ async fn work_directories_are_removed_after_success_and_failure() {
 #[tokio::test]
 async fn a_pipeline_with_unavailable_kinds_is_refused_before_any_work() {
     let bench = Bench::new();
-    let document = echo_worker::pipeline::document::Document::new(
+    let document = echo_worker::document::Document::new(
         "test.toml",
         "name = \"test\"\n[stages.a]\nuses = \"record\"\n[stages.t]\nuses = \"transcode\"\nneeds = [\"a\"]\n",
     );

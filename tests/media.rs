@@ -6,8 +6,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use echo_worker::job::StageError;
 use echo_worker::source::{Fetcher, SourcePolicy};
-use echo_worker::stage::StageError;
 use echo_worker::stage::builtin::transcode::TranscodeStage;
 use echo_worker::stage::builtin::validate::ValidateStage;
 use echo_worker::units::ByteSize;

@@ -5,14 +5,14 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use echo_worker::pipeline::Diagnostic;
+use echo_worker::document::Diagnostic;
+use echo_worker::document::Document;
 use echo_worker::pipeline::compile::compile;
-use echo_worker::pipeline::document::Document;
 use echo_worker::plugin::{Plugin, PluginSet};
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
     let dir = Path::new("tests/fixtures").join(kind).join("invalid");
-    echo_worker::pipeline::toml_files(&dir).expect("fixture folder exists")
+    echo_worker::document::toml_files(&dir).expect("fixture folder exists")
 }
 
 fn shipped_plugins() -> PluginSet {
@@ -121,10 +121,10 @@ fn shipped_pipelines_compile_with_defaults_filled_in() {
     let persist = meeting.stage("persist").unwrap();
     assert_eq!(persist.trigger, echo_worker::pipeline::Trigger::NoneFailed);
     assert_eq!(meeting.stage("action_items").unwrap().condition.as_deref(), Some("job.params.action_items != false"));
-    for file in echo_worker::pipeline::toml_files(Path::new("pipelines"))
+    for file in echo_worker::document::toml_files(Path::new("pipelines"))
         .unwrap()
         .into_iter()
-        .chain(echo_worker::pipeline::toml_files(Path::new("plugins")).unwrap())
+        .chain(echo_worker::document::toml_files(Path::new("plugins")).unwrap())
     {
         let text = std::fs::read_to_string(&file).unwrap();
         assert!(text.starts_with("#:schema ../schema/"), "{} starts with its #:schema line", file.display());
@@ -181,8 +181,8 @@ fn mangled_files_are_reported_never_panicked_on() {
     let plugins = shipped_plugins();
     let mut random = XorShift(0x5eed_cafe);
     let mut refused = 0;
-    let pipelines = echo_worker::pipeline::toml_files(Path::new("pipelines")).unwrap();
-    let plugin_files = echo_worker::pipeline::toml_files(Path::new("plugins")).unwrap();
+    let pipelines = echo_worker::document::toml_files(Path::new("pipelines")).unwrap();
+    let plugin_files = echo_worker::document::toml_files(Path::new("plugins")).unwrap();
     for file in &pipelines {
         let original = std::fs::read_to_string(file).unwrap();
         for _ in 0..ROUNDS {

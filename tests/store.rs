@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use echo_worker::engine::progress::{ProgressSink, ProgressUpdate};
+use echo_worker::job::progress::{ProgressSink, ProgressUpdate};
 use echo_worker::stage::builtin::persist::PersistStage;
 use echo_worker::store::{NewRecording, Recording, RecordingStatus, SqlStore, Store, StoreError, StoreSink};
 use serde_json::{Value, json};

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::limit::{Limiter, SharedWindow};
 use super::{AiError, ProviderSettings, ProviderStyle, Usage};
-use crate::engine::retry;
-use crate::pipeline::RetryPolicy;
+use crate::retry;
+use crate::retry::RetryPolicy;
 
 /// One transcribed piece of audio, times relative to the uploaded file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,7 +181,7 @@ impl Provider {
         self.settings.verbose_json.unwrap_or_else(|| !model.contains("gpt-4o"))
     }
 
-    fn auth(&self, key: Option<&crate::config::Secret>) -> HeaderMap {
+    fn auth(&self, key: Option<&crate::secret::Secret>) -> HeaderMap {
         let mut headers = HeaderMap::new();
         let Some(key) = key else { return headers };
         let (name, value) = match self.settings.style {

@@ -1,4 +1,4 @@
-//! One OpenAI-compatible client with two provider styles (DESIGN §4, §6):
+//! One OpenAI-compatible client with two provider styles (ARCHITECTURE.md):
 //!
 //! - **Azure:** `{endpoint}/openai/deployments/{deployment}/audio/transcriptions?api-version=…` and
 //!   `…/chat/completions`, with the `api-key` header;
@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{Provider, Providers};
 
-use crate::config::Secret;
-use crate::stage::StageError;
+use crate::job::StageError;
+use crate::secret::Secret;
 
 /// The URL and auth shape of a provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! The engine runs one job: one file through one pipeline's stage DAG (DESIGN §5).
+//! The engine runs one job: one file through one pipeline's stage DAG (ARCHITECTURE.md).
 //!
 //! - Stages whose needs are finished run side by side, up to a per-job limit.
 //! - `trigger` and `if` decide whether a stage runs or is skipped; `on_failure = "continue"` lets the job go on.
@@ -13,9 +13,7 @@
 //!
 //! The work happens in [`scheduler`]; this module holds the types callers use.
 
-pub mod checkpoint;
-pub mod progress;
-pub mod retry;
+pub mod registry;
 pub mod scheduler;
 pub mod workdir;
 
@@ -24,35 +22,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indexmap::IndexMap;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::job::checkpoint::{CheckpointError, Checkpoints};
+use crate::job::progress::ProgressSink;
+use crate::job::{JobSpec, StageError};
 use crate::pipeline::Pipeline;
-use crate::pipeline::template::Renderer;
-use crate::stage::{StageError, StageKind, StageRegistry};
-use checkpoint::{CheckpointError, Checkpoints};
-use progress::ProgressSink;
-
-/// The job as stages and templates see it (`job.*`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct JobSpec {
-    /// The job id; checkpoints are kept under it.
-    pub id: String,
-    /// The recording the job belongs to, when it came through the API.
-    pub recording_id: Option<String>,
-    /// The pipeline's name.
-    pub pipeline: String,
-    /// Free parameters from the caller (`job.params.language`).
-    #[serde(default)]
-    pub params: serde_json::Map<String, Value>,
-    /// Where the media is: a URL, `supabase://bucket/path` or a local path.
-    pub source: Option<String>,
-    /// The source was typed by the user on the command line, so a local path need not be under the storage
-    /// root. Never set for jobs from the API or the queue.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub trusted_source: bool,
-}
+use crate::stage::StageKind;
+use crate::template::Renderer;
+pub use registry::StageRegistry;
 
 /// Limits of the engine.
 #[derive(Debug, Clone)]
@@ -74,7 +54,7 @@ impl Default for EngineSettings {
             // Four stages at once covers the widest shipped pipeline without oversubscribing two cores.
             max_parallel_stages: 4,
             job_timeout: Duration::from_secs(3600),
-            progress_interval: progress::DEFAULT_INTERVAL,
+            progress_interval: crate::job::progress::DEFAULT_INTERVAL,
         }
     }
 }

@@ -20,13 +20,15 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::Checkpoints;
-use super::progress::{self, ProgressReporter, ProgressSink, Tracker};
 use super::workdir::WorkDir;
-use super::{Engine, EngineError, JobFailure, JobReport, JobSpec, JobStatus, StageReport, StageStatus, failure, retry};
-use crate::pipeline::template::{Renderer, to_json};
+use super::{Engine, EngineError, JobFailure, JobReport, JobStatus, StageReport, StageStatus, failure};
+use crate::job::checkpoint::Checkpoints;
+use crate::job::progress::{self, ProgressReporter, ProgressSink, Tracker};
+use crate::job::{JobSpec, StageError, StageOutput};
 use crate::pipeline::{OnFailure, Pipeline, StageSpec, Trigger};
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::retry;
+use crate::stage::{Stage, StageContext};
+use crate::template::{Renderer, to_json};
 use crate::units::HumanDuration;
 
 /// How long a cancelled attempt may take to clean up (kill its processes) before its task is aborted.

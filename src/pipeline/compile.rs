@@ -12,12 +12,13 @@ use std::ops::Range;
 
 use toml::Spanned;
 
-use super::document::{self, Document, SpannedValue};
-use super::error::Diagnostic;
-use super::raw::{RawPipeline, RawRetry, RawStage};
-use super::{DEFAULT_MAX_PARALLEL, DEFAULT_TIMEOUT, Pipeline, RetryPolicy, StageGraph, StageSpec, suggest, template};
+use super::raw::{RawPipeline, RawStage};
+use super::{DEFAULT_MAX_PARALLEL, DEFAULT_TIMEOUT, Pipeline, StageGraph, StageSpec};
+use crate::document::{self, Diagnostic, Document, SpannedValue, suggest};
 use crate::plugin::PluginSet;
+use crate::retry::{RawRetry, RetryPolicy};
 use crate::stage::{BuiltinKind, StageKind};
+use crate::template;
 
 /// Progress weight of a kind registered in code.
 const CUSTOM_WEIGHT: u32 = 5;

@@ -1,26 +1,20 @@
-//! Pipelines: the stage DAGs declared in `pipelines/NAME.toml` (DESIGN §3).
+//! Pipelines: the stage DAGs declared in `pipelines/NAME.toml` (ARCHITECTURE.md).
 //!
 //! Loading is a compile step: `raw` holds the file as written, `compile` checks it against the known stage
 //! kinds and reports every problem at once with `file:line:column`, and the result is an immutable
 //! [`Pipeline`] whose stages form a [`StageGraph`]. Nothing runs from a pipeline that did not compile.
 
 pub mod compile;
-pub mod document;
-pub mod error;
 pub mod graph;
 pub mod raw;
-pub mod suggest;
-pub mod template;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
-
-pub use error::{Diagnostic, LoadError};
 pub use graph::StageGraph;
 pub use raw::{OnFailure, Trigger};
 
+use crate::retry::RetryPolicy;
 use crate::stage::StageKind;
 
 /// A checked pipeline, ready to run.
@@ -74,49 +68,8 @@ pub struct StageSpec {
     pub on_failure: OnFailure,
 }
 
-/// How failed attempts of a stage are retried: exponential backoff, capped.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct RetryPolicy {
-    /// Attempts in all, including the first.
-    pub max_attempts: u32,
-    /// Wait before the first retry.
-    pub initial_interval: Duration,
-    /// Growth factor of the wait.
-    pub backoff_coefficient: f64,
-    /// Longest wait.
-    pub max_interval: Duration,
-}
-
-impl Default for RetryPolicy {
-    /// Three attempts, 2 s then 4 s apart: enough to ride out a provider hiccup without hiding a real outage.
-    fn default() -> Self {
-        Self {
-            max_attempts: 3,
-            initial_interval: Duration::from_secs(2),
-            backoff_coefficient: 2.0,
-            max_interval: Duration::from_secs(60),
-        }
-    }
-}
-
 /// Default time allowed for one attempt of one stage: long enough to transcode or transcribe a long recording.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Default number of `for_each` items that run at once.
 pub const DEFAULT_MAX_PARALLEL: u32 = 4;
-
-/// The `*.toml` files of a folder, sorted by name.
-///
-/// # Errors
-/// The I/O error when the folder cannot be listed.
-pub fn toml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|ext| ext == "toml") && path.is_file() {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
-}

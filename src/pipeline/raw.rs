@@ -1,4 +1,4 @@
-//! The pipeline file exactly as written (`pipelines/NAME.toml`, DESIGN §3): serde types that refuse unknown
+//! The pipeline file exactly as written (`pipelines/NAME.toml`): serde types that refuse unknown
 //! keys and keep the spans that later checks point at. Nothing here is validated beyond its shape;
 //! `compile` turns these into a [`Pipeline`](super::Pipeline).
 //!
@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::retry::RawRetry;
 use crate::units::HumanDuration;
 
 /// A whole pipeline file.
@@ -41,22 +42,6 @@ pub struct RawDefaults {
     pub retry: Option<RawRetry>,
     /// How many items of a `for_each` stage run at once (default 4).
     pub max_parallel: Option<u32>,
-}
-
-/// A retry policy; every field falls back to the pipeline default, then to the built-in default.
-#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RawRetry {
-    /// Attempts in all, including the first (default 3; 1 means no retry).
-    #[schemars(range(min = 1))]
-    pub max_attempts: Option<u32>,
-    /// Wait before the first retry (default `"2s"`).
-    pub initial_interval: Option<HumanDuration>,
-    /// Each wait is the previous one times this (default 2.0, at least 1.0).
-    #[schemars(range(min = 1.0))]
-    pub backoff_coefficient: Option<f64>,
-    /// Longest wait between attempts (default `"1m"`).
-    pub max_interval: Option<HumanDuration>,
 }
 
 /// One stage of a pipeline.

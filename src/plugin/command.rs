@@ -13,8 +13,9 @@ use tokio::process::Command;
 
 use super::{Plugin, PluginAction};
 use crate::child;
-use crate::pipeline::template::Renderer;
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::job::{StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
+use crate::template::Renderer;
 
 /// The `[command]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

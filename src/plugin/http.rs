@@ -10,8 +10,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Plugin, PluginAction};
-use crate::pipeline::template::Renderer;
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::job::{StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
+use crate::template::Renderer;
 
 /// The `[http]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -1,4 +1,4 @@
-//! Plugins: new stage kinds declared in `plugins/NAME.toml` with no Rust code (DESIGN §4). A plugin is a
+//! Plugins: new stage kinds declared in `plugins/NAME.toml` with no Rust code (ARCHITECTURE.md). A plugin is a
 //! `prompt` (chat completion with a JSON output schema), a `command` (external program) or an `http` call,
 //! with typed `[params]` that pipelines fill through `with`.
 //!
@@ -19,13 +19,12 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
-use crate::pipeline::document::{self, Document, SpannedValue};
-use crate::pipeline::error::Diagnostic;
-use crate::pipeline::raw::RawRetry;
-use crate::pipeline::template::Renderer;
-use crate::pipeline::{suggest, template};
+use crate::document::{self, Diagnostic, Document, SpannedValue, suggest};
+use crate::job::StageError;
+use crate::retry::RawRetry;
 use crate::stage::BuiltinKind;
-use crate::stage::{StageContext, StageError};
+use crate::stage::StageContext;
+use crate::template::{self, Renderer};
 use crate::units::HumanDuration;
 
 pub use command::CommandSection;
@@ -236,7 +235,7 @@ impl PluginSet {
     /// The I/O error when the folder or a file cannot be read.
     pub fn load_dir(dir: &Path) -> std::io::Result<Self> {
         let mut set = Self::default();
-        for file in crate::pipeline::toml_files(dir)? {
+        for file in crate::document::toml_files(dir)? {
             let document = Document::read(&file)?;
             match Plugin::load(&document) {
                 Ok(plugin) => {

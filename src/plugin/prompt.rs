@@ -11,8 +11,9 @@ use serde_json::{Value, json};
 use super::{Plugin, PluginAction};
 use crate::ai::Providers;
 use crate::ai::structured::{Ask, analyze};
-use crate::pipeline::template::Renderer;
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::job::{StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
+use crate::template::Renderer;
 
 /// The `[prompt]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -7,24 +7,20 @@
 //! [`StageRegistry`].
 
 pub mod builtin;
-pub mod registry;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 pub use builtin::BuiltinKind;
-pub use registry::StageRegistry;
 
-use crate::engine::JobSpec;
-use crate::engine::checkpoint::Checkpoints;
-use crate::engine::progress::ProgressReporter;
+use crate::job::checkpoint::Checkpoints;
+use crate::job::progress::ProgressReporter;
+use crate::job::{JobSpec, StageError, StageOutput};
 
 /// What a stage's `uses` resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,59 +93,5 @@ impl std::fmt::Debug for StageContext {
             .field("stage_id", &self.stage_id)
             .field("attempt", &self.attempt)
             .finish_non_exhaustive()
-    }
-}
-
-/// A stage's result: a JSON value for templates and the store, and the files it left in the work directory.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StageOutput {
-    /// The output value, readable as `stages.<id>` by dependent stages.
-    pub value: Value,
-    /// Files the output refers to; a checkpoint is only reused while they all exist.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub files: Vec<PathBuf>,
-}
-
-impl From<Value> for StageOutput {
-    fn from(value: Value) -> Self {
-        Self { value, files: Vec::new() }
-    }
-}
-
-/// Why an attempt failed, and whether another attempt can help.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct StageError {
-    /// A sentence naming what failed.
-    pub message: String,
-    /// Whether a retry can help (a timeout, a 5xx or 429, a dropped connection).
-    pub retryable: bool,
-    /// How long the provider asked us to wait before the next attempt; it wins over the backoff.
-    pub retry_after: Option<Duration>,
-    /// A stable class for tools, such as `timeout`, `http_status` or `invalid_output`.
-    pub code: &'static str,
-}
-
-impl StageError {
-    /// An error another attempt may not repeat.
-    pub fn transient(code: &'static str, message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: true, retry_after: None, code }
-    }
-
-    /// An error every attempt would repeat (bad input, 4xx, schema mismatch).
-    pub fn permanent(code: &'static str, message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: false, retry_after: None, code }
-    }
-
-    /// The attempt stopped because the job was cancelled.
-    pub fn cancelled() -> Self {
-        Self::permanent("cancelled", "cancelled")
-    }
-
-    /// Sets the wait the provider asked for.
-    #[must_use]
-    pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
-        self.retry_after = wait;
-        self
     }
 }

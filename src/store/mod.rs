@@ -1,5 +1,5 @@
 //! The store: where recordings, their live status and their results live, so the frontend can read them
-//! (DESIGN §6, §11). One [`Store`] trait; [`sql::SqlStore`] implements it on SQLite (the embedded default,
+//! (ARCHITECTURE.md). One [`Store`] trait; [`sql::SqlStore`] implements it on SQLite (the embedded default,
 //! `sqlite://echo.db`) and PostgreSQL (Supabase included, so Supabase Realtime sees every update).
 //!
 //! Status rules, enforced in SQL so that no writer can break them: a completed recording never goes back to

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Store;
-use crate::engine::progress::{ProgressSink, ProgressUpdate};
+use crate::job::progress::{ProgressSink, ProgressUpdate};
 
 /// At most one progress write per recording per this interval.
 pub const WRITE_INTERVAL: Duration = Duration::from_secs(1);

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use echo_worker::engine::JobSpec;
-use echo_worker::engine::progress::ProgressReporter;
-use echo_worker::stage::{Stage, StageContext, StageError, StageOutput};
+use echo_worker::job::JobSpec;
+use echo_worker::job::progress::ProgressReporter;
+use echo_worker::job::{StageError, StageOutput};
+use echo_worker::stage::{Stage, StageContext};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +92,7 @@ pub async fn run_stage_with(
         cancel,
         attempt: 1,
         item: None,
-        checkpoints: Arc::new(echo_worker::engine::checkpoint::MemoryCheckpoints::default()),
+        checkpoints: Arc::new(echo_worker::job::checkpoint::MemoryCheckpoints::default()),
     };
     stage.run(ctx).await
 }

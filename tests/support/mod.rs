@@ -10,14 +10,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use echo_worker::engine::checkpoint::{Checkpoints, MemoryCheckpoints};
-use echo_worker::engine::progress::{ProgressSink, ProgressUpdate};
-use echo_worker::engine::{Engine, EngineSettings, JobReport, JobSpec};
+use echo_worker::document::Document;
+use echo_worker::engine::{Engine, EngineSettings, JobReport, StageRegistry};
+use echo_worker::job::JobSpec;
+use echo_worker::job::checkpoint::{Checkpoints, MemoryCheckpoints};
+use echo_worker::job::progress::{ProgressSink, ProgressUpdate};
+use echo_worker::job::{StageError, StageOutput};
 use echo_worker::pipeline::Pipeline;
 use echo_worker::pipeline::compile::compile;
-use echo_worker::pipeline::document::Document;
 use echo_worker::plugin::PluginSet;
-use echo_worker::stage::{Stage, StageContext, StageError, StageOutput, StageRegistry};
+use echo_worker::stage::{Stage, StageContext};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 use crate::ai::Providers;
 use crate::ai::structured::{Ask, analyze};
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::job::{StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
 
 /// `with` parameters of `analyze`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

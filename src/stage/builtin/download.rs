@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
+use crate::job::{StageError, StageOutput};
 use crate::source::{Fetcher, Source, check_status};
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
 use crate::units::ByteSize;
 
 /// `with` parameters of `download`.

@@ -1,4 +1,4 @@
-//! The builtin stage kinds and their `with` parameters (DESIGN §6). Each file holds one kind; its parameter
+//! The builtin stage kinds and their `with` parameters (ARCHITECTURE.md). Each file holds one kind; its parameter
 //! struct is the single source for checking pipelines and for the generated JSON Schema.
 
 pub mod analyze;
@@ -11,8 +11,7 @@ pub mod whisper;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
 
-use crate::pipeline::document::{Document, SpannedValue};
-use crate::pipeline::error::Diagnostic;
+use crate::document::{Diagnostic, Document, SpannedValue};
 
 /// A stage kind implemented in this crate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,10 +103,10 @@ impl BuiltinKind {
 /// # Errors
 /// A permanent `invalid_params` error naming the stage and what serde refused (a whole-value template can
 /// produce a value of the wrong type at run time).
-pub fn params<T: DeserializeOwned>(ctx: &crate::stage::StageContext) -> Result<T, crate::stage::StageError> {
+pub fn params<T: DeserializeOwned>(ctx: &crate::stage::StageContext) -> Result<T, crate::job::StageError> {
     let value = if ctx.params.is_null() { serde_json::json!({}) } else { ctx.params.clone() };
     serde_json::from_value(value).map_err(|error| {
-        crate::stage::StageError::permanent("invalid_params", format!("stage `{}`: {error}", ctx.stage_id))
+        crate::job::StageError::permanent("invalid_params", format!("stage `{}`: {error}", ctx.stage_id))
     })
 }
 
@@ -117,7 +116,7 @@ fn check<T: DeserializeOwned + JsonSchema>(
     base: &str,
     templated: &[String],
 ) -> Vec<Diagnostic> {
-    let typed = crate::pipeline::document::without_keys(with, templated);
+    let typed = crate::document::without_keys(with, templated);
     let optional: Vec<String> = templated.iter().map(|key| format!("{base}.{key}")).collect();
     document.deserialize::<T>(&typed, base, &optional).diagnostics
 }

@@ -9,7 +9,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::job::{StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
 use crate::store::{Store, StoreError};
 
 /// `with` parameters of `persist`.

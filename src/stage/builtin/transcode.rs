@@ -15,9 +15,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::job::{StageError, StageOutput};
 use crate::media::silence::{SilenceLog, cut_points};
 use crate::media::{MediaError, ffmpeg, probe};
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
 use crate::units::{Bitrate, ByteSize, HumanDuration};
 
 /// `with` parameters of `transcode`.

@@ -15,10 +15,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
+use crate::job::{StageError, StageOutput};
 use crate::media::sniff::{SNIFF_LEN, matches, sniff};
 use crate::media::{MediaError, ffmpeg, probe};
 use crate::source::{Fetcher, Source, check_status};
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
 use crate::units::{ByteSize, HumanDuration};
 
 /// `with` parameters of `validate`.

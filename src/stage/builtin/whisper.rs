@@ -22,7 +22,8 @@ use tokio::sync::Semaphore;
 
 use crate::ai::client::{Segment, Transcription, TranscriptionRequest};
 use crate::ai::{Providers, Usage};
-use crate::stage::{Stage, StageContext, StageError, StageOutput};
+use crate::job::{StageError, StageOutput};
+use crate::stage::{Stage, StageContext};
 
 /// `with` parameters of `whisper`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

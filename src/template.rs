@@ -7,8 +7,7 @@ use std::ops::Range;
 
 use minijinja::Environment;
 
-use super::document::Document;
-use super::error::Diagnostic;
+use crate::document::{Diagnostic, Document};
 
 /// Names minijinja provides as globals; they may appear in any template.
 const GLOBALS: [&str; 4] = ["range", "dict", "namespace", "debug"];

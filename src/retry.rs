@@ -1,14 +1,59 @@
-//! Retry timing: exponential backoff with jitter, capped, unless the provider said how long to wait.
+//! Retries: the policy a pipeline declares for a stage (and the AI client uses for requests), and its timing:
+//! exponential backoff with jitter, capped, unless the provider said how long to wait.
 
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-use crate::pipeline::RetryPolicy;
-use crate::stage::StageError;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::job::StageError;
+use crate::units::HumanDuration;
 
 /// Jitter takes up to this share off each wait, so that workers that failed together do not retry together,
 /// while every wait stays longer than the one before it for coefficients of 1.25 and up.
 const JITTER: f64 = 0.2;
+
+/// How failed attempts of a stage are retried: exponential backoff, capped.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, including the first.
+    pub max_attempts: u32,
+    /// Wait before the first retry.
+    pub initial_interval: Duration,
+    /// Growth factor of the wait.
+    pub backoff_coefficient: f64,
+    /// Longest wait.
+    pub max_interval: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// Three attempts, 2 s then 4 s apart: enough to ride out a provider hiccup without hiding a real outage.
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_interval: Duration::from_secs(2),
+            backoff_coefficient: 2.0,
+            max_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A retry policy; every field falls back to the pipeline default, then to the built-in default.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Attempts in all, including the first (default 3; 1 means no retry).
+    #[schemars(range(min = 1))]
+    pub max_attempts: Option<u32>,
+    /// Wait before the first retry (default `"2s"`).
+    pub initial_interval: Option<HumanDuration>,
+    /// Each wait is the previous one times this (default 2.0, at least 1.0).
+    #[schemars(range(min = 1.0))]
+    pub backoff_coefficient: Option<f64>,
+    /// Longest wait between attempts (default `"1m"`).
+    pub max_interval: Option<HumanDuration>,
+}
 
 /// The wait before the attempt after `failed_attempt` (1-based): the error's `retry_after` when it has one,
 /// otherwise `initial × coefficient^(failed_attempt − 1)`, capped at `max_interval`, minus up to 20% jitter.

@@ -12,8 +12,10 @@ use serde::de::{DeserializeOwned, IntoDeserializer};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::error::Diagnostic;
-use super::suggest;
+pub mod diagnostic;
+pub mod suggest;
+
+pub use diagnostic::{Diagnostic, LoadError};
 
 /// A parsed value tree with spans, borrowing from the [`Document`] text.
 pub type SpannedValue<'a> = Spanned<DeValue<'a>>;
@@ -311,4 +313,20 @@ pub fn type_name(value: &DeValue<'_>) -> &'static str {
 /// Keeps the entries whose key passes `keep`, in order.
 fn retain(table: &mut DeTable<'_>, keep: impl Fn(&str) -> bool) {
     *table = std::mem::take(table).into_iter().filter(|(key, _)| keep(key.get_ref())).collect();
+}
+
+/// The `*.toml` files of a folder, sorted by name.
+///
+/// # Errors
+/// The I/O error when the folder cannot be listed.
+pub fn toml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "toml") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
 }

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Stage, StageKind};
 use crate::pipeline::Pipeline;
 use crate::plugin::{Plugin, PluginAction};
+use crate::stage::{Stage, StageKind};
 
 /// Stage implementations by kind name.
 #[derive(Clone, Default)]

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::stage::StageOutput;
+use crate::job::StageOutput;
 
 /// The checkpoint store could not be read or written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
