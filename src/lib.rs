@@ -16,6 +16,7 @@
 //! - [`pipeline`]: pipeline files compiled into a checked DAG; [`catalog`]: all of them loaded together;
 //!   [`schema`]: the JSON Schemas of both formats.
 //! - [`engine`]: runs one job's stage DAG: retries, timeouts, cancellation, checkpoints, progress.
+//! - [`queue`]: jobs waiting and running across processes, with leases (Redis, or memory).
 //! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`.
 
 pub mod ai;
@@ -31,6 +32,7 @@ pub mod local;
 pub mod media;
 pub mod pipeline;
 pub mod plugin;
+pub mod queue;
 pub mod retry;
 pub mod schema;
 pub mod secret;
