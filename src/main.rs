@@ -52,8 +52,8 @@ enum Command {
     },
     /// Print the effective settings as TOML, with secrets redacted.
     Config,
-    /// Run files through a pipeline in this process (no server, no queue), with a progress bar per file; write
-    /// each job's report as JSON; exit 1 if any job failed, 130 when cancelled with Ctrl-C or SIGTERM.
+    /// Run files through a pipeline in this process (no server, no queue), with a progress bar per file; print a
+    /// summary per file (or the JSON reports); exit 1 if any job failed, 130 when cancelled with Ctrl-C or SIGTERM.
     Process {
         /// Media files to process.
         #[arg(required = true, value_name = "FILE")]
@@ -64,9 +64,13 @@ enum Command {
         /// A job parameter, `key=value` (repeatable); the value is read as JSON when it parses (`false`, `3`).
         #[arg(long = "param", value_name = "KEY=VALUE", value_parser = echo_worker::local::parse_param)]
         params: Vec<(String, serde_json::Value)>,
-        /// Folder for one `<file stem>.json` report per file [default: print to stdout].
+        /// Folder for one `<file stem>.json` report per file.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// `text`: a short summary per file on stdout; `json`: the reports on stdout (one object for one file,
+        /// an array for several), in place of the summary.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
         #[command(flatten)]
         folders: Folders,
     },
@@ -130,13 +134,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", settings.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Process { files, pipeline, params, out, folders: args } => {
+        Command::Process { files, pipeline, params, out, format, folders: args } => {
             let located = folders(&settings, &args)?;
             let request = echo_worker::local::ProcessRequest {
                 files,
                 pipeline,
                 params: params.into_iter().collect(),
                 out,
+                json: matches!(format, Format::Json),
                 pipelines: located.pipelines.clone(),
                 plugins: located.plugins.clone(),
             };
@@ -261,12 +266,8 @@ fn pipeline_json(pipeline: &Pipeline) -> serde_json::Value {
 
 fn graph(settings: &Settings, args: &Folders, name: &str, format: GraphFormat) -> anyhow::Result<ExitCode> {
     let located = folders(settings, args)?;
-    let (pipelines, plugins) = (&located.pipelines, &located.plugins);
-    let catalog = Catalog::load(pipelines, plugins)?;
-    let Some(pipeline) = catalog.pipelines.get(name) else {
-        let known: Vec<&str> = catalog.pipelines.keys().map(String::as_str).collect();
-        anyhow::bail!("no pipeline named `{name}` in {}; known: {}", pipelines.display(), known.join(", "));
-    };
+    let catalog = Catalog::load(&located.pipelines, &located.plugins)?;
+    let pipeline = catalog.pipeline(name)?;
     let label = |id: &str| pipeline.stage(id).map(|stage| stage.uses.name().to_string()).unwrap_or_default();
     match format {
         GraphFormat::Dot => print!("{}", pipeline.graph.to_dot(&pipeline.name, label)),
