@@ -5,11 +5,26 @@ use std::path::Path;
 
 use indexmap::IndexMap;
 
-use crate::document::Document;
-use crate::document::{LoadError, toml_files};
+use crate::document::{Document, LoadError, suggest, toml_files};
 use crate::pipeline::Pipeline;
 use crate::pipeline::compile::compile;
 use crate::plugin::{Plugin, PluginSet};
+
+/// A pipeline name that the catalog does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no pipeline named `{name}`{} (known: {})",
+    suggestion.as_ref().map(|s| format!("; did you mean `{s}`?")).unwrap_or_default(),
+    known.join(", ")
+)]
+pub struct UnknownPipeline {
+    /// The name asked for.
+    pub name: String,
+    /// The closest known name, when one is close enough to be a typo.
+    pub suggestion: Option<String>,
+    /// Every known name.
+    pub known: Vec<String>,
+}
 
 /// The loaded pipelines and plugins.
 #[derive(Debug, Clone, Default)]
@@ -28,6 +43,18 @@ impl Catalog {
     /// every file otherwise.
     pub fn load(pipelines_dir: &Path, plugins_dir: &Path) -> Result<Self, LoadError> {
         Self::load_with_kinds(pipelines_dir, plugins_dir, &[])
+    }
+
+    /// The pipeline called `name`.
+    ///
+    /// # Errors
+    /// [`UnknownPipeline`] with the closest known name and every known name.
+    pub fn pipeline(&self, name: &str) -> Result<&Pipeline, UnknownPipeline> {
+        self.pipelines.get(name).ok_or_else(|| {
+            let known: Vec<String> = self.pipelines.keys().cloned().collect();
+            let suggestion = suggest::closest(name, &known).map(str::to_string);
+            UnknownPipeline { name: name.to_string(), suggestion, known }
+        })
     }
 
     /// Like [`Catalog::load`], also accepting the stage kinds an embedding program registers in code.
@@ -60,5 +87,23 @@ impl Catalog {
         } else {
             Err(LoadError::Invalid(diagnostics))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_pipeline_suggests_the_closest_name() {
+        let catalog = Catalog::load(Path::new("pipelines"), Path::new("plugins")).unwrap();
+        let error = catalog.pipeline("audio_qa").unwrap_err();
+        assert_eq!(error.suggestion.as_deref(), Some("audio-qa"));
+        assert!(
+            error.to_string().starts_with("no pipeline named `audio_qa`; did you mean `audio-qa`? (known: audio-qa, "),
+            "{error}"
+        );
+        assert_eq!(catalog.pipeline("nothing-like-it").unwrap_err().suggestion, None);
+        assert_eq!(catalog.pipeline("audio-qa").unwrap().name, "audio-qa");
     }
 }

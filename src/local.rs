@@ -38,8 +38,10 @@ pub struct ProcessRequest {
     pub pipeline: String,
     /// `job.params`, from `--param key=value`.
     pub params: serde_json::Map<String, Value>,
-    /// Folder for one `<file stem>.json` report per file; stdout when absent.
+    /// Folder for one `<file stem>.json` report per file.
     pub out: Option<PathBuf>,
+    /// Print the JSON reports on stdout instead of a summary per file.
+    pub json: bool,
     /// Folder of pipeline files.
     pub pipelines: PathBuf,
     /// Folder of plugin files.
@@ -66,10 +68,7 @@ pub fn parse_param(text: &str) -> anyhow::Result<(String, Value)> {
 /// cannot run here, an unreadable file.
 pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Result<ExitCode> {
     let catalog = Catalog::load(&request.pipelines, &request.plugins)?;
-    let Some(pipeline) = catalog.pipelines.get(&request.pipeline).cloned() else {
-        let known: Vec<&str> = catalog.pipelines.keys().map(String::as_str).collect();
-        bail!("no pipeline named `{}`; known: {}", request.pipeline, known.join(", "));
-    };
+    let pipeline = catalog.pipeline(&request.pipeline)?.clone();
     let mut sources = Vec::with_capacity(request.files.len());
     for file in &request.files {
         let metadata = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -93,7 +92,7 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
     for (index, (file, source)) in request.files.iter().zip(sources).enumerate() {
         let bar = bars.add(ProgressBar::new(100));
         bar.set_style(
-            ProgressStyle::with_template("{prefix:24!} [{bar:30}] {pos:>3}% {wide_msg}")
+            ProgressStyle::with_template("{prefix:20!} [{bar:20}] {pos:>3}% {elapsed:>4} {wide_msg}")
                 .expect("the template is valid")
                 .progress_chars("=> "),
         );
@@ -123,6 +122,7 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
             (engine.clone(), pipeline.clone(), cancel.clone(), limit.clone(), file.clone(), store.clone());
         jobs.spawn(async move {
             let _permit = limit.acquire_owned().await;
+            let started = std::time::Instant::now();
             let store_sink = Arc::new(StoreSink::new(store.clone(), recording_id.clone()));
             let sink: Arc<dyn ProgressSink> = Arc::new(Tee(vec![Arc::new(BarSink(bar.clone())), store_sink]));
             let report = engine.run(&pipeline, job, sink, cancel).await;
@@ -132,19 +132,27 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
             {
                 tracing::warn!(recording = %recording_id, %error, "could not record how the job ended");
             }
-            (index, file, recording_id, report)
+            (index, file, recording_id, report.map(|report| (report, started.elapsed())))
         });
     }
     let mut reports = Vec::new();
+    let mut took = std::collections::HashMap::new();
     while let Some(joined) = jobs.join_next().await {
         let (index, file, recording, report) = joined.context("a job task failed")?;
-        reports.push((index, file, recording, report?));
+        let (report, elapsed) = report?;
+        took.insert(index, elapsed);
+        reports.push((index, file, recording, report));
     }
     reports.sort_by_key(|(index, ..)| *index);
-    write_reports(&reports, request.out.as_deref())?;
+    let written = write_reports(&reports, request.out.as_deref(), request.json)?;
 
     let mut code = ExitCode::SUCCESS;
-    for (_, file, _, report) in &reports {
+    for ((index, file, recording, report), written) in reports.iter().zip(&written) {
+        if !request.json {
+            let elapsed = took.get(index).copied().unwrap_or_default();
+            let stored = format!("recording {recording} in {}", settings.database.url.redacted());
+            println!("{}", summary(file, &pipeline, report, elapsed, written.as_deref(), &stored));
+        }
         match report.status {
             JobStatus::Succeeded => {}
             JobStatus::Cancelled => {
@@ -193,22 +201,30 @@ async fn settle(store: &dyn Store, id: &str, report: &JobReport) -> Result<(), S
     Ok(())
 }
 
-/// One report per file: `<stem>.json` in `out`, or on stdout (an object for one file, an array for several).
-fn write_reports(reports: &[(usize, PathBuf, String, JobReport)], out: Option<&Path>) -> anyhow::Result<()> {
+/// One report per file: `<stem>.json` in `out` when given, and on stdout when `stdout` (an object for one file,
+/// an array for several). Returns, per report, the file it was written to.
+fn write_reports(
+    reports: &[(usize, PathBuf, String, JobReport)],
+    out: Option<&Path>,
+    stdout: bool,
+) -> anyhow::Result<Vec<Option<PathBuf>>> {
     let documents: Vec<Value> = reports
         .iter()
         .map(|(_, file, recording, report)| json!({ "file": file, "recording_id": recording, "report": report }))
         .collect();
-    let Some(out) = out else {
+    if stdout {
         let text = match documents.as_slice() {
             [one] => serde_json::to_string_pretty(one)?,
             many => serde_json::to_string_pretty(many)?,
         };
         println!("{text}");
-        return Ok(());
+    }
+    let Some(out) = out else {
+        return Ok(vec![None; reports.len()]);
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut used = std::collections::HashSet::new();
+    let mut written = Vec::with_capacity(reports.len());
     for ((_, file, ..), document) in reports.iter().zip(documents) {
         let stem = file.file_stem().map_or_else(|| "report".into(), |stem| stem.to_string_lossy().into_owned());
         let name =
@@ -216,8 +232,9 @@ fn write_reports(reports: &[(usize, PathBuf, String, JobReport)], out: Option<&P
         let path = out.join(format!("{}.json", name.unwrap_or(stem)));
         std::fs::write(&path, serde_json::to_string_pretty(&document)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        written.push(Some(path));
     }
-    Ok(())
+    Ok(written)
 }
 
 async fn cancel_on_signal(cancel: CancellationToken) {
@@ -245,9 +262,157 @@ struct BarSink(ProgressBar);
 impl ProgressSink for BarSink {
     async fn update(&self, update: ProgressUpdate) {
         self.0.set_position(u64::from(update.percent));
-        self.0.set_message(match update.stage {
-            Some(stage) if !stage.is_empty() => format!("{stage}: {}", update.message),
-            _ => update.message,
-        });
+        self.0.set_message(bar_message(&update));
+    }
+}
+
+/// `[2/5] transcode: 40% encoded · also running loudness`: stages done out of all, what the running stage that
+/// spoke last said, and the other stages running now. Never a stage that has ended; once nothing runs, just the
+/// message (`completed`, `failed: …`).
+fn bar_message(update: &ProgressUpdate) -> String {
+    if update.running.is_empty() {
+        return update.message.clone();
+    }
+    let count = format!("[{}/{}]", update.stages_done, update.stages_total);
+    let speaker = update.stage.as_ref().filter(|stage| {
+        update.running.contains(stage) && !update.message.is_empty() && update.message != format!("running {stage}")
+    });
+    let Some(speaker) = speaker else {
+        return format!("{count} running {}", update.running.join(", "));
+    };
+    let others: Vec<&str> = update.running.iter().map(String::as_str).filter(|id| id != speaker).collect();
+    if others.is_empty() {
+        format!("{count} {speaker}: {}", update.message)
+    } else {
+        format!("{count} {speaker}: {} · also running {}", update.message, others.join(", "))
+    }
+}
+
+/// The lines printed for one file when the jobs are done: status, time taken, what the recording is, the
+/// headline figures of the pipeline's last stages, and where the report and the result went.
+fn summary(
+    file: &Path,
+    pipeline: &crate::pipeline::Pipeline,
+    report: &JobReport,
+    took: std::time::Duration,
+    written: Option<&Path>,
+    stored: &str,
+) -> String {
+    let status = match (report.status, report.failure.as_ref().and_then(|f| f.stage.as_deref())) {
+        (JobStatus::Succeeded, _) => "completed".to_string(),
+        (JobStatus::Failed, Some(stage)) => format!("failed in stage `{stage}`"),
+        (JobStatus::Failed, None) => "failed".to_string(),
+        (JobStatus::Cancelled, _) => "cancelled".to_string(),
+    };
+    let when = if report.status == JobStatus::Succeeded { "in" } else { "after" };
+    let mut text = format!("{}: {status} {when} {:.1} s ({})", file.display(), took.as_secs_f64(), pipeline.name);
+    // The media facts `validate` found, when the pipeline has such a stage and it ran.
+    let facts =
+        report.stages.values().filter_map(|stage| stage.output.as_ref()).find(|output| output["mime"].is_string());
+    if let Some(facts) = facts {
+        let mut parts = Vec::new();
+        if let Some(seconds) = facts["duration"].as_f64() {
+            parts.push(format!("{seconds:.1} s"));
+        }
+        parts.push(facts["mime"].as_str().unwrap_or_default().to_string());
+        if let Some(size) = facts["size"].as_u64() {
+            parts.push(crate::units::ByteSize(size).human().to_string());
+        }
+        text.push_str(&format!("\n  recording: {}", parts.join(", ")));
+    }
+    for id in last_stages(pipeline) {
+        let Some(output) = report.stages.get(&id).and_then(|stage| stage.output.as_ref()) else { continue };
+        let figures = headline(output);
+        if !figures.is_empty() {
+            text.push_str(&format!("\n  {id}: {}", figures.join(", ")));
+        }
+    }
+    if let Some(path) = written {
+        text.push_str(&format!("\n  report: {}", path.display()));
+    }
+    text.push_str(&format!("\n  stored: {stored}"));
+    text
+}
+
+/// The stages whose outputs sum a run up: those nothing else needs, with a `persist` stage replaced by what it
+/// stores.
+fn last_stages(pipeline: &crate::pipeline::Pipeline) -> Vec<String> {
+    let needed: std::collections::HashSet<&str> =
+        pipeline.stages.iter().flat_map(|stage| stage.needs.iter().map(String::as_str)).collect();
+    let mut last = Vec::new();
+    for stage in pipeline.stages.iter().filter(|stage| !needed.contains(stage.id.as_str())) {
+        if stage.uses.name() == "persist" {
+            last.extend(stage.needs.iter().cloned());
+        } else {
+            last.push(stage.id.clone());
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    last.retain(|id| seen.insert(id.clone()));
+    last
+}
+
+/// At most eight `name value` figures of a stage's output: numbers (sizes in human units, seconds with one
+/// decimal), short text and flags as they are, lists by their length, long text by its length; paths and
+/// nested objects are left out.
+fn headline(output: &Value) -> Vec<String> {
+    let Some(fields) = output.as_object() else { return Vec::new() };
+    let mut figures = Vec::new();
+    for (key, value) in fields {
+        let figure = match value {
+            Value::Number(number) if key == "bytes" || key == "size" || key.ends_with("_bytes") => {
+                number.as_u64().map(|bytes| crate::units::ByteSize(bytes).human().to_string())
+            }
+            Value::Number(number) if key == "duration" || key.ends_with("_s") => {
+                number.as_f64().map(|seconds| format!("{seconds:.1} s"))
+            }
+            Value::Number(number) => Some(match number.as_f64() {
+                Some(float) if number.is_f64() => format!("{}", (float * 100.0).round() / 100.0),
+                _ => number.to_string(),
+            }),
+            Value::Bool(flag) => Some(flag.to_string()),
+            Value::String(text) if key == "path" || key.ends_with("_path") || text.starts_with('/') => None,
+            Value::String(text) if text.chars().count() <= 40 && !text.contains('\n') => Some(text.clone()),
+            Value::String(text) => Some(format!("{} characters", text.chars().count())),
+            Value::Array(items) => Some(items.len().to_string()),
+            Value::Object(_) | Value::Null => None,
+        };
+        if let Some(figure) = figure {
+            figures.push(format!("{key} {figure}"));
+        }
+        if figures.len() == 8 {
+            break;
+        }
+    }
+    figures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(stage: &str, message: &str, running: &[&str], done: usize) -> ProgressUpdate {
+        ProgressUpdate {
+            job_id: "j".into(),
+            percent: 40,
+            stage: Some(stage.into()),
+            message: message.into(),
+            running: running.iter().map(|id| id.to_string()).collect(),
+            stages_done: done,
+            stages_total: 5,
+        }
+    }
+
+    #[test]
+    fn the_bar_shows_running_stages_and_never_a_finished_one() {
+        let both = update("transcode", "40% encoded", &["transcode", "loudness"], 2);
+        assert_eq!(bar_message(&both), "[2/5] transcode: 40% encoded · also running loudness");
+        // transcode has ended, loudness says nothing: the bar names loudness, not transcode's last words.
+        let after = update("transcode", "1 chunks", &["loudness"], 3);
+        assert_eq!(bar_message(&after), "[3/5] running loudness");
+        let silent = update("loudness", "running loudness", &["loudness"], 3);
+        assert_eq!(bar_message(&silent), "[3/5] running loudness");
+        let done = update("", "completed", &[], 5);
+        assert_eq!(bar_message(&done), "completed");
     }
 }

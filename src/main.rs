@@ -53,8 +53,8 @@ enum Command {
     },
     /// Print the effective settings as TOML, with secrets redacted.
     Config,
-    /// Run files through a pipeline in this process (no server, no queue), with a progress bar per file; write
-    /// each job's report as JSON; exit 1 if any job failed, 130 when cancelled with Ctrl-C or SIGTERM.
+    /// Run files through a pipeline in this process (no server, no queue), with a progress bar per file; print a
+    /// summary per file (or the JSON reports); exit 1 if any job failed, 130 when cancelled with Ctrl-C or SIGTERM.
     Process {
         /// Media files to process.
         #[arg(required = true, value_name = "FILE")]
@@ -65,9 +65,13 @@ enum Command {
         /// A job parameter, `key=value` (repeatable); the value is read as JSON when it parses (`false`, `3`).
         #[arg(long = "param", value_name = "KEY=VALUE", value_parser = echo_worker::local::parse_param)]
         params: Vec<(String, serde_json::Value)>,
-        /// Folder for one `<file stem>.json` report per file [default: print to stdout].
+        /// Folder for one `<file stem>.json` report per file.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// `text`: a short summary per file on stdout; `json`: the reports on stdout (one object for one file,
+        /// an array for several), in place of the summary.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
         #[command(flatten)]
         folders: Folders,
     },
@@ -131,15 +135,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", settings.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Process { files, pipeline, params, out, folders: args } => {
-            let (pipelines, plugins) = folders(&settings, &args)?;
+        Command::Process { files, pipeline, params, out, format, folders: args } => {
+            let located = folders(&settings, &args)?;
             let request = echo_worker::local::ProcessRequest {
                 files,
                 pipeline,
                 params: params.into_iter().collect(),
                 out,
-                pipelines,
-                plugins,
+                json: matches!(format, Format::Json),
+                pipelines: located.pipelines.clone(),
+                plugins: located.plugins.clone(),
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(echo_worker::local::process(&settings, request))
@@ -156,36 +161,54 @@ fn init_tracing(settings: &Settings) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
 }
 
-/// The pipelines and plugins folders: from the flags, else the settings. When neither folder exists and
-/// neither was configured, the shipped ones embedded in the binary are unpacked into the temp dir and used.
-fn folders(settings: &Settings, folders: &Folders) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let pipelines = folders.pipelines.clone().unwrap_or_else(|| settings.paths.pipelines.clone());
-    let plugins = folders.plugins.clone().unwrap_or_else(|| settings.paths.plugins.clone());
+/// The pipelines and plugins folders to load, and the embedded copies they may point into.
+struct Located {
+    pipelines: PathBuf,
+    plugins: PathBuf,
+    /// The unpacked embedded files, removed when this is dropped, so it lives as long as the folders are used.
+    _embedded: Option<echo_worker::defaults::Unpacked>,
+}
+
+/// The pipelines and plugins folders: from the flags, else the settings. Each folder on its own that was neither
+/// given nor configured and holds no `.toml` file here (usually: is not there) is replaced by the shipped one
+/// embedded in the binary, unpacked into a private temporary directory.
+fn folders(settings: &Settings, folders: &Folders) -> anyhow::Result<Located> {
+    let mut pipelines = folders.pipelines.clone().unwrap_or_else(|| settings.paths.pipelines.clone());
+    let mut plugins = folders.plugins.clone().unwrap_or_else(|| settings.paths.plugins.clone());
     let standard = Settings::default().paths;
-    let unconfigured = folders.pipelines.is_none()
-        && folders.plugins.is_none()
-        && settings.paths.pipelines == standard.pipelines
-        && settings.paths.plugins == standard.plugins;
-    if unconfigured && !pipelines.exists() && !plugins.exists() {
-        let root = echo_worker::defaults::folder(&settings.paths.temp_dir);
-        let unpacked = echo_worker::defaults::unpack(&root).map_err(|(path, error)| {
-            anyhow::anyhow!("cannot unpack the embedded pipelines into {}: {error}", path.display())
-        })?;
-        tracing::info!(folder = %root.display(), "no pipelines/ or plugins/ here; using the embedded ones");
-        return Ok(unpacked);
+    let absent = |folder: &Path| echo_worker::document::toml_files(folder).map_or(true, |files| files.is_empty());
+    let embed_pipelines =
+        folders.pipelines.is_none() && settings.paths.pipelines == standard.pipelines && absent(&pipelines);
+    let embed_plugins = folders.plugins.is_none() && settings.paths.plugins == standard.plugins && absent(&plugins);
+    if !embed_pipelines && !embed_plugins {
+        return Ok(Located { pipelines, plugins, _embedded: None });
     }
-    Ok((pipelines, plugins))
+    let unpacked = echo_worker::defaults::unpack(&settings.paths.temp_dir)?;
+    for (embed, folder, unpacked) in
+        [(embed_pipelines, &mut pipelines, unpacked.pipelines()), (embed_plugins, &mut plugins, unpacked.plugins())]
+    {
+        if embed {
+            tracing::info!(
+                "no {}/*.toml here; using the {} embedded in echo-worker",
+                folder.display(),
+                folder.display()
+            );
+            *folder = unpacked;
+        }
+    }
+    Ok(Located { pipelines, plugins, _embedded: Some(unpacked) })
 }
 
 fn validate(settings: &Settings, args: &Folders, format: Format) -> anyhow::Result<ExitCode> {
-    let (pipelines, plugins) = folders(settings, args)?;
-    let (catalog, diagnostics) = match Catalog::load(&pipelines, &plugins) {
+    let located = folders(settings, args)?;
+    let (pipelines, plugins) = (&located.pipelines, &located.plugins);
+    let (catalog, diagnostics) = match Catalog::load(pipelines, plugins) {
         Ok(catalog) => (catalog, Vec::new()),
         Err(LoadError::Invalid(diagnostics)) => (Catalog::default(), diagnostics),
         Err(error) => return Err(error.into()),
     };
     match format {
-        Format::Text => print_text(&catalog, &diagnostics, &pipelines, &plugins),
+        Format::Text => print_text(&catalog, &diagnostics, pipelines, plugins),
         Format::Json => print_json(&catalog, &diagnostics)?,
     }
     Ok(if diagnostics.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -243,12 +266,9 @@ fn pipeline_json(pipeline: &Pipeline) -> serde_json::Value {
 }
 
 fn graph(settings: &Settings, args: &Folders, name: &str, format: GraphFormat) -> anyhow::Result<ExitCode> {
-    let (pipelines, plugins) = folders(settings, args)?;
-    let catalog = Catalog::load(&pipelines, &plugins)?;
-    let Some(pipeline) = catalog.pipelines.get(name) else {
-        let known: Vec<&str> = catalog.pipelines.keys().map(String::as_str).collect();
-        anyhow::bail!("no pipeline named `{name}` in {}; known: {}", pipelines.display(), known.join(", "));
-    };
+    let located = folders(settings, args)?;
+    let catalog = Catalog::load(&located.pipelines, &located.plugins)?;
+    let pipeline = catalog.pipeline(name)?;
     let label = |id: &str| pipeline.stage(id).map(|stage| stage.uses.name().to_string()).unwrap_or_default();
     match format {
         GraphFormat::Dot => print!("{}", pipeline.graph.to_dot(&pipeline.name, label)),

@@ -152,6 +152,42 @@ impl fmt::Display for ByteSize {
     }
 }
 
+impl ByteSize {
+    /// The size for people: `"518.4 MB"` (one decimal, powers of 1000), or the exact round figure when there is
+    /// one (`"500 MB"`, `"24 MiB"`), or `"812 B"`. [`Display`](fmt::Display) stays the exact literal.
+    pub fn human(self) -> HumanSize {
+        HumanSize(self.0)
+    }
+}
+
+/// A byte count printed for people; see [`ByteSize::human`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl fmt::Display for HumanSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const DECIMAL: [(&str, u64); 4] =
+            [("TB", 1_000_000_000_000), ("GB", 1_000_000_000), ("MB", 1_000_000), ("KB", 1_000)];
+        const BINARY: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        let bytes = self.0;
+        if bytes < 1000 {
+            return write!(f, "{bytes} B");
+        }
+        for (unit, size) in DECIMAL.into_iter().chain(BINARY) {
+            if bytes >= size && bytes % size == 0 && bytes / size < 1000 {
+                return write!(f, "{} {unit}", bytes / size);
+            }
+        }
+        let (unit, size) = DECIMAL.into_iter().find(|(_, size)| bytes >= *size).unwrap_or(("KB", 1_000));
+        let value = bytes as f64 / size as f64;
+        // 999.96 KB would round to "1000.0 KB"; say "1.0 MB" instead.
+        match DECIMAL.iter().rev().find(|(_, bigger)| *bigger == size * 1000) {
+            Some((bigger, _)) if (value * 10.0).round() >= 10_000.0 => write!(f, "1.0 {bigger}"),
+            _ => write!(f, "{value:.1} {unit}"),
+        }
+    }
+}
+
 impl Bitrate {
     /// Reads a bitrate literal.
     ///
@@ -279,6 +315,21 @@ mod tests {
         for bad in ["", "MB", "500XB", "5e3MB", "0.5B"] {
             assert!(ByteSize::parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn sizes_print_for_people_in_human_units() {
+        assert_eq!(ByteSize(518_432_108).human().to_string(), "518.4 MB");
+        assert_eq!(ByteSize(500_000_000).human().to_string(), "500 MB");
+        assert_eq!(ByteSize(24 << 20).human().to_string(), "24 MiB");
+        assert_eq!(ByteSize(812).human().to_string(), "812 B");
+        assert_eq!(ByteSize(0).human().to_string(), "0 B");
+        assert_eq!(ByteSize(1_234_567).human().to_string(), "1.2 MB");
+        assert_eq!(ByteSize(1_500_000).human().to_string(), "1.5 MB");
+        assert_eq!(ByteSize(2048).human().to_string(), "2 KiB");
+        assert_eq!(ByteSize(999_960).human().to_string(), "1.0 MB");
+        assert_eq!(ByteSize(1_500_000_000_000_001).human().to_string(), "1500.0 TB");
+        assert_eq!(ByteSize(u64::MAX).human().to_string(), "18446744.1 TB");
     }
 
     #[test]

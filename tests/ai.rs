@@ -370,7 +370,7 @@ async fn neither_api_key_appears_in_any_log_line() {
     let dir = tempfile::tempdir().unwrap();
     let file = speech(dir.path(), 3);
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_echo-worker"))
-        .args(["process", file.to_str().unwrap(), "--pipeline", "default"])
+        .args(["process", file.to_str().unwrap(), "--pipeline", "default", "--format", "json"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -467,6 +467,8 @@ async fn two_worker_processes_share_the_request_window_through_redis() {
     *fake.delay.lock().unwrap() = Duration::from_millis(50);
     let dir = tempfile::tempdir().unwrap();
     let file = speech(dir.path(), 3);
+    let redis = support::redis_url();
+    support::redis_answers(&redis).await.unwrap_or_else(|message| panic!("{message}"));
     let prefix = format!("echo-test-{}:", uuid::Uuid::new_v4().simple());
     let worker = |name: &str| {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_echo-worker"))
@@ -475,7 +477,7 @@ async fn two_worker_processes_share_the_request_window_through_redis() {
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("DATABASE_URL", "sqlite::memory:")
             .env("TEMP_DIR", dir.path().join(name))
-            .env("REDIS_URL", "redis://127.0.0.1:6379")
+            .env("REDIS_URL", &redis)
             .env("ECHO_REDIS__PREFIX", &prefix)
             .env("ECHO_AI__PROVIDERS__FAKE__STYLE", "openai")
             .env("ECHO_AI__PROVIDERS__FAKE__ENDPOINT", format!("{}/v1", fake.base))

@@ -101,6 +101,16 @@ fn validate_reports_a_missing_folder() {
 }
 
 #[test]
+fn a_missing_folder_says_no_such_file_once() {
+    let (code, _, stderr) = run(&mut echo_worker(&["validate", "--pipelines", "no/such/dir"]));
+    assert_eq!(code, 1);
+    assert_eq!(stderr.trim(), "error: cannot read no/such/dir: No such file or directory (os error 2)");
+    let (code, _, stderr) = run(&mut echo_worker(&["process", "samples/hello.wav", "--pipelines", "no/such/dir"]));
+    assert_eq!(code, 1);
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+}
+
+#[test]
 fn graph_dot_is_accepted_by_graphviz() {
     let (code, dot, stderr) = run(&mut echo_worker(&["graph", "meeting", "--format", "dot"]));
     assert_eq!(code, 0, "{stderr}");
@@ -265,7 +275,8 @@ const LOUDNESS_ONLY: [&str; 4] = ["--pipeline", "loudness-only", "--pipelines", 
 fn process_prints_a_loudness_report_for_generated_audio() {
     let dir = tempfile::tempdir().unwrap();
     let file = tone(dir.path());
-    let (code, stdout, stderr) = run(echo_worker(&["process", file.to_str().unwrap()]).args(LOUDNESS_ONLY));
+    let (code, stdout, stderr) =
+        run(echo_worker(&["process", file.to_str().unwrap(), "--format", "json"]).args(LOUDNESS_ONLY));
     assert_eq!(code, 0, "{stderr}");
     let document: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON report");
     assert_eq!(document["report"]["status"], "succeeded");
@@ -308,6 +319,54 @@ fn process_refuses_before_any_work_what_cannot_run_here() {
     let (code, _, stderr) = run(echo_worker(&["process", "no/such/file.mp3"]).args(LOUDNESS_ONLY));
     assert_eq!(code, 1);
     assert!(stderr.contains("cannot read no/such/file.mp3"), "{stderr}");
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+}
+
+#[test]
+fn an_unknown_pipeline_suggests_the_closest_name() {
+    let (code, stdout, stderr) = run(&mut echo_worker(&["process", "samples/hello.wav", "--pipeline", "audio_qa"]));
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("no pipeline named `audio_qa`; did you mean `audio-qa`?"), "{stderr}");
+    let (code, _, stderr) = run(&mut echo_worker(&["graph", "meetin"]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("did you mean `meeting`?"), "{stderr}");
+}
+
+#[test]
+fn process_ends_with_a_short_summary_per_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    let fake = dir.path().join("song.mp3");
+    std::fs::write(&fake, "this is not audio\n".repeat(50)).unwrap();
+    let out = dir.path().join("reports");
+    let (code, stdout, stderr) = run(echo_worker(&["process", file.to_str().unwrap(), fake.to_str().unwrap()]).args([
+        "--pipeline",
+        "audio-qa",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(serde_json::from_str::<serde_json::Value>(&stdout).is_err(), "a summary, not JSON: {stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let first = lines.iter().position(|line| line.starts_with(&format!("{}: completed in ", file.display())));
+    let first = first.unwrap_or_else(|| panic!("the tone completed:\n{stdout}"));
+    assert!(lines[first].ends_with(" s (audio-qa)"), "{stdout}");
+    let block = lines[first + 1..].iter().take_while(|line| line.starts_with("  ")).copied().collect::<Vec<_>>();
+    assert!(
+        block.iter().any(|line| line.starts_with("  recording: 3.0 s, audio/mp4, ") && line.ends_with(" KB")),
+        "{stdout}"
+    );
+    assert!(block.iter().any(|line| line.starts_with("  loudness: integrated_lufs -")), "{stdout}");
+    assert!(block.iter().any(|line| line.starts_with("  transcode: chunks 1, duration 3.0 s")), "{stdout}");
+    assert!(block.contains(&format!("  report: {}", out.join("tone.json").display()).as_str()), "{stdout}");
+    assert!(block.iter().any(|line| line.starts_with("  stored: recording ")), "{stdout}");
+    assert!(out.join("tone.json").exists() && out.join("song.json").exists());
+    assert!(
+        stdout.contains(&format!("{}: failed in stage `validate` after ", fake.display())),
+        "the failed file is summed up too:\n{stdout}"
+    );
+    assert!(stderr.contains("song.mp3: failed in stage `validate`: the file is not audio or video"), "{stderr}");
 }
 
 #[test]
@@ -355,7 +414,8 @@ fn process_audio_qa_leaves_a_completed_row_with_the_loudness_report() {
     let file = tone(dir.path());
     let database = format!("sqlite://{}", dir.path().join("echo.db").display());
     let (code, stdout, stderr) =
-        run(echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "audio-qa"]).env("DATABASE_URL", &database));
+        run(echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "audio-qa", "--format", "json"])
+            .env("DATABASE_URL", &database));
     assert_eq!(code, 0, "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let id = report["recording_id"].as_str().unwrap().to_string();
@@ -403,8 +463,142 @@ fn an_empty_folder_runs_on_the_embedded_defaults() {
     assert!(stdout.contains("5 pipelines and 7 plugins are valid"), "{stdout}");
     let file = tone(cwd.path());
     let (code, stdout, stderr) = run(echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "audio-qa"])
+        .args(["--format", "json"])
         .current_dir(cwd.path())
         .env("TEMP_DIR", temp.path()));
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("integrated_lufs"), "the unpacked loudness.sh ran: {stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let loudness = &report["report"]["stages"]["loudness"]["output"];
+    assert!(loudness["integrated_lufs"].as_f64().is_some(), "the unpacked loudness.sh ran: {stdout}");
+    assert_eq!(std::fs::read_dir(temp.path()).unwrap().count(), 0, "the unpacked files are removed at exit");
+}
+
+#[test]
+fn an_unrelated_plugins_folder_does_not_turn_off_the_embedded_pipelines() {
+    let cwd = tempfile::tempdir().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(cwd.path().join("plugins")).unwrap();
+    std::fs::write(cwd.path().join("plugins/README.txt"), "my editor's plugins\n").unwrap();
+    let (code, stdout, stderr) = run(echo_worker(&["validate"]).current_dir(cwd.path()).env("TEMP_DIR", temp.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("5 pipelines and 7 plugins are valid"), "{stdout}");
+    // A folder of real pipelines is used as it is, with the embedded plugins next to it.
+    std::fs::create_dir(cwd.path().join("pipelines")).unwrap();
+    std::fs::copy("pipelines/audio-qa.toml", cwd.path().join("pipelines/audio-qa.toml")).unwrap();
+    let (code, stdout, stderr) = run(echo_worker(&["validate"]).current_dir(cwd.path()).env("TEMP_DIR", temp.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("1 pipelines and 7 plugins are valid"), "{stdout}");
+}
+
+/// The old, predictable place of the unpacked defaults, as another local user could prepare it.
+fn old_shared_path(temp: &Path) -> std::path::PathBuf {
+    temp.join(format!("echo-worker-{}-defaults", env!("CARGO_PKG_VERSION")))
+}
+
+#[test]
+fn defaults_do_not_trust_files_planted_in_the_old_shared_path() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cwd = tempfile::tempdir().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let old = old_shared_path(temp.path());
+    for folder in ["pipelines", "plugins"] {
+        std::fs::create_dir_all(old.join(folder)).unwrap();
+    }
+    std::fs::write(old.join("pipelines/planted.toml"), "name = \"planted\"\n[stages.v]\nuses = \"validate\"\n")
+        .unwrap();
+    std::fs::write(
+        old.join("plugins/planted.toml"),
+        "name = \"planted\"\nkind = \"command\"\n[command]\nprogram = \"planted.sh\"\n",
+    )
+    .unwrap();
+    // World-writable and, where the tests may give files away, owned by someone else.
+    for path in [old.clone(), old.join("pipelines"), old.join("plugins")] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        }
+    }
+    let (code, stdout, stderr) = run(echo_worker(&["validate"]).current_dir(cwd.path()).env("TEMP_DIR", temp.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("5 pipelines and 7 plugins are valid"), "only the embedded files: {stdout}");
+    assert!(!stdout.contains("planted"), "{stdout}");
+}
+
+#[test]
+fn defaults_refuse_a_planted_symlink() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cwd = tempfile::tempdir().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let victim = cwd.path().join("victim.txt");
+    std::fs::write(&victim, "the victim's own file\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let old = old_shared_path(temp.path());
+    std::fs::create_dir_all(old.join("plugins")).unwrap();
+    std::os::unix::fs::symlink(&victim, old.join("plugins/loudness.sh")).unwrap();
+    let file = tone(cwd.path());
+    let (code, _, stderr) = run(echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "audio-qa"])
+        .current_dir(cwd.path())
+        .env("TEMP_DIR", temp.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "the victim's own file\n", "not written through the link");
+    assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o640, "not chmod-ed");
+}
+
+#[test]
+fn defaults_run_the_embedded_plugin_script_not_a_planted_one() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cwd = tempfile::tempdir().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let marker = cwd.path().join("planted-script-ran");
+    let old = old_shared_path(temp.path());
+    for (name, text) in echo_worker::defaults::FILES {
+        std::fs::create_dir_all(old.join(name).parent().unwrap()).unwrap();
+        std::fs::write(old.join(name), text).unwrap();
+    }
+    let planted = format!("#!/bin/sh\ntouch '{}'\necho '{{\"integrated_lufs\": 99}}'\n", marker.display());
+    std::fs::write(old.join("plugins/loudness.sh"), planted).unwrap();
+    std::fs::set_permissions(old.join("plugins/loudness.sh"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = tone(cwd.path());
+    let (code, stdout, stderr) = run(echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "audio-qa"])
+        .args(["--format", "json"])
+        .current_dir(cwd.path())
+        .env("TEMP_DIR", temp.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!marker.exists(), "the planted script ran");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let loudness = &report["report"]["stages"]["loudness"]["output"];
+    assert!(loudness["integrated_lufs"].as_f64().is_some_and(|lufs| lufs < 0.0), "{loudness}");
+    assert!(loudness["silences"].is_array(), "the embedded script's full output: {loudness}");
+}
+
+#[test]
+fn the_readme_quick_start_works_on_the_shipped_sample() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let quick_start = readme.split("## Quick start").nth(1).unwrap().split("\n## ").next().unwrap();
+    let command = quick_start
+        .lines()
+        .find_map(|line| line.strip_prefix("cargo run -- "))
+        .expect("the Quick start runs `cargo run -- …`");
+    let args: Vec<&str> = command.split('#').next().unwrap().split_whitespace().collect();
+    assert_eq!(args[0], "process", "{command}");
+    let sample = Path::new(args[1]);
+    let size = std::fs::metadata(sample).unwrap_or_else(|e| panic!("{} is shipped: {e}", sample.display())).len();
+    assert!(size < 200_000, "{} is small: {size} bytes", sample.display());
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("echo.db").display());
+    let (code, stdout, stderr) = run(echo_worker(&args).env("DATABASE_URL", &database));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with(&format!("{}: completed in ", sample.display())), "{stdout}");
+    assert!(stdout.contains("  loudness: integrated_lufs -"), "{stdout}");
+    let id = stdout.split("stored: recording ").nth(1).and_then(|rest| rest.split(' ').next()).unwrap().to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let row = runtime.block_on(async {
+        use echo_worker::store::Store;
+        let store = echo_worker::store::SqlStore::connect(&database, "recordings").await.unwrap();
+        store.get(&id).await.unwrap().expect("the recording row exists")
+    });
+    assert_eq!(row.status, echo_worker::store::RecordingStatus::Completed);
+    let seconds = row.duration_s.unwrap();
+    assert!((2.0..10.0).contains(&seconds), "a few seconds long: {seconds}");
+    assert_eq!(row.result.unwrap()["loudness"]["silences"].as_array().map(Vec::len), Some(1), "one pause");
 }

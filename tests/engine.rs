@@ -341,6 +341,38 @@ with = { ms = 50 }
 }
 
 #[tokio::test]
+async fn progress_never_freezes_on_a_finished_stage_while_another_runs() {
+    let bench = Bench::new();
+    let pipeline = pipeline(
+        r#"
+[stages.fast]
+uses = "chatty"
+with = { steps = 4, ms = 20 }
+[stages.slow]
+uses = "record"
+with = { ms = 900 }
+[stages.last]
+uses = "record"
+needs = ["fast", "slow"]
+"#,
+    );
+    let updates = Arc::new(Updates::default());
+    let report = bench.run_with(&pipeline, job("freeze", json!({})), updates.clone(), CancellationToken::new()).await;
+    assert_eq!(report.status, JobStatus::Succeeded);
+    let fast_end = bench.lab.events_of("fast")[0].end;
+    let slow_end = bench.lab.events_of("slow")[0].end;
+    assert!(slow_end > fast_end + Duration::from_millis(500), "`slow` runs on alone for a while");
+    // The last update before `slow` ended shows the state long after `fast` finished (updates are ~200 ms apart).
+    let seen = updates.seen.lock().unwrap().clone();
+    let (at, update) = seen.iter().rfind(|(at, _)| *at < slow_end).expect("updates while `slow` runs");
+    assert!(*at > fast_end, "an update came after `fast` finished: {seen:?}");
+    assert_eq!(update.stage.as_deref(), Some("slow"), "the finished `fast` is not shown: {update:?}");
+    assert_eq!(update.message, "running slow", "{update:?}");
+    assert_eq!(update.running, ["slow"], "{update:?}");
+    assert_eq!((update.stages_done, update.stages_total), (1, 3), "{update:?}");
+}
+
+#[tokio::test]
 async fn work_directories_are_removed_after_success_and_failure() {
     let bench = Bench::new();
     let ok = pipeline("[stages.write]\nuses = \"write_file\"\n");

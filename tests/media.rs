@@ -99,7 +99,7 @@ async fn limits_and_accepted_types_come_from_the_params() {
     let error = refused(&file, json!({ "max_size": "10KB" })).await;
     assert_eq!(error.code, "too_large");
     assert!(error.message.starts_with("the file is "), "{}", error.message);
-    assert!(error.message.ends_with("over the limit of 10KB"), "{}", error.message);
+    assert!(error.message.ends_with("over the limit of 10 KB"), "{}", error.message);
     let error = refused(&file, json!({ "max_duration": "5s" })).await;
     assert_eq!((error.code, error.message.as_str()), ("too_long", "the recording lasts 8s, over the limit of 5s"));
     let clip = video(dir.path(), "clip.mp4", true);
@@ -107,6 +107,23 @@ async fn limits_and_accepted_types_come_from_the_params() {
     assert_eq!(error.message, "video/mp4 is not accepted here (accepted: audio/*)");
     let error = validate(&file, json!({ "max_size": 12 })).await.unwrap_err();
     assert_eq!(error.code, "too_large", "a bare number counts bytes");
+}
+
+#[tokio::test]
+async fn sizes_in_refusals_print_in_human_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path(), "long.mp3", 8);
+    let size = std::fs::metadata(&file).unwrap().len();
+    let error = refused(&file, json!({ "max_size": "10KB" })).await;
+    let figure = error
+        .message
+        .strip_prefix("the file is ")
+        .and_then(|rest| rest.strip_suffix(" KB, over the limit of 10 KB"))
+        .unwrap_or_else(|| panic!("{}", error.message));
+    let (whole, tenth) = figure.split_once('.').unwrap_or_else(|| panic!("one decimal: {}", error.message));
+    assert_eq!(tenth.len(), 1, "{}", error.message);
+    let kilobytes: f64 = format!("{whole}.{tenth}").parse().unwrap();
+    assert!((kilobytes - size as f64 / 1000.0).abs() <= 0.05, "{kilobytes} KB for {size} bytes");
 }
 
 fn transcoder_inputs(path: &Path) -> BTreeMap<String, Value> {

@@ -13,11 +13,7 @@ use echo_worker::stage::builtin::persist::PersistStage;
 use echo_worker::store::{NewRecording, Recording, RecordingStatus, SqlStore, Store, StoreError, StoreSink};
 use serde_json::{Value, json};
 use support::media::{job, run_stage};
-
-/// Postgres for tests; override with ECHO_TEST_POSTGRES_URL.
-fn postgres_url() -> String {
-    std::env::var("ECHO_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+use support::{postgres_url, printable};
 
 /// A store on its own database: a temporary SQLite file, or a fresh PostgreSQL schema.
 struct Backend {
@@ -35,11 +31,20 @@ impl Backend {
     }
 
     async fn postgres() -> Self {
+        Self::postgres_at(&postgres_url()).await.unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    /// A fresh schema in the PostgreSQL at `url`; the error names the address tried.
+    async fn postgres_at(url: &str) -> Result<Self, String> {
         let schema = format!("echo_test_{}", uuid::Uuid::new_v4().simple());
-        let store = SqlStore::connect(&postgres_url(), &format!("{schema}.recordings"))
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 answers");
-        Self { store: Arc::new(store), _dir: None, schema: Some(schema) }
+        let table = format!("{schema}.recordings");
+        let connect = SqlStore::connect(url, &table);
+        let store = match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+            Ok(Ok(store)) => store,
+            Ok(Err(error)) => return Err(format!("{}: {error}", not_answering(url))),
+            Err(_) => return Err(format!("{}: no answer within 10 s", not_answering(url))),
+        };
+        Ok(Self { store: Arc::new(store), _dir: None, schema: Some(schema) })
     }
 
     async fn drop_schema(self) {
@@ -47,6 +52,23 @@ impl Backend {
             sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(self.store.pool()).await.unwrap();
         }
     }
+}
+
+fn not_answering(url: &str) -> String {
+    format!("PostgreSQL at {} (set ECHO_TEST_POSTGRES_URL to use another) does not answer", printable(url))
+}
+
+#[tokio::test]
+async fn a_database_that_does_not_answer_is_named_in_the_failure() {
+    let Err(message) = Backend::postgres_at("postgres://postgres:pw-0001@127.0.0.1:1/test").await else {
+        panic!("nothing listens on port 1")
+    };
+    assert!(message.starts_with("PostgreSQL at postgres://postgres:[redacted]@127.0.0.1:1/test "), "{message}");
+    assert!(message.contains("ECHO_TEST_POSTGRES_URL"), "{message}");
+    assert!(!message.contains("pw-0001"), "{message}");
+    let message = support::redis_answers("redis://127.0.0.1:1").await.unwrap_err();
+    assert!(message.starts_with("Redis at redis://127.0.0.1:1 "), "{message}");
+    assert!(message.contains("ECHO_TEST_REDIS_URL"), "{message}");
 }
 
 async fn both(test: impl AsyncFn(Arc<SqlStore>)) {
@@ -201,12 +223,19 @@ async fn the_store_sink_writes_at_most_once_a_second() {
                 percent,
                 stage: Some("transcript".into()),
                 message: format!("{percent}"),
+                ..ProgressUpdate::default()
             };
             sink.update(update).await;
         }
         assert_eq!(counting.writes.load(Ordering::SeqCst), 1, "60 updates within a second make one write");
         assert_eq!(row(&store, "r4").await.progress, 1);
-        let last = ProgressUpdate { job_id: "j".into(), percent: 100, stage: None, message: "completed".into() };
+        let last = ProgressUpdate {
+            job_id: "j".into(),
+            percent: 100,
+            stage: None,
+            message: "completed".into(),
+            ..ProgressUpdate::default()
+        };
         sink.update(last).await;
         assert_eq!(counting.writes.load(Ordering::SeqCst), 2, "the final update always goes through");
         assert_eq!(row(&store, "r4").await.progress, 100);

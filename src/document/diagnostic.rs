@@ -31,8 +31,9 @@ impl fmt::Display for Diagnostic {
 /// Why a folder of pipelines or plugins could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// A folder or file could not be read at all.
-    #[error("cannot read {}: {source}", path.display())]
+    /// A folder or file could not be read at all. The I/O error is the `source`, not part of this message, so a
+    /// printed chain names it once.
+    #[error("cannot read {}", path.display())]
     Read {
         /// The path that failed.
         path: PathBuf,

@@ -151,8 +151,8 @@ pub enum EngineError {
         /// `(stage id, kind)` pairs.
         missing: Vec<(String, StageKind)>,
     },
-    /// The work directory could not be created.
-    #[error("cannot create a work directory under {}: {source}", root.display())]
+    /// The work directory could not be created (the I/O error is the `source`, printed once by a chain).
+    #[error("cannot create a work directory under {}", root.display())]
     WorkDir {
         /// The configured root.
         root: PathBuf,

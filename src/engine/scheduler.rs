@@ -47,7 +47,7 @@ pub(super) async fn run(
     let root = &engine.settings.work_root;
     let work_dir =
         WorkDir::create(root, &job.id).map_err(|source| EngineError::WorkDir { root: root.clone(), source })?;
-    let tracker = Arc::new(Tracker::new(pipeline.stages.iter().map(|stage| stage.weight)));
+    let tracker = Arc::new(Tracker::new(pipeline.stages.iter().map(|stage| (stage.id.clone(), stage.weight))));
     let done = CancellationToken::new();
     let emitter = tokio::spawn(progress::emit(
         tracker.clone(),
@@ -260,7 +260,7 @@ impl Run<'_> {
             let Some(_permit) = permit else {
                 return Finished { index: task.index, result: Err(StageError::cancelled()), attempts: 0 };
             };
-            task.tracker.say(&task.spec.id, format!("running {}", task.spec.id));
+            task.tracker.start_stage(task.index);
             let (result, attempts) = task.clone().run().await;
             Finished { index: task.index, result, attempts }
         });
@@ -324,7 +324,9 @@ impl Run<'_> {
         fresh: bool,
         attempts: u32,
     ) {
-        if status != StageStatus::Cancelled {
+        if status == StageStatus::Cancelled {
+            self.tracker.stop_stage(index);
+        } else {
             self.tracker.finish_stage(index);
         }
         self.slots[index] = Slot::Done { report: StageReport { status, attempts, output, reason }, fresh };

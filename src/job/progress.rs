@@ -3,6 +3,10 @@
 //! sends at most one [`ProgressUpdate`] per interval (5 per second by default) to a [`ProgressSink`], so a
 //! chatty stage never floods the queue, the store or the terminal. The number never goes backwards within a
 //! run, even when a stage is retried and starts again from zero.
+//!
+//! Stages run side by side, so an update also lists the stages running now, and its `stage` and `message` are
+//! always those of a running stage while one runs: when the stage that spoke last finishes, the update moves on
+//! to another running stage instead of freezing on the finished one.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,16 +16,22 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// What a sink receives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProgressUpdate {
     /// The job.
     pub job_id: String,
     /// 0 to 100, never decreasing within a run.
     pub percent: u8,
-    /// The stage that reported last, if any.
+    /// The running stage that reported last (or the stage that ended last when none runs), if any.
     pub stage: Option<String>,
     /// A short human message (`"transcribing chunk 3 of 7"`).
     pub message: String,
+    /// The stages running now, in pipeline order.
+    pub running: Vec<String>,
+    /// How many stages are done (finished, skipped, restored or failed).
+    pub stages_done: usize,
+    /// How many stages the pipeline has.
+    pub stages_total: usize,
 }
 
 /// Anything that wants to follow a job's progress: the queue's event stream, the store, a terminal bar.
@@ -64,19 +74,69 @@ pub(crate) struct Tracker {
 
 #[derive(Debug)]
 struct TrackerState {
+    ids: Vec<String>,
     weights: Vec<f64>,
     /// Per stage, the fraction of each `for_each` item (one slot when the stage does not fan out).
     fractions: Vec<Vec<f64>>,
+    /// Per stage: running now, done, and the last thing it said.
+    running: Vec<bool>,
+    done: Vec<bool>,
+    said: Vec<Option<String>>,
     stage: Option<String>,
     message: String,
     emitted: u8,
 }
 
+impl TrackerState {
+    fn index(&self, stage_id: &str) -> Option<usize> {
+        self.ids.iter().position(|id| id == stage_id)
+    }
+
+    /// Shows what `index` said, remembering it as that stage's last word.
+    fn speak(&mut self, index: Option<usize>, stage_id: &str, message: String) {
+        if let Some(said) = index.and_then(|index| self.said.get_mut(index)) {
+            *said = Some(message.clone());
+        }
+        self.stage = Some(stage_id.to_string());
+        self.message = message;
+    }
+
+    /// Stage `index` stopped running: if it was the one shown, show another running stage instead.
+    fn leave(&mut self, index: usize) {
+        if let Some(running) = self.running.get_mut(index) {
+            *running = false;
+        }
+        let Some(id) = self.ids.get(index) else { return };
+        if self.stage.as_deref() != Some(id.as_str()) {
+            return;
+        }
+        match (0..self.ids.len()).find(|&other| self.running[other]) {
+            Some(other) => {
+                self.stage = Some(self.ids[other].clone());
+                self.message = self.said[other].clone().unwrap_or_else(|| format!("running {}", self.ids[other]));
+            }
+            None => self.message = format!("{id} ended"),
+        }
+    }
+}
+
 impl Tracker {
-    pub(crate) fn new(weights: impl IntoIterator<Item = u32>) -> Self {
-        let weights: Vec<f64> = weights.into_iter().map(f64::from).collect();
-        let fractions = vec![vec![0.0]; weights.len()];
-        let state = TrackerState { weights, fractions, stage: None, message: "queued".into(), emitted: 0 };
+    /// A tracker for stages given as `(id, weight)`, in pipeline order.
+    pub(crate) fn new(stages: impl IntoIterator<Item = (String, u32)>) -> Self {
+        let (ids, weights): (Vec<String>, Vec<f64>) =
+            stages.into_iter().map(|(id, weight)| (id, f64::from(weight))).unzip();
+        let count = ids.len();
+        let state = TrackerState {
+            ids,
+            weights,
+            fractions: vec![vec![0.0]; count],
+            running: vec![false; count],
+            done: vec![false; count],
+            said: vec![None; count],
+            stage: None,
+            message: "queued".into(),
+            emitted: 0,
+        };
         Self { state: Mutex::new(state), changed: Notify::new() }
     }
 
@@ -102,17 +162,40 @@ impl Tracker {
             if let Some(value) = state.fractions.get_mut(stage).and_then(|slots| slots.get_mut(slot)) {
                 *value = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { 0.0 };
             }
-            state.stage = Some(stage_id.to_string());
-            state.message = message;
+            state.speak(Some(stage), stage_id, message);
+        }
+        self.touch();
+    }
+
+    /// Marks a stage as running (it got its turn and starts its first attempt).
+    pub(crate) fn start_stage(&self, stage: usize) {
+        {
+            let mut state = self.lock();
+            let Some(id) = state.ids.get(stage).cloned() else { return };
+            state.running[stage] = true;
+            state.speak(Some(stage), &id, format!("running {id}"));
         }
         self.touch();
     }
 
     /// Marks a stage as fully done (finished, skipped, restored or failed-and-continued).
     pub(crate) fn finish_stage(&self, stage: usize) {
-        if let Some(fractions) = self.lock().fractions.get_mut(stage) {
-            fractions.iter_mut().for_each(|fraction| *fraction = 1.0);
+        {
+            let mut state = self.lock();
+            if let Some(fractions) = state.fractions.get_mut(stage) {
+                fractions.iter_mut().for_each(|fraction| *fraction = 1.0);
+            }
+            if let Some(done) = state.done.get_mut(stage) {
+                *done = true;
+            }
+            state.leave(stage);
         }
+        self.touch();
+    }
+
+    /// Marks a stage as no longer running without counting it done (it was cancelled).
+    pub(crate) fn stop_stage(&self, stage: usize) {
+        self.lock().leave(stage);
         self.touch();
     }
 
@@ -121,6 +204,8 @@ impl Tracker {
         {
             let mut state = self.lock();
             state.fractions.iter_mut().flatten().for_each(|fraction| *fraction = 1.0);
+            state.done.iter_mut().for_each(|done| *done = true);
+            state.running.iter_mut().for_each(|running| *running = false);
             state.stage = None;
             state.message = message.to_string();
         }
@@ -131,8 +216,8 @@ impl Tracker {
     pub(crate) fn say(&self, stage_id: &str, message: String) {
         {
             let mut state = self.lock();
-            state.stage = Some(stage_id.to_string());
-            state.message = message;
+            let index = state.index(stage_id);
+            state.speak(index, stage_id, message);
         }
         self.touch();
     }
@@ -148,11 +233,15 @@ impl Tracker {
             .sum();
         let computed = if total > 0.0 { (100.0 * done / total).floor() as u8 } else { 0 };
         state.emitted = state.emitted.max(computed.min(100));
+        let running = state.ids.iter().zip(&state.running).filter(|(_, running)| **running);
         ProgressUpdate {
             job_id: job_id.to_string(),
             percent: state.emitted,
             stage: state.stage.clone(),
             message: state.message.clone(),
+            running: running.map(|(id, _)| id.clone()).collect(),
+            stages_done: state.done.iter().filter(|done| **done).count(),
+            stages_total: state.ids.len(),
         }
     }
 }
@@ -220,7 +309,7 @@ mod tests {
 
     #[test]
     fn percent_is_weighted_and_never_decreases() {
-        let tracker = Tracker::new([1, 3]);
+        let tracker = Tracker::new([("a".into(), 1), ("b".into(), 3)]);
         tracker.report(1, 0, "b", 0.5, "half".into());
         assert_eq!(tracker.snapshot("j").percent, 37);
         tracker.report(1, 0, "b", 0.0, "retrying".into());
@@ -232,5 +321,29 @@ mod tests {
         tracker.complete("completed");
         let last = tracker.snapshot("j");
         assert_eq!((last.percent, last.stage, last.message.as_str()), (100, None, "completed"));
+        assert_eq!((last.running.len(), last.stages_done, last.stages_total), (0, 2, 2));
+    }
+
+    #[test]
+    fn progress_moves_on_from_a_finished_stage_to_one_still_running() {
+        let tracker = Tracker::new([("fast".into(), 1), ("slow".into(), 1), ("last".into(), 1)]);
+        tracker.start_stage(1);
+        tracker.start_stage(0);
+        tracker.report(0, 0, "fast", 0.5, "fast half way".into());
+        tracker.report(1, 0, "slow", 0.2, "slow at a fifth".into());
+        tracker.report(0, 0, "fast", 0.9, "fast nearly done".into());
+        let both = tracker.snapshot("j");
+        assert_eq!(both.running, ["fast", "slow"]);
+        assert_eq!((both.stage.as_deref(), both.message.as_str()), (Some("fast"), "fast nearly done"));
+        tracker.finish_stage(0);
+        let after = tracker.snapshot("j");
+        assert_eq!(after.running, ["slow"]);
+        assert_eq!((after.stage.as_deref(), after.message.as_str()), (Some("slow"), "slow at a fifth"));
+        assert_eq!((after.stages_done, after.stages_total), (1, 3));
+        tracker.stop_stage(1);
+        let stopped = tracker.snapshot("j");
+        assert!(stopped.running.is_empty());
+        assert_eq!((stopped.stage.as_deref(), stopped.message.as_str()), (Some("slow"), "slow ended"));
+        assert_eq!(stopped.stages_done, 1, "a cancelled stage is not done");
     }
 }

@@ -23,6 +23,38 @@ use echo_worker::stage::{Stage, StageContext};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+/// The PostgreSQL the tests use: `ECHO_TEST_POSTGRES_URL`, else database `test` at 127.0.0.1:5432.
+pub fn postgres_url() -> String {
+    std::env::var("ECHO_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The Redis the tests use: `ECHO_TEST_REDIS_URL`, else 127.0.0.1:6379.
+pub fn redis_url() -> String {
+    std::env::var("ECHO_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The address as a failure message may show it (no password).
+pub fn printable(url: &str) -> String {
+    echo_worker::config::SecretUrl::new(url).redacted()
+}
+
+/// Checks that Redis answers a PING at `url` within 5 s; the error names the address tried.
+pub async fn redis_answers(url: &str) -> Result<(), String> {
+    let failed = |error: &dyn std::fmt::Display| {
+        format!("Redis at {} (set ECHO_TEST_REDIS_URL to use another) does not answer: {error}", printable(url))
+    };
+    let client = redis::Client::open(url).map_err(|error| failed(&error))?;
+    let ping = async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut connection).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(failed(&error)),
+        Err(_) => Err(failed(&"no answer within 5 s")),
+    }
+}
+
 /// The test-only stage kinds.
 pub const KINDS: [&str; 7] = ["record", "flaky", "broken", "boom", "chatty", "write_file", "count"];
 

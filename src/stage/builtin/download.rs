@@ -120,7 +120,7 @@ impl DownloadStage {
                 if total > max.0 {
                     return Err(StageError::permanent(
                         "too_large",
-                        format!("{printable} is {}, over the limit of {max}", ByteSize(total)),
+                        format!("{printable} is {}, over the limit of {}", ByteSize(total).human(), max.human()),
                     ));
                 }
                 expected = Some(total);
@@ -136,14 +136,14 @@ impl DownloadStage {
                         if written > max.0 {
                             return Err(StageError::permanent(
                                 "too_large",
-                                format!("{printable} is over the limit of {max}"),
+                                format!("{printable} is over the limit of {}", max.human()),
                             ));
                         }
                         file.write_all(&bytes).await.map_err(io)?;
                         if let Some(total) = expected.filter(|total| *total > 0) {
                             ctx.progress.report(
                                 written as f64 / total as f64,
-                                format!("{} of {}", ByteSize(written), ByteSize(total)),
+                                format!("{} of {}", ByteSize(written).human(), ByteSize(total).human()),
                             );
                         }
                     }

@@ -294,8 +294,9 @@ impl Stage for TranscodeStage {
                 return Err(StageError::permanent(
                     "chunk_too_large",
                     format!(
-                        "chunk {index} is {}, over max_chunk_bytes {max_bytes}; lower the bitrate or max_chunk_duration",
-                        ByteSize(bytes)
+                        "chunk {index} is {}, over max_chunk_bytes {}; lower the bitrate or max_chunk_duration",
+                        ByteSize(bytes).human(),
+                        max_bytes.human()
                     ),
                 ));
             }

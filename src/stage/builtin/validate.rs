@@ -164,7 +164,10 @@ impl Stage for ValidateStage {
             return Err(refuse("empty", "the file is empty (0 bytes)"));
         }
         if let Some(size) = glance.size.filter(|size| *size > max_size.0) {
-            return Err(refuse("too_large", format!("the file is {}, over the limit of {max_size}", ByteSize(size))));
+            return Err(refuse(
+                "too_large",
+                format!("the file is {}, over the limit of {}", ByteSize(size).human(), max_size.human()),
+            ));
         }
         let sniffed = sniff(&glance.head);
         if let (false, Some(mime)) = (sniffed.media, sniffed.mime) {
