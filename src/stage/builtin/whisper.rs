@@ -2,21 +2,22 @@
 //! limits), shifts each chunk's segments by the chunk's real start, drops text duplicated in overlaps, and
 //! stitches one timeline with SRT and VTT.
 //!
-//! Money is not spent twice: each chunk's transcript is checkpointed as soon as it arrives, keyed by a hash of
-//! the chunk's bytes, so a retried or recovered job (which re-creates identical chunks) sends no chunk again.
+//! Money is not spent twice: each chunk's transcript is checkpointed as soon as it arrives, keyed by the SHA-256
+//! of the chunk's bytes, so a retried or recovered job (which re-creates identical chunks) sends no chunk again,
+//! whichever build of the worker runs it.
 //!
 //! Prompt continuity: a chunk is sent with the tail of the previous chunk's text as `prompt` when that chunk
 //! has already been transcribed and looks sane (mean log probability ≥ −1, compression ratio ≤ 2.4, not a
 //! repetition loop). With several chunks in flight at once the first few are sent without it; concurrency wins
 //! over continuity, and with `max_concurrent = 1` every chunk gets its predecessor's tail.
 
-use std::hash::Hasher;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 
@@ -101,22 +102,22 @@ fn chunks_of(params: &WhisperParams, ctx: &StageContext) -> Result<Vec<ChunkRef>
     }
 }
 
-/// A hash of the file's bytes and length, naming its checkpoint.
+/// The SHA-256 of the file's bytes in hex, naming its checkpoint. The file is streamed, never held whole, and the
+/// hash is the same in every build (std's `DefaultHasher` may change between Rust releases, which would make a
+/// worker built by another toolchain pay for every chunk again).
 async fn content_key(path: &std::path::Path) -> Result<String, StageError> {
     let io = |error: std::io::Error| StageError::transient("io", format!("reading {}: {error}", path.display()));
     let mut file = tokio::fs::File::open(path).await.map_err(io)?;
-    let mut hasher = std::hash::DefaultHasher::new();
+    let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 16];
-    let mut length: u64 = 0;
     loop {
         let read = file.read(&mut buffer).await.map_err(io)?;
         if read == 0 {
             break;
         }
-        length += read as u64;
-        hasher.write(&buffer[..read]);
+        hasher.update(&buffer[..read]);
     }
-    Ok(format!("{:016x}-{length}", hasher.finish()))
+    Ok(hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
 /// Whether a transcript is fit to be fed back as the next chunk's prompt.
@@ -381,6 +382,19 @@ mod tests {
             "1\n00:00:00,000 --> 00:00:01,500\nhello\n\n2\n01:01:01,250 --> 01:01:02,000\nlater\n\n"
         );
         assert!(vtt(&segments).starts_with("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nhello\n\n"));
+    }
+
+    #[tokio::test]
+    async fn chunk_keys_are_sha256_and_do_not_depend_on_the_toolchain() {
+        // 200,000 bytes (several read buffers); the digest was computed independently with `sha256sum`.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chunk_000.mp3");
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| ((i * 7 + i / 251) % 256) as u8).collect();
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(
+            content_key(&path).await.unwrap(),
+            "e870fec3223bac8f6147b08b31e6e6e4bb9abd783820bcd212b7737af6a02174"
+        );
     }
 
     #[test]
