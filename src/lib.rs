@@ -10,6 +10,7 @@
 //! - [`defaults`]: the shipped pipelines and plugins, embedded for running with no files around.
 //! - [`stage`]: the `Stage` trait, the registry, and the builtin kinds (`validate` … `persist`).
 //! - [`engine`]: runs one job's stage DAG: retries, timeouts, cancellation, checkpoints, progress.
+//! - [`error`]: the error codes shared by stage errors, AI errors and job failures.
 //! - [`source`]: where media comes from, and the rules for reaching it (storage root, internal addresses).
 //! - [`media`]: ffprobe and ffmpeg as child processes; [`child`]: process groups that die with their job.
 //! - [`ai`]: the Azure / OpenAI-compatible client, request limits and structured replies.
@@ -26,6 +27,7 @@ pub mod child;
 pub mod config;
 pub mod defaults;
 pub mod engine;
+pub mod error;
 pub mod local;
 pub mod media;
 pub mod pipeline;

@@ -16,6 +16,7 @@ use echo_worker::config::{Secret, Settings};
 use echo_worker::engine::checkpoint::{Checkpoints, MemoryCheckpoints};
 use echo_worker::engine::progress::NullSink;
 use echo_worker::engine::{Engine, JobReport, JobSpec, JobStatus};
+use echo_worker::error::ErrorCode;
 use echo_worker::pipeline::Pipeline;
 use echo_worker::pipeline::compile::compile;
 use echo_worker::pipeline::document::Document;
@@ -290,14 +291,14 @@ async fn quota_and_content_filter_errors_fail_at_once_and_say_why() {
     let report = world.run(&pipeline, &file, "quota").await;
     assert_eq!(report.status, JobStatus::Failed);
     let failure = report.failure.unwrap();
-    assert_eq!(failure.code, "insufficient_quota");
+    assert_eq!(failure.code, ErrorCode::InsufficientQuota);
     assert!(failure.message.contains("the account's quota is used up (insufficient_quota)"), "{}", failure.message);
     assert_eq!(world.fake.seen(Kind::Chat).len(), 1, "not retried");
 
     world.fake.fault(Kind::Chat, Fault::ContentFilter);
     let report = world.run(&pipeline, &file, "filtered").await;
     let failure = report.failure.unwrap();
-    assert_eq!(failure.code, "content_filter");
+    assert_eq!(failure.code, ErrorCode::ContentFilter);
     assert!(failure.message.contains("the content filter refused the request (content_filter)"), "{}", failure.message);
     assert_eq!(world.fake.seen(Kind::Chat).len(), 2, "not retried");
 }
@@ -316,7 +317,7 @@ async fn an_invalid_reply_is_asked_for_again_once() {
     world.fake.fault(Kind::Chat, Fault::BadJson);
     let report = world.run(&pipeline, &dir.path().join("unused"), "bad-json-twice").await;
     let failure = report.failure.unwrap();
-    assert_eq!(failure.code, "invalid_output");
+    assert_eq!(failure.code, ErrorCode::InvalidOutput);
     assert!(failure.message.contains("does not fit the output schema: not JSON"), "{}", failure.message);
 }
 

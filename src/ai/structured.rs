@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::jsonschema::{check, strict_compatible};
 use super::{AiError, Provider, Usage, estimate_tokens};
+use crate::error::ErrorCode;
 
 /// What to ask.
 #[derive(Debug, Clone, Default)]
@@ -36,7 +37,7 @@ const DEFAULT_REPLY_TOKENS: usize = 4096;
 /// Tokens kept free for message framing and estimation error.
 const CONTEXT_MARGIN: usize = 256;
 
-fn permanent(code: &'static str, message: String) -> AiError {
+fn permanent(code: ErrorCode, message: String) -> AiError {
     AiError { message, retryable: false, code, retry_after: None }
 }
 
@@ -78,20 +79,20 @@ pub async fn ask(
         match choice["finish_reason"].as_str() {
             Some("length") => {
                 return Err(permanent(
-                    "truncated",
+                    ErrorCode::Truncated,
                     format!("provider `{name}`: the reply was cut off at max_tokens; raise max_tokens"),
                 ));
             }
             Some("content_filter") => {
                 return Err(permanent(
-                    "content_filter",
+                    ErrorCode::ContentFilter,
                     format!("provider `{name}`: the content filter stopped the reply (content_filter)"),
                 ));
             }
             _ => {}
         }
         if let Some(refusal) = choice["message"]["refusal"].as_str() {
-            return Err(permanent("refused", format!("provider `{name}`: the model refused: {refusal}")));
+            return Err(permanent(ErrorCode::Refused, format!("provider `{name}`: the model refused: {refusal}")));
         }
         let content = choice["message"]["content"].as_str().unwrap_or_default();
         let Some(schema) = &ask.schema else { return Ok((json!({ "text": content }), usage)) };
@@ -105,7 +106,7 @@ pub async fn ask(
         tracing::info!(provider = %provider.name, problem = %last_problem, "reply does not fit the schema; asking again");
     }
     Err(permanent(
-        "invalid_output",
+        ErrorCode::InvalidOutput,
         format!("provider `{}`: the reply does not fit the output schema: {last_problem}", provider.name),
     ))
 }
@@ -152,7 +153,7 @@ pub async fn analyze(
     }
     if budget < 100 {
         return Err(permanent(
-            "context_length_exceeded",
+            ErrorCode::ContextLengthExceeded,
             format!(
                 "provider `{}`: the model's context ({context} tokens) leaves no room for the text after the prompt and max_tokens",
                 provider.name
@@ -169,7 +170,7 @@ pub async fn analyze(
     let mut partials: Vec<Option<Value>> = vec![None; count];
     let mut usage = Usage::default();
     while let Some(joined) = running.join_next().await {
-        let (index, result) = joined.map_err(|error| permanent("panic", error.to_string()))?;
+        let (index, result) = joined.map_err(|error| permanent(ErrorCode::Panic, error.to_string()))?;
         let (value, spent) = result?;
         usage += spent;
         partials[index] = Some(value);
@@ -187,7 +188,7 @@ pub async fn analyze(
     let merged_input = serde_json::to_string_pretty(&partials).unwrap_or_default();
     if estimate_tokens(&merged_input) > budget {
         return Err(permanent(
-            "context_length_exceeded",
+            ErrorCode::ContextLengthExceeded,
             format!("provider `{}`: the {count} partial results are too long to merge in one call", provider.name),
         ));
     }

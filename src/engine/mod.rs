@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::ErrorCode;
 use crate::pipeline::Pipeline;
 use crate::pipeline::template::Renderer;
 use crate::stage::{StageError, StageKind, StageRegistry};
@@ -134,7 +135,7 @@ pub struct JobFailure {
     /// Whether running the job again can help.
     pub retryable: bool,
     /// The error's class.
-    pub code: &'static str,
+    pub code: ErrorCode,
 }
 
 /// The result of one job run.

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
+use crate::error::ErrorCode;
 use crate::pipeline::document::{self, Document, SpannedValue};
 use crate::pipeline::error::Diagnostic;
 use crate::pipeline::raw::RawRetry;
@@ -421,7 +422,7 @@ impl Plugin {
             match value {
                 Some(value) if !spec.kind.accepts_json(&value) => {
                     return Err(StageError::permanent(
-                        "invalid_params",
+                        ErrorCode::InvalidParams,
                         format!("plugin `{}`: parameter `{name}` must be {}, got {value}", self.name, spec.kind.name()),
                     ));
                 }
@@ -430,7 +431,7 @@ impl Plugin {
                 }
                 None if spec.required => {
                     return Err(StageError::permanent(
-                        "invalid_params",
+                        ErrorCode::InvalidParams,
                         format!("plugin `{}`: parameter `{name}` is required but empty", self.name),
                     ));
                 }
@@ -471,7 +472,7 @@ impl Plugin {
             Ok(serde_json::Value::String(text)) => Ok(text),
             Ok(serde_json::Value::Null) => Ok(String::new()),
             Ok(other) => Ok(other.to_string()),
-            Err(error) => Err(StageError::permanent("template", error.to_string())),
+            Err(error) => Err(StageError::permanent(ErrorCode::Template, error.to_string())),
         }
     }
 }

@@ -25,6 +25,7 @@ pub use registry::StageRegistry;
 use crate::engine::JobSpec;
 use crate::engine::checkpoint::Checkpoints;
 use crate::engine::progress::ProgressReporter;
+use crate::error::ErrorCode;
 
 /// What a stage's `uses` resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,23 +128,29 @@ pub struct StageError {
     /// How long the provider asked us to wait before the next attempt; it wins over the backoff.
     pub retry_after: Option<Duration>,
     /// A stable class for tools, such as `timeout`, `http_status` or `invalid_output`.
-    pub code: &'static str,
+    pub code: ErrorCode,
 }
 
 impl StageError {
     /// An error another attempt may not repeat.
-    pub fn transient(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn transient(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { message: message.into(), retryable: true, retry_after: None, code }
     }
 
     /// An error every attempt would repeat (bad input, 4xx, schema mismatch).
-    pub fn permanent(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn permanent(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { message: message.into(), retryable: false, retry_after: None, code }
     }
 
     /// The attempt stopped because the job was cancelled.
     pub fn cancelled() -> Self {
-        Self::permanent("cancelled", "cancelled")
+        Self::permanent(ErrorCode::Cancelled, "cancelled")
+    }
+
+    /// Whether the attempt stopped because of cancellation (its code is [`ErrorCode::Cancelled`]), whatever
+    /// its message says.
+    pub const fn is_cancelled(&self) -> bool {
+        self.code.is_cancelled()
     }
 
     /// Sets the wait the provider asked for.
@@ -151,5 +158,31 @@ impl StageError {
     pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
         self.retry_after = wait;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ai::AiError;
+
+    #[test]
+    fn cancellation_is_known_by_its_code_not_by_its_words() {
+        let cancelled = StageError::cancelled();
+        assert_eq!(cancelled.code, ErrorCode::Cancelled);
+        assert!(cancelled.is_cancelled());
+        let worded = StageError::permanent(ErrorCode::ExitStatus, "plugin `x` exited with status 1: cancelled");
+        assert!(!worded.is_cancelled(), "a message that says cancelled is not a cancellation");
+        let ai =
+            AiError { message: "cancelled".into(), retryable: false, code: ErrorCode::Cancelled, retry_after: None };
+        assert!(ai.is_cancelled() && StageError::from(ai).is_cancelled(), "an AI cancellation stays one");
+        let quota = AiError {
+            message: "provider `p`: the account's quota is used up (insufficient_quota)".into(),
+            retryable: false,
+            code: ErrorCode::InsufficientQuota,
+            retry_after: None,
+        };
+        let stage = StageError::from(quota);
+        assert_eq!((stage.code, stage.retryable), (ErrorCode::InsufficientQuota, false), "the class carries over");
     }
 }

@@ -11,6 +11,7 @@ pub mod whisper;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
 
+use crate::error::ErrorCode;
 use crate::pipeline::document::{Document, SpannedValue};
 use crate::pipeline::error::Diagnostic;
 
@@ -107,7 +108,7 @@ impl BuiltinKind {
 pub fn params<T: DeserializeOwned>(ctx: &crate::stage::StageContext) -> Result<T, crate::stage::StageError> {
     let value = if ctx.params.is_null() { serde_json::json!({}) } else { ctx.params.clone() };
     serde_json::from_value(value).map_err(|error| {
-        crate::stage::StageError::permanent("invalid_params", format!("stage `{}`: {error}", ctx.stage_id))
+        crate::stage::StageError::permanent(ErrorCode::InvalidParams, format!("stage `{}`: {error}", ctx.stage_id))
     })
 }
 

@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::ai::client::{Segment, Transcription, TranscriptionRequest};
 use crate::ai::{Providers, Usage};
+use crate::error::ErrorCode;
 use crate::stage::{Stage, StageContext, StageError, StageOutput};
 
 /// `with` parameters of `whisper`.
@@ -90,10 +91,13 @@ fn chunks_of(params: &WhisperParams, ctx: &StageContext) -> Result<Vec<ChunkRef>
     let found: Vec<&Value> = ctx.inputs.values().filter_map(|output| output.get("chunks")).collect();
     match found.as_slice() {
         [chunks] => serde_json::from_value((*chunks).clone()).map_err(|error| {
-            StageError::permanent("invalid_params", format!("stage `{}`: unreadable chunks: {error}", ctx.stage_id))
+            StageError::permanent(
+                ErrorCode::InvalidParams,
+                format!("stage `{}`: unreadable chunks: {error}", ctx.stage_id),
+            )
         }),
         _ => Err(StageError::permanent(
-            "no_input",
+            ErrorCode::NoInput,
             format!(
                 "stage `{}` needs exactly one ancestor with `chunks` (a transcode stage), or `with.chunks`",
                 ctx.stage_id
@@ -106,7 +110,8 @@ fn chunks_of(params: &WhisperParams, ctx: &StageContext) -> Result<Vec<ChunkRef>
 /// hash is the same in every build (std's `DefaultHasher` may change between Rust releases, which would make a
 /// worker built by another toolchain pay for every chunk again).
 async fn content_key(path: &std::path::Path) -> Result<String, StageError> {
-    let io = |error: std::io::Error| StageError::transient("io", format!("reading {}: {error}", path.display()));
+    let io =
+        |error: std::io::Error| StageError::transient(ErrorCode::Io, format!("reading {}: {error}", path.display()));
     let mut file = tokio::fs::File::open(path).await.map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 16];
@@ -220,12 +225,15 @@ impl Stage for WhisperStage {
         let chunks = chunks_of(&params, &ctx)?;
         if chunks.is_empty() {
             return Err(StageError::permanent(
-                "no_input",
+                ErrorCode::NoInput,
                 format!("stage `{}`: there are no chunks to transcribe", ctx.stage_id),
             ));
         }
-        let saved =
-            ctx.checkpoints.load(&ctx.job.id).await.map_err(|e| StageError::transient("checkpoint", e.to_string()))?;
+        let saved = ctx
+            .checkpoints
+            .load(&ctx.job.id)
+            .await
+            .map_err(|e| StageError::transient(ErrorCode::Checkpoint, e.to_string()))?;
         let mut keys = Vec::with_capacity(chunks.len());
         for chunk in &chunks {
             keys.push(format!("{}/chunk/{}", ctx.stage_id, content_key(&chunk.path).await?));
@@ -253,7 +261,7 @@ impl Stage for WhisperStage {
                 () = stop.cancelled() => break,
             };
             let prompt = {
-                let results = results.lock().map_err(|_| StageError::permanent("panic", "poisoned"))?;
+                let results = results.lock().map_err(|_| StageError::permanent(ErrorCode::Panic, "poisoned"))?;
                 match index.checked_sub(1).and_then(|previous| results[previous].as_ref()) {
                     Some(previous) if looks_sane(previous) => Some(tail(&previous.text)),
                     Some(_) => None,
@@ -284,7 +292,7 @@ impl Stage for WhisperStage {
                 checkpoints
                     .save(&job_id, &key, &StageOutput::from(value))
                     .await
-                    .map_err(|e| StageError::transient("checkpoint", e.to_string()))?;
+                    .map_err(|e| StageError::transient(ErrorCode::Checkpoint, e.to_string()))?;
                 if let Ok(mut usage) = usage.lock() {
                     *usage += spent;
                 }
@@ -298,9 +306,10 @@ impl Stage for WhisperStage {
         }
         let mut first_error: Option<StageError> = None;
         while let Some(joined) = running.join_next().await {
-            let outcome = joined.unwrap_or_else(|error| Err(StageError::permanent("panic", error.to_string())));
+            let outcome =
+                joined.unwrap_or_else(|error| Err(StageError::permanent(ErrorCode::Panic, error.to_string())));
             if let Err(error) = outcome
-                && first_error.as_ref().is_none_or(|first| first.code == "cancelled")
+                && first_error.as_ref().is_none_or(StageError::is_cancelled)
             {
                 first_error = Some(error);
             }
@@ -313,10 +322,12 @@ impl Stage for WhisperStage {
         }
         let transcripts: Vec<Transcription> = results
             .lock()
-            .map_err(|_| StageError::permanent("panic", "poisoned"))?
+            .map_err(|_| StageError::permanent(ErrorCode::Panic, "poisoned"))?
             .iter()
             .map(|result| {
-                result.clone().ok_or_else(|| StageError::transient("incomplete", "a chunk was not transcribed"))
+                result
+                    .clone()
+                    .ok_or_else(|| StageError::transient(ErrorCode::Incomplete, "a chunk was not transcribed"))
             })
             .collect::<Result<_, _>>()?;
         let segments = stitch(&chunks, &transcripts);
@@ -324,7 +335,7 @@ impl Stage for WhisperStage {
         let detected = transcripts.iter().find_map(|t| t.language.clone());
         let duration = chunks.iter().map(|c| c.end).fold(0.0, f64::max);
         let formats = params.formats.unwrap_or_default();
-        let usage = *usage.lock().map_err(|_| StageError::permanent("panic", "poisoned"))?;
+        let usage = *usage.lock().map_err(|_| StageError::permanent(ErrorCode::Panic, "poisoned"))?;
         let mut output = json!({
             "text": text,
             "language": language.or(detected),
