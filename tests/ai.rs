@@ -107,7 +107,7 @@ fn output<'a>(report: &'a JobReport, stage: &str) -> &'a Value {
     report.stages[stage].output.as_ref().unwrap_or_else(|| panic!("{stage} has an output: {report:#?}"))
 }
 
-fn plugin_schema(name: &str) -> Value {
+fn plugin_schema(name: &str) -> echo_worker::ai::jsonschema::OutputSchema {
     let plugins = PluginSet::load_dir(Path::new("plugins")).unwrap();
     plugins.plugins[name].output.clone().unwrap()
 }
@@ -171,9 +171,9 @@ async fn a_65_minute_meeting_runs_end_to_end() {
     assert_vtt(transcript["vtt"].as_str().unwrap(), segments.len());
 
     let summary = output(&report, "summary");
-    echo_worker::ai::jsonschema::check(&plugin_schema("summary"), &strip_usage(summary)).unwrap();
+    plugin_schema("summary").check(&strip_usage(summary)).unwrap();
     let items = output(&report, "action_items");
-    echo_worker::ai::jsonschema::check(&plugin_schema("action-items"), &strip_usage(items)).unwrap();
+    plugin_schema("action-items").check(&strip_usage(items)).unwrap();
 
     let usage = &transcript["usage"];
     assert_eq!(usage["requests"], transcriptions.len() as u64);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::jsonschema::{check, strict_compatible};
+use super::jsonschema::{OutputSchema, strict_compatible};
 use super::{AiError, Provider, Usage, estimate_tokens};
 use crate::error::ErrorCode;
 
@@ -20,8 +20,9 @@ use crate::error::ErrorCode;
 pub struct Ask {
     /// The system message.
     pub system: String,
-    /// The JSON Schema the reply must fit; without one the reply is `{ "text": ... }`.
-    pub schema: Option<Value>,
+    /// The JSON Schema the reply must fit, compiled once when it was loaded; without one the reply is
+    /// `{ "text": ... }`.
+    pub schema: Option<OutputSchema>,
     /// A name for the schema (`[a-zA-Z0-9_-]`, at most 64).
     pub schema_name: String,
     /// Upper bound on the reply's tokens.
@@ -66,7 +67,7 @@ pub async fn ask(
     if let Some(schema) = &ask.schema {
         body["response_format"] = json!({
             "type": "json_schema",
-            "json_schema": { "name": ask.schema_name, "schema": schema, "strict": strict_compatible(schema) }
+            "json_schema": { "name": ask.schema_name, "schema": schema.schema(), "strict": strict_compatible(schema.schema()) }
         });
     }
     let mut usage = Usage::default();
@@ -97,7 +98,7 @@ pub async fn ask(
         let content = choice["message"]["content"].as_str().unwrap_or_default();
         let Some(schema) = &ask.schema else { return Ok((json!({ "text": content }), usage)) };
         match serde_json::from_str::<Value>(content) {
-            Ok(value) => match check(schema, &value) {
+            Ok(value) => match schema.check(&value) {
                 Ok(()) => return Ok((value, usage)),
                 Err(problem) => last_problem = problem,
             },
