@@ -6,6 +6,7 @@
 //! Listed from the bottom up: a module uses only modules listed above it (ARCHITECTURE.md; checked by
 //! `tests/architecture.rs`).
 //! - [`units`]: duration, size and bitrate literals; [`secret`]: credentials that never print;
+//!   [`error`]: the error codes shared by stage errors, AI errors and job failures;
 //!   [`child`]: process groups that die with their job; [`defaults`]: the shipped files, embedded.
 //! - [`document`]: TOML with positions, every problem at `file:line:column`; [`template`]: minijinja.
 //! - [`job`]: the contract shared by engine, stages, store and queue (job spec, stage outputs and errors,
@@ -27,6 +28,7 @@ pub mod config;
 pub mod defaults;
 pub mod document;
 pub mod engine;
+pub mod error;
 pub mod job;
 pub mod local;
 pub mod media;

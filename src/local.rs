@@ -7,7 +7,7 @@
 //! store (`DATABASE_URL`, `sqlite://echo.db` by default) that follows the job's status and progress and ends
 //! `completed` (with the pipeline's `persist` fields, or every stage output when it has no `persist`),
 //! `failed` (with the reason) or `cancelled`; checkpoints live in memory, so a local run does not resume an
-//! earlier one; SIGINT or SIGTERM cancels every running job (child processes are killed, work directories
+//! earlier one, and each job's checkpoints are cleared when it ends, since its id is never used again; SIGINT or SIGTERM cancels every running job (child processes are killed, work directories
 //! removed) and the exit code is then 130.
 
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::engine::{Engine, JobReport, JobStatus};
 use crate::job::JobSpec;
-use crate::job::checkpoint::MemoryCheckpoints;
+use crate::job::checkpoint::{Checkpoints, MemoryCheckpoints};
 use crate::job::progress::{ProgressSink, ProgressUpdate, Tee};
 use crate::store::{NewRecording, RecordingStatus, Store, StoreError, StoreSink};
 
@@ -67,6 +67,15 @@ pub fn parse_param(text: &str) -> anyhow::Result<(String, Value)> {
 /// Anything that stops the run before it starts: invalid pipelines, an unknown pipeline, a stage kind that
 /// cannot run here, an unreadable file.
 pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Result<ExitCode> {
+    process_with(settings, request, Arc::new(MemoryCheckpoints::default())).await
+}
+
+/// [`process`] with the checkpoint store given, so that tests can look into it.
+async fn process_with(
+    settings: &Settings,
+    request: ProcessRequest,
+    checkpoints: Arc<dyn Checkpoints>,
+) -> anyhow::Result<ExitCode> {
     let catalog = Catalog::load(&request.pipelines, &request.plugins)?;
     let pipeline = catalog.pipeline(&request.pipeline)?.clone();
     let mut sources = Vec::with_capacity(request.files.len());
@@ -80,7 +89,7 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
     app::check_requirements(settings, &pipeline, &catalog.plugins)?;
     let store = app::store(settings).await?;
     let registry = app::registry(settings, catalog.plugins.values(), store.clone()).await?;
-    let engine = Engine::new(registry, Arc::new(MemoryCheckpoints::default()), settings.engine());
+    let engine = Engine::new(registry, checkpoints.clone(), settings.engine());
     engine.check(&pipeline)?;
 
     let cancel = CancellationToken::new();
@@ -120,12 +129,18 @@ pub async fn process(settings: &Settings, request: ProcessRequest) -> anyhow::Re
         };
         let (engine, pipeline, cancel, limit, file, store) =
             (engine.clone(), pipeline.clone(), cancel.clone(), limit.clone(), file.clone(), store.clone());
+        let checkpoints = checkpoints.clone();
         jobs.spawn(async move {
             let _permit = limit.acquire_owned().await;
             let started = std::time::Instant::now();
             let store_sink = Arc::new(StoreSink::new(store.clone(), recording_id.clone()));
             let sink: Arc<dyn ProgressSink> = Arc::new(Tee(vec![Arc::new(BarSink(bar.clone())), store_sink]));
+            let job_id = job.id.clone();
             let report = engine.run(&pipeline, job, sink, cancel).await;
+            // The job has ended for good whatever its status: `process` never runs the same job id again.
+            if let Err(error) = checkpoints.clear(&job_id).await {
+                tracing::warn!(job = %job_id, %error, "could not clear the job's checkpoints");
+            }
             bar.finish();
             if let Ok(report) = &report
                 && let Err(error) = settle(store.as_ref(), &recording_id, report).await
@@ -389,7 +404,13 @@ fn headline(output: &Value) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+    use crate::config::SecretUrl;
+    use crate::job::StageOutput;
+    use crate::job::checkpoint::CheckpointError;
 
     fn update(stage: &str, message: &str, running: &[&str], done: usize) -> ProgressUpdate {
         ProgressUpdate {
@@ -414,5 +435,56 @@ mod tests {
         assert_eq!(bar_message(&silent), "[3/5] running loudness");
         let done = update("", "completed", &[], 5);
         assert_eq!(bar_message(&done), "completed");
+    }
+
+    /// Memory checkpoints that also count the saves, so the test knows there was something to clear.
+    #[derive(Default)]
+    struct Counted {
+        memory: MemoryCheckpoints,
+        saves: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Checkpoints for Counted {
+        async fn load(&self, job_id: &str) -> Result<HashMap<String, StageOutput>, CheckpointError> {
+            self.memory.load(job_id).await
+        }
+
+        async fn save(&self, job_id: &str, key: &str, output: &StageOutput) -> Result<(), CheckpointError> {
+            self.saves.fetch_add(1, Ordering::SeqCst);
+            self.memory.save(job_id, key, output).await
+        }
+
+        async fn clear(&self, job_id: &str) -> Result<(), CheckpointError> {
+            self.memory.clear(job_id).await
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoints_of_finished_local_jobs_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("recording.txt");
+        std::fs::write(&file, "the pipelines below do not read it").unwrap();
+        let mut settings = Settings::default();
+        settings.database.url = SecretUrl::new("sqlite::memory:");
+        settings.paths.temp_dir = dir.path().to_path_buf();
+        let checkpoints = Arc::new(Counted::default());
+        let mut params = serde_json::Map::new();
+        params.insert("count_file".into(), json!(dir.path().join("runs").display().to_string()));
+        for (pipeline, code) in [("echo-once", ExitCode::SUCCESS), ("echo-then-fail", ExitCode::FAILURE)] {
+            let saves = checkpoints.saves.load(Ordering::SeqCst);
+            let request = ProcessRequest {
+                files: vec![file.clone()],
+                pipeline: pipeline.into(),
+                params: params.clone(),
+                out: Some(dir.path().join("reports")),
+                json: false,
+                pipelines: "tests/fixtures/pipelines/checkpoints".into(),
+                plugins: "tests/fixtures/plugins/valid".into(),
+            };
+            assert_eq!(process_with(&settings, request, checkpoints.clone()).await.unwrap(), code, "{pipeline}");
+            assert!(checkpoints.saves.load(Ordering::SeqCst) > saves, "{pipeline}: the `echo` stage was checkpointed");
+            assert_eq!(checkpoints.memory.job_count(), 0, "{pipeline}: no job keeps checkpoints after it ended");
+        }
     }
 }

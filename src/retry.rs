@@ -79,6 +79,7 @@ pub fn random_unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -100,7 +101,8 @@ mod tests {
 
     #[test]
     fn retry_after_wins() {
-        let error = StageError::transient("http_status", "429").with_retry_after(Some(Duration::from_millis(30)));
+        let error =
+            StageError::transient(ErrorCode::HttpStatus, "429").with_retry_after(Some(Duration::from_millis(30)));
         assert_eq!(delay(&policy(), 1, &error), Duration::from_millis(30));
         let unit = random_unit();
         assert!((0.0..1.0).contains(&unit));

@@ -21,6 +21,7 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, LOCATION};
 use reqwest::{Method, Response, StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::ErrorCode;
 use crate::job::StageError;
 use crate::secret::Secret;
 
@@ -92,16 +93,16 @@ pub enum SourceError {
 impl From<SourceError> for StageError {
     fn from(error: SourceError) -> Self {
         match &error {
-            SourceError::Refused { .. } => StageError::permanent("source_refused", error.to_string()),
+            SourceError::Refused { .. } => StageError::permanent(ErrorCode::SourceRefused, error.to_string()),
             SourceError::Status { status, retry_after, .. } => {
                 let retry = status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429);
                 if retry {
-                    StageError::transient("http_status", error.to_string()).with_retry_after(*retry_after)
+                    StageError::transient(ErrorCode::HttpStatus, error.to_string()).with_retry_after(*retry_after)
                 } else {
-                    StageError::permanent("http_status", error.to_string())
+                    StageError::permanent(ErrorCode::HttpStatus, error.to_string())
                 }
             }
-            SourceError::Network { .. } => StageError::transient("network", error.to_string()),
+            SourceError::Network { .. } => StageError::transient(ErrorCode::Network, error.to_string()),
             SourceError::Cancelled => StageError::cancelled(),
         }
     }

@@ -15,6 +15,7 @@ use echo_worker::catalog::Catalog;
 use echo_worker::config::{Secret, Settings};
 use echo_worker::document::Document;
 use echo_worker::engine::{Engine, JobReport, JobStatus};
+use echo_worker::error::ErrorCode;
 use echo_worker::job::JobSpec;
 use echo_worker::job::checkpoint::{Checkpoints, MemoryCheckpoints};
 use echo_worker::job::progress::NullSink;
@@ -107,7 +108,7 @@ fn output<'a>(report: &'a JobReport, stage: &str) -> &'a Value {
     report.stages[stage].output.as_ref().unwrap_or_else(|| panic!("{stage} has an output: {report:#?}"))
 }
 
-fn plugin_schema(name: &str) -> Value {
+fn plugin_schema(name: &str) -> echo_worker::ai::jsonschema::OutputSchema {
     let plugins = PluginSet::load_dir(Path::new("plugins")).unwrap();
     plugins.plugins[name].output.clone().unwrap()
 }
@@ -171,9 +172,9 @@ async fn a_65_minute_meeting_runs_end_to_end() {
     assert_vtt(transcript["vtt"].as_str().unwrap(), segments.len());
 
     let summary = output(&report, "summary");
-    echo_worker::ai::jsonschema::check(&plugin_schema("summary"), &strip_usage(summary)).unwrap();
+    plugin_schema("summary").check(&strip_usage(summary)).unwrap();
     let items = output(&report, "action_items");
-    echo_worker::ai::jsonschema::check(&plugin_schema("action-items"), &strip_usage(items)).unwrap();
+    plugin_schema("action-items").check(&strip_usage(items)).unwrap();
 
     let usage = &transcript["usage"];
     assert_eq!(usage["requests"], transcriptions.len() as u64);
@@ -291,14 +292,14 @@ async fn quota_and_content_filter_errors_fail_at_once_and_say_why() {
     let report = world.run(&pipeline, &file, "quota").await;
     assert_eq!(report.status, JobStatus::Failed);
     let failure = report.failure.unwrap();
-    assert_eq!(failure.code, "insufficient_quota");
+    assert_eq!(failure.code, ErrorCode::InsufficientQuota);
     assert!(failure.message.contains("the account's quota is used up (insufficient_quota)"), "{}", failure.message);
     assert_eq!(world.fake.seen(Kind::Chat).len(), 1, "not retried");
 
     world.fake.fault(Kind::Chat, Fault::ContentFilter);
     let report = world.run(&pipeline, &file, "filtered").await;
     let failure = report.failure.unwrap();
-    assert_eq!(failure.code, "content_filter");
+    assert_eq!(failure.code, ErrorCode::ContentFilter);
     assert!(failure.message.contains("the content filter refused the request (content_filter)"), "{}", failure.message);
     assert_eq!(world.fake.seen(Kind::Chat).len(), 2, "not retried");
 }
@@ -317,7 +318,7 @@ async fn an_invalid_reply_is_asked_for_again_once() {
     world.fake.fault(Kind::Chat, Fault::BadJson);
     let report = world.run(&pipeline, &dir.path().join("unused"), "bad-json-twice").await;
     let failure = report.failure.unwrap();
-    assert_eq!(failure.code, "invalid_output");
+    assert_eq!(failure.code, ErrorCode::InvalidOutput);
     assert!(failure.message.contains("does not fit the output schema: not JSON"), "{}", failure.message);
 }
 

@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use echo_worker::config::Secret;
+use echo_worker::error::ErrorCode;
 use echo_worker::source::{Fetcher, SourcePolicy};
 use echo_worker::stage::builtin::download::DownloadStage;
 use echo_worker::stage::builtin::validate::ValidateStage;
@@ -242,7 +243,7 @@ async fn error_statuses_are_classified() {
 
     let (large, _w) = download(&base, &format!("{base}/files/file.bin"), json!({ "max_size": "1MB" })).await;
     let large = large.unwrap_err();
-    assert_eq!(large.code, "too_large");
+    assert_eq!(large.code, ErrorCode::TooLarge);
     assert!(!large.retryable);
 }
 
@@ -251,7 +252,7 @@ async fn internal_addresses_and_escaping_paths_are_refused() {
     let (server, base) = start(Vec::new()).await;
     let (redirected, _w) = download(&base, &format!("{base}/files/to-private"), json!({})).await;
     let redirected = redirected.unwrap_err();
-    assert_eq!(redirected.code, "source_refused");
+    assert_eq!(redirected.code, ErrorCode::SourceRefused);
     assert!(redirected.message.contains("10.255.255.1 is an internal address"), "{}", redirected.message);
 
     let (followed, _w) = download(&base, &format!("{base}/files/to-file"), json!({})).await;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use echo_worker::engine::{EngineError, JobStatus, StageStatus};
+use echo_worker::error::ErrorCode;
 use echo_worker::job::progress::NullSink;
 use serde_json::json;
 use support::{Bench, Updates, job, pipeline};
@@ -211,6 +212,25 @@ with = { ms = "{{ item.ms }}", name = "{{ item.name }}", position = "{{ index }}
 }
 
 #[tokio::test]
+async fn an_item_failing_with_the_word_cancelled_is_a_failure_not_a_cancellation() {
+    let bench = Bench::new();
+    let pipeline = pipeline(
+        r#"
+[stages.fan]
+uses = "count"
+for_each = "[1, 2, 3]"
+with = { fail = "{{ item == 2 }}", message = "cancelled" }
+"#,
+    );
+    let report = bench.run(&pipeline, job("worded", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Failed, "{report:?}");
+    assert_eq!(report.stages["fan"].status, StageStatus::Failed);
+    let failure = report.failure.unwrap();
+    assert_eq!((failure.code, failure.message.as_str()), (ErrorCode::Custom, "item 1 of 3: cancelled"));
+    assert!(!failure.code.is_cancelled());
+}
+
+#[tokio::test]
 async fn an_attempt_that_outlives_its_timeout_is_stopped_and_retried() {
     let bench = Bench::new();
     let pipeline = pipeline(
@@ -227,7 +247,7 @@ with = { ms = 10000 }
     assert_eq!(report.stages["slow"].attempts, 2, "a timeout is worth a retry");
     let failure = report.failure.unwrap();
     assert_eq!(failure.message, "stage `slow` timed out after 100ms");
-    assert_eq!(failure.code, "timeout");
+    assert_eq!(failure.code, ErrorCode::Timeout);
 }
 
 #[tokio::test]
@@ -236,7 +256,7 @@ async fn the_job_deadline_stops_everything() {
     let pipeline = pipeline("[stages.slow]\nuses = \"record\"\nwith = { ms = 10000 }\n");
     let report = bench.run(&pipeline, job("deadline", json!({}))).await;
     assert_eq!(report.status, JobStatus::Failed);
-    assert_eq!(report.failure.as_ref().unwrap().code, "deadline");
+    assert_eq!(report.failure.as_ref().unwrap().code, ErrorCode::Deadline);
     assert_eq!(report.failure.unwrap().message, "job exceeded its deadline of 200ms");
     assert_eq!(report.stages["slow"].status, StageStatus::Cancelled);
 }

@@ -6,6 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use echo_worker::error::ErrorCode;
 use echo_worker::job::StageError;
 use echo_worker::source::{Fetcher, SourcePolicy};
 use echo_worker::stage::builtin::transcode::TranscodeStage;
@@ -62,20 +63,20 @@ async fn bad_files_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let silent_video = video(dir.path(), "silent.mp4", false);
     let error = refused(&silent_video, json!({})).await;
-    assert_eq!(error.code, "no_audio");
+    assert_eq!(error.code, ErrorCode::NoAudio);
     assert_eq!(error.message, "the file has no audio to transcribe: a video without sound");
 
     let empty = dir.path().join("empty.mp3");
     std::fs::write(&empty, b"").unwrap();
     let error = refused(&empty, json!({})).await;
-    assert_eq!((error.code, error.message.as_str()), ("empty", "the file is empty (0 bytes)"));
+    assert_eq!((error.code, error.message.as_str()), (ErrorCode::Empty, "the file is empty (0 bytes)"));
 
     let png = dir.path().join("picture.png");
     ffmpeg(&["-f", "lavfi", "-i", "color=c=red:s=32x32:d=1", "-frames:v", "1", png.to_str().unwrap()]);
     let renamed = dir.path().join("song.mp3");
     std::fs::rename(&png, &renamed).unwrap();
     let error = refused(&renamed, json!({})).await;
-    assert_eq!(error.code, "not_media");
+    assert_eq!(error.code, ErrorCode::NotMedia);
     assert_eq!(error.message, "the file is not audio or video: its bytes are image/png");
 
     let whole = tone(dir.path(), "whole.mp3", 20);
@@ -83,7 +84,7 @@ async fn bad_files_are_refused_with_the_reason() {
     let truncated = dir.path().join("truncated.mp3");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let error = refused(&truncated, json!({})).await;
-    assert_eq!(error.code, "truncated", "{}", error.message);
+    assert_eq!(error.code, ErrorCode::Truncated, "{}", error.message);
     assert!(error.message.contains("announces 20.0 s"), "{}", error.message);
 
     let text = dir.path().join("notes.m4a");
@@ -97,16 +98,19 @@ async fn limits_and_accepted_types_come_from_the_params() {
     let dir = tempfile::tempdir().unwrap();
     let file = tone(dir.path(), "long.mp3", 8);
     let error = refused(&file, json!({ "max_size": "10KB" })).await;
-    assert_eq!(error.code, "too_large");
+    assert_eq!(error.code, ErrorCode::TooLarge);
     assert!(error.message.starts_with("the file is "), "{}", error.message);
     assert!(error.message.ends_with("over the limit of 10 KB"), "{}", error.message);
     let error = refused(&file, json!({ "max_duration": "5s" })).await;
-    assert_eq!((error.code, error.message.as_str()), ("too_long", "the recording lasts 8s, over the limit of 5s"));
+    assert_eq!(
+        (error.code, error.message.as_str()),
+        (ErrorCode::TooLong, "the recording lasts 8s, over the limit of 5s")
+    );
     let clip = video(dir.path(), "clip.mp4", true);
     let error = refused(&clip, json!({ "accept": ["audio/*"] })).await;
     assert_eq!(error.message, "video/mp4 is not accepted here (accepted: audio/*)");
     let error = validate(&file, json!({ "max_size": 12 })).await.unwrap_err();
-    assert_eq!(error.code, "too_large", "a bare number counts bytes");
+    assert_eq!(error.code, ErrorCode::TooLarge, "a bare number counts bytes");
 }
 
 #[tokio::test]
@@ -247,7 +251,7 @@ async fn transcode_refuses_a_file_without_audio() {
     let error = run_stage(&TranscodeStage, job("unused", true), json!({}), transcoder_inputs(&silent), work.path())
         .await
         .unwrap_err();
-    assert_eq!(error.code, "no_audio");
+    assert_eq!(error.code, ErrorCode::NoAudio);
     assert!(!error.retryable);
 }
 
@@ -292,7 +296,7 @@ async fn cancelling_a_transcode_kills_ffmpeg() {
     let cancelled_at = std::time::Instant::now();
     cancel.cancel();
     let error = tokio::time::timeout(std::time::Duration::from_secs(10), running).await.unwrap().unwrap().unwrap_err();
-    assert_eq!(error.code, "cancelled");
+    assert_eq!(error.code, ErrorCode::Cancelled);
     assert!(cancelled_at.elapsed() < std::time::Duration::from_secs(2), "{:?}", cancelled_at.elapsed());
     assert_eq!(ffmpeg_processes(&needle), 0, "no ffmpeg is left running");
 }

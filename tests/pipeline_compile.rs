@@ -92,6 +92,7 @@ fn fixtures_cover_every_error_class() {
         "invalid_stage_id",
         "section_mismatch",
         "invalid_value",
+        "invalid_schema",
     ] {
         assert!(codes.contains(required), "no fixture produces `{required}`; produced: {codes:?}");
     }

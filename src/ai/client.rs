@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::limit::{Limiter, SharedWindow};
 use super::{AiError, ProviderSettings, ProviderStyle, Usage};
+use crate::error::ErrorCode;
 use crate::retry;
 use crate::retry::RetryPolicy;
 
@@ -118,14 +119,14 @@ impl Providers {
                 None => "no AI provider is configured: set AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_KEY, or ECHO_AI__PROVIDERS__<NAME>__*".into(),
             },
             retryable: false,
-            code: "no_provider",
+            code: ErrorCode::NoProvider,
             retry_after: None,
         })
     }
 }
 
 fn cancelled() -> AiError {
-    AiError { message: "cancelled".into(), retryable: false, code: "cancelled", retry_after: None }
+    AiError { message: "cancelled".into(), retryable: false, code: ErrorCode::Cancelled, retry_after: None }
 }
 
 /// The longest backoff between retries of one request.
@@ -151,7 +152,7 @@ impl Provider {
             .map_err(|error| AiError {
                 message: format!("provider `{name}`: cannot build the HTTP client: {error}"),
                 retryable: false,
-                code: "client",
+                code: ErrorCode::Client,
                 retry_after: None,
             })?;
         let window = Duration::from_millis(settings.rate_window_ms);
@@ -225,7 +226,7 @@ impl Provider {
         let length = tokio::fs::metadata(&request.file).await.map_err(|error| AiError {
             message: format!("cannot read {}: {error}", request.file.display()),
             retryable: false,
-            code: "io",
+            code: ErrorCode::Io,
             retry_after: None,
         })?;
         let build = || async {
@@ -255,7 +256,7 @@ impl Provider {
         let body: Value = response
             .json()
             .await
-            .map_err(|error| self.transient("body", format!("reading the transcription: {error}")))?;
+            .map_err(|error| self.transient(ErrorCode::Body, format!("reading the transcription: {error}")))?;
         let transcription = parse_transcription(&body);
         usage.audio_seconds = transcription.duration.unwrap_or(0.0);
         Ok((transcription, usage))
@@ -282,13 +283,13 @@ impl Provider {
         let reply: Value = response
             .json()
             .await
-            .map_err(|error| self.transient("body", format!("reading the chat answer: {error}")))?;
+            .map_err(|error| self.transient(ErrorCode::Body, format!("reading the chat answer: {error}")))?;
         usage.prompt_tokens = reply["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
         usage.completion_tokens = reply["usage"]["completion_tokens"].as_u64().unwrap_or(0);
         Ok((reply, usage))
     }
 
-    fn transient(&self, code: &'static str, message: String) -> AiError {
+    fn transient(&self, code: ErrorCode, message: String) -> AiError {
         AiError { message: format!("provider `{}`: {message}", self.name), retryable: true, code, retry_after: None }
     }
 
@@ -307,7 +308,8 @@ impl Provider {
         let mut attempt = 0;
         loop {
             let permit = limiter.acquire(cancel).await.ok_or_else(cancelled)?;
-            let request = build().await.ok_or_else(|| self.transient("io", "cannot prepare the request".into()))?;
+            let request =
+                build().await.ok_or_else(|| self.transient(ErrorCode::Io, "cannot prepare the request".into()))?;
             usage.requests += 1;
             tracing::debug!(provider = %self.name, attempt, "sending a request");
             let sent = tokio::select! {
@@ -318,7 +320,7 @@ impl Provider {
             let error = match sent {
                 Ok(response) if response.status().is_success() => return Ok((response, usage)),
                 Ok(response) => self.classify(response).await,
-                Err(error) => self.transient("network", format!("request failed: {}", error.without_url())),
+                Err(error) => self.transient(ErrorCode::Network, format!("request failed: {}", error.without_url())),
             };
             if !error.retryable || attempt >= self.settings.max_retries {
                 return Err(error);
@@ -344,21 +346,21 @@ impl Provider {
         let detail = error["message"].as_str().map(str::to_string).unwrap_or_else(|| text.chars().take(300).collect());
         let retry_after = retry_after(&headers).map(|wait| wait.min(MAX_RETRY_AFTER));
         let name = &self.name;
-        let (code, retryable, message): (&'static str, bool, String) = if code == "insufficient_quota" {
+        let (code, retryable, message): (ErrorCode, bool, String) = if code == "insufficient_quota" {
             (
-                "insufficient_quota",
+                ErrorCode::InsufficientQuota,
                 false,
                 format!("provider `{name}`: the account's quota is used up (insufficient_quota): {detail}"),
             )
         } else if code == "content_filter" || inner == "ResponsibleAIPolicyViolation" {
             (
-                "content_filter",
+                ErrorCode::ContentFilter,
                 false,
                 format!("provider `{name}`: the content filter refused the request (content_filter): {detail}"),
             )
         } else if code == "context_length_exceeded" {
             (
-                "context_length_exceeded",
+                ErrorCode::ContextLengthExceeded,
                 false,
                 format!(
                     "provider `{name}`: the input is longer than the model's context (context_length_exceeded): {detail}"
@@ -371,7 +373,7 @@ impl Provider {
                 Some("false") => false,
                 _ => matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error(),
             };
-            ("http_status", retryable, format!("provider `{name}` answered {status}: {detail}"))
+            (ErrorCode::HttpStatus, retryable, format!("provider `{name}` answered {status}: {detail}"))
         };
         AiError { message, retryable, code, retry_after: if retryable { retry_after } else { None } }
     }

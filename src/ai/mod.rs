@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{Provider, Providers};
 
+use crate::error::ErrorCode;
 use crate::job::StageError;
 use crate::secret::Secret;
 
@@ -163,22 +164,22 @@ pub struct AiError {
     /// Whether the stage may try again later.
     pub retryable: bool,
     /// A stable class: `insufficient_quota`, `content_filter`, `context_length_exceeded`, `http_status`...
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// The wait the provider asked for.
     pub retry_after: Option<Duration>,
 }
 
+impl AiError {
+    /// Whether the request stopped because of cancellation.
+    pub const fn is_cancelled(&self) -> bool {
+        self.code.is_cancelled()
+    }
+}
+
 impl From<AiError> for StageError {
     fn from(error: AiError) -> Self {
-        if error.code == "cancelled" {
-            return StageError::cancelled();
-        }
-        let stage_error = if error.retryable {
-            StageError::transient(error.code, error.message)
-        } else {
-            StageError::permanent(error.code, error.message)
-        };
-        stage_error.with_retry_after(error.retry_after)
+        let AiError { message, retryable, code, retry_after } = error;
+        StageError { message, retryable, retry_after, code }
     }
 }
 

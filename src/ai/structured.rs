@@ -11,16 +11,18 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::jsonschema::{check, strict_compatible};
+use super::jsonschema::{OutputSchema, strict_compatible};
 use super::{AiError, Provider, Usage, estimate_tokens};
+use crate::error::ErrorCode;
 
 /// What to ask.
 #[derive(Debug, Clone, Default)]
 pub struct Ask {
     /// The system message.
     pub system: String,
-    /// The JSON Schema the reply must fit; without one the reply is `{ "text": ... }`.
-    pub schema: Option<Value>,
+    /// The JSON Schema the reply must fit, compiled once when it was loaded; without one the reply is
+    /// `{ "text": ... }`.
+    pub schema: Option<OutputSchema>,
     /// A name for the schema (`[a-zA-Z0-9_-]`, at most 64).
     pub schema_name: String,
     /// Upper bound on the reply's tokens.
@@ -36,7 +38,7 @@ const DEFAULT_REPLY_TOKENS: usize = 4096;
 /// Tokens kept free for message framing and estimation error.
 const CONTEXT_MARGIN: usize = 256;
 
-fn permanent(code: &'static str, message: String) -> AiError {
+fn permanent(code: ErrorCode, message: String) -> AiError {
     AiError { message, retryable: false, code, retry_after: None }
 }
 
@@ -65,7 +67,7 @@ pub async fn ask(
     if let Some(schema) = &ask.schema {
         body["response_format"] = json!({
             "type": "json_schema",
-            "json_schema": { "name": ask.schema_name, "schema": schema, "strict": strict_compatible(schema) }
+            "json_schema": { "name": ask.schema_name, "schema": schema.schema(), "strict": strict_compatible(schema.schema()) }
         });
     }
     let mut usage = Usage::default();
@@ -78,25 +80,25 @@ pub async fn ask(
         match choice["finish_reason"].as_str() {
             Some("length") => {
                 return Err(permanent(
-                    "truncated",
+                    ErrorCode::Truncated,
                     format!("provider `{name}`: the reply was cut off at max_tokens; raise max_tokens"),
                 ));
             }
             Some("content_filter") => {
                 return Err(permanent(
-                    "content_filter",
+                    ErrorCode::ContentFilter,
                     format!("provider `{name}`: the content filter stopped the reply (content_filter)"),
                 ));
             }
             _ => {}
         }
         if let Some(refusal) = choice["message"]["refusal"].as_str() {
-            return Err(permanent("refused", format!("provider `{name}`: the model refused: {refusal}")));
+            return Err(permanent(ErrorCode::Refused, format!("provider `{name}`: the model refused: {refusal}")));
         }
         let content = choice["message"]["content"].as_str().unwrap_or_default();
         let Some(schema) = &ask.schema else { return Ok((json!({ "text": content }), usage)) };
         match serde_json::from_str::<Value>(content) {
-            Ok(value) => match check(schema, &value) {
+            Ok(value) => match schema.check(&value) {
                 Ok(()) => return Ok((value, usage)),
                 Err(problem) => last_problem = problem,
             },
@@ -105,7 +107,7 @@ pub async fn ask(
         tracing::info!(provider = %provider.name, problem = %last_problem, "reply does not fit the schema; asking again");
     }
     Err(permanent(
-        "invalid_output",
+        ErrorCode::InvalidOutput,
         format!("provider `{}`: the reply does not fit the output schema: {last_problem}", provider.name),
     ))
 }
@@ -152,7 +154,7 @@ pub async fn analyze(
     }
     if budget < 100 {
         return Err(permanent(
-            "context_length_exceeded",
+            ErrorCode::ContextLengthExceeded,
             format!(
                 "provider `{}`: the model's context ({context} tokens) leaves no room for the text after the prompt and max_tokens",
                 provider.name
@@ -169,7 +171,7 @@ pub async fn analyze(
     let mut partials: Vec<Option<Value>> = vec![None; count];
     let mut usage = Usage::default();
     while let Some(joined) = running.join_next().await {
-        let (index, result) = joined.map_err(|error| permanent("panic", error.to_string()))?;
+        let (index, result) = joined.map_err(|error| permanent(ErrorCode::Panic, error.to_string()))?;
         let (value, spent) = result?;
         usage += spent;
         partials[index] = Some(value);
@@ -187,7 +189,7 @@ pub async fn analyze(
     let merged_input = serde_json::to_string_pretty(&partials).unwrap_or_default();
     if estimate_tokens(&merged_input) > budget {
         return Err(permanent(
-            "context_length_exceeded",
+            ErrorCode::ContextLengthExceeded,
             format!("provider `{}`: the {count} partial results are too long to merge in one call", provider.name),
         ));
     }

@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::ErrorCode;
 use crate::job::checkpoint::{CheckpointError, Checkpoints};
 use crate::job::progress::ProgressSink;
 use crate::job::{JobSpec, StageError};
@@ -114,7 +115,7 @@ pub struct JobFailure {
     /// Whether running the job again can help.
     pub retryable: bool,
     /// The error's class.
-    pub code: &'static str,
+    pub code: ErrorCode,
 }
 
 /// The result of one job run.

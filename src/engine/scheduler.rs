@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::workdir::WorkDir;
 use super::{Engine, EngineError, JobFailure, JobReport, JobStatus, StageReport, StageStatus, failure};
+use crate::error::ErrorCode;
 use crate::job::checkpoint::Checkpoints;
 use crate::job::progress::{self, ProgressReporter, ProgressSink, Tracker};
 use crate::job::{JobSpec, StageError, StageOutput};
@@ -148,7 +149,7 @@ impl Run<'_> {
                         stage: None,
                         message: format!("job exceeded its deadline of {}", HumanDuration(timeout)),
                         retryable: false,
-                        code: "deadline",
+                        code: ErrorCode::Deadline,
                     });
                     self.stop.cancel();
                 }
@@ -230,12 +231,15 @@ impl Run<'_> {
                     return self.settle(index, StageStatus::Skipped, None, Some(reason), false, 0);
                 }
                 Ok(_) => {}
-                Err(error) => return self.fail(index, StageError::permanent("template", error.to_string()), 0),
+                Err(error) => {
+                    return self.fail(index, StageError::permanent(ErrorCode::Template, error.to_string()), 0);
+                }
             }
         }
         let Some(stage) = self.engine.registry.get(&spec.uses) else {
             // `check` ran before the job started, so this only happens if the registry changed underneath.
-            let error = StageError::permanent("unknown_kind", format!("stage kind `{}` is not available", spec.uses));
+            let error =
+                StageError::permanent(ErrorCode::UnknownKind, format!("stage kind `{}` is not available", spec.uses));
             return self.fail(index, error, 0);
         };
         let task = Arc::new(StageTask {
@@ -284,7 +288,7 @@ impl Run<'_> {
             Err(error) => {
                 let Some(&index) = self.task_stage.get(&error.id()) else { return };
                 let message = format!("stage `{}` ended unexpectedly: {error}", self.pipeline.stages[index].id);
-                (index, Err(StageError::permanent("panic", message)), 0)
+                (index, Err(StageError::permanent(ErrorCode::Panic, message)), 0)
             }
         };
         let id = self.pipeline.stages[index].id.clone();
@@ -294,7 +298,9 @@ impl Run<'_> {
                     self.outputs.insert(id, output.value.clone());
                     self.settle(index, StageStatus::Succeeded, Some(output.value), None, true, attempts);
                 }
-                Err(error) => self.fail(index, StageError::transient("checkpoint", error.to_string()), attempts),
+                Err(error) => {
+                    self.fail(index, StageError::transient(ErrorCode::Checkpoint, error.to_string()), attempts)
+                }
             },
             Err(error) => self.fail(index, error, attempts),
         }
@@ -394,9 +400,12 @@ impl StageTask {
             Ok(Value::Array(items)) => items,
             Ok(other) => {
                 let kind = json_type(&other);
-                return (Err(StageError::permanent("for_each", format!("`{location}` gave {kind}, not a list"))), 0);
+                return (
+                    Err(StageError::permanent(ErrorCode::ForEach, format!("`{location}` gave {kind}, not a list"))),
+                    0,
+                );
             }
-            Err(error) => return (Err(StageError::permanent("template", error.to_string())), 0),
+            Err(error) => return (Err(StageError::permanent(ErrorCode::Template, error.to_string())), 0),
         };
         let count = items.len();
         self.tracker.set_slots(self.index, count);
@@ -427,14 +436,14 @@ impl StageTask {
                 }
                 Ok((position, (Err(mut error), tries))) => {
                     attempts = attempts.max(tries);
-                    if first_error.is_none() && error.code != "cancelled" {
+                    if first_error.is_none() && !error.is_cancelled() {
                         error.message = format!("item {position} of {count}: {}", error.message);
                         first_error = Some(error);
                         item_stop.cancel();
                     }
                 }
                 Err(error) => {
-                    first_error.get_or_insert_with(|| StageError::permanent("panic", error.to_string()));
+                    first_error.get_or_insert_with(|| StageError::permanent(ErrorCode::Panic, error.to_string()));
                     item_stop.cancel();
                 }
             }
@@ -470,7 +479,7 @@ impl StageTask {
         loop {
             let params = match self.renderer.render(&self.with, &context, &format!("stages.{id}.with")) {
                 Ok(params) => params,
-                Err(error) => return (Err(StageError::permanent("template", error.to_string())), attempt),
+                Err(error) => return (Err(StageError::permanent(ErrorCode::Template, error.to_string())), attempt),
             };
             let token = stop.child_token();
             let ctx = StageContext {
@@ -493,7 +502,7 @@ impl StageTask {
                     token.cancel();
                     settle(handle).await;
                     let timeout = HumanDuration(self.spec.timeout);
-                    Err(StageError::transient("timeout", format!("stage `{id}` timed out after {timeout}")))
+                    Err(StageError::transient(ErrorCode::Timeout, format!("stage `{id}` timed out after {timeout}")))
                 }
                 () = stop.cancelled() => {
                     token.cancel();
@@ -538,7 +547,7 @@ fn flatten(joined: Result<Result<StageOutput, StageError>, JoinError>, id: &str)
                 .map(|text| (*text).to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".to_string());
-            Err(StageError::permanent("panic", format!("stage `{id}` panicked: {message}")))
+            Err(StageError::permanent(ErrorCode::Panic, format!("stage `{id}` panicked: {message}")))
         }
         Err(_) => Err(StageError::cancelled()),
     }

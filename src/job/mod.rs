@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::error::ErrorCode;
+
 /// The job as stages and templates see it (`job.*`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -59,23 +61,29 @@ pub struct StageError {
     /// How long the provider asked us to wait before the next attempt; it wins over the backoff.
     pub retry_after: Option<Duration>,
     /// A stable class for tools, such as `timeout`, `http_status` or `invalid_output`.
-    pub code: &'static str,
+    pub code: ErrorCode,
 }
 
 impl StageError {
     /// An error another attempt may not repeat.
-    pub fn transient(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn transient(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { message: message.into(), retryable: true, retry_after: None, code }
     }
 
     /// An error every attempt would repeat (bad input, 4xx, schema mismatch).
-    pub fn permanent(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn permanent(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { message: message.into(), retryable: false, retry_after: None, code }
     }
 
     /// The attempt stopped because the job was cancelled.
     pub fn cancelled() -> Self {
-        Self::permanent("cancelled", "cancelled")
+        Self::permanent(ErrorCode::Cancelled, "cancelled")
+    }
+
+    /// Whether the attempt stopped because of cancellation (its code is [`ErrorCode::Cancelled`]), whatever
+    /// its message says.
+    pub const fn is_cancelled(&self) -> bool {
+        self.code.is_cancelled()
     }
 
     /// Sets the wait the provider asked for.

@@ -13,6 +13,7 @@ use tokio::process::Command;
 
 use super::{Plugin, PluginAction};
 use crate::child;
+use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::stage::{Stage, StageContext};
 use crate::template::Renderer;
@@ -91,7 +92,10 @@ fn resolve_program(plugin_file: &Path, program: &str) -> PathBuf {
 impl Stage for CommandStage {
     async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
         let PluginAction::Command(section) = &self.plugin.action else {
-            return Err(StageError::permanent("plugin", format!("plugin `{}` is not a command", self.plugin.name)));
+            return Err(StageError::permanent(
+                ErrorCode::Plugin,
+                format!("plugin `{}` is not a command", self.plugin.name),
+            ));
         };
         let name = &self.plugin.name;
         let params = self.plugin.params(&ctx.params)?;
@@ -119,7 +123,7 @@ impl Stage for CommandStage {
         child::isolate(&mut command);
         let mut child = command.spawn().map_err(|error| {
             StageError::permanent(
-                "spawn",
+                ErrorCode::Spawn,
                 format!("plugin `{name}`: cannot start `{}`: {error}", self.program.display()),
             )
         })?;
@@ -148,14 +152,14 @@ impl Stage for CommandStage {
         child::kill_group(group);
         feed.abort();
         let status = status.map_err(|error| {
-            StageError::transient("wait", format!("plugin `{name}`: waiting for the program: {error}"))
+            StageError::transient(ErrorCode::Wait, format!("plugin `{name}`: waiting for the program: {error}"))
         })?;
         let (stdout, stdout_overflow) = collect(stdout).await;
         let (stderr, _) = collect(stderr).await;
         if status.success() {
             if stdout_overflow {
                 return Err(StageError::permanent(
-                    "output_too_large",
+                    ErrorCode::OutputTooLarge,
                     format!("plugin `{name}`: stdout exceeds {MAX_STDOUT} bytes"),
                 ));
             }
@@ -167,9 +171,9 @@ impl Stage for CommandStage {
             None => format!("plugin `{name}` was killed by a signal: {tail}"),
         };
         if status.code() == Some(EX_TEMPFAIL) {
-            Err(StageError::transient("exit_status", message))
+            Err(StageError::transient(ErrorCode::ExitStatus, message))
         } else {
-            Err(StageError::permanent("exit_status", message))
+            Err(StageError::permanent(ErrorCode::ExitStatus, message))
         }
     }
 }

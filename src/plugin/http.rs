@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Plugin, PluginAction};
+use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::stage::{Stage, StageContext};
 use crate::template::Renderer;
@@ -81,7 +82,7 @@ impl HttpStage {
 impl Stage for HttpStage {
     async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
         let PluginAction::Http(section) = &self.plugin.action else {
-            return Err(StageError::permanent("plugin", format!("plugin `{}` is not http", self.plugin.name)));
+            return Err(StageError::permanent(ErrorCode::Plugin, format!("plugin `{}` is not http", self.plugin.name)));
         };
         let name = &self.plugin.name;
         let params = self.plugin.params(&ctx.params)?;
@@ -93,7 +94,7 @@ impl Stage for HttpStage {
             let header = HeaderName::from_bytes(key.as_bytes()).ok().zip(HeaderValue::from_str(&value).ok());
             let Some((header, mut value)) = header else {
                 return Err(StageError::permanent(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     format!("plugin `{name}`: invalid header `{key}`"),
                 ));
             };
@@ -105,7 +106,7 @@ impl Stage for HttpStage {
             let body = self
                 .renderer
                 .render(body, &context, "http.json")
-                .map_err(|error| StageError::permanent("template", error.to_string()))?;
+                .map_err(|error| StageError::permanent(ErrorCode::Template, error.to_string()))?;
             request = request.json(&body);
         }
         // Dropping the request future on cancel aborts the connection.
@@ -115,13 +116,16 @@ impl Stage for HttpStage {
         };
         // The URL may carry a token in its query, so messages name the plugin, not the URL.
         let response = response.map_err(|error| {
-            StageError::transient("http_connect", format!("plugin `{name}`: request failed: {}", error.without_url()))
+            StageError::transient(
+                ErrorCode::HttpConnect,
+                format!("plugin `{name}`: request failed: {}", error.without_url()),
+            )
         })?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
         let text = tokio::select! {
             text = response.text() => text.map_err(|error| {
-                StageError::transient("http_body", format!("plugin `{name}`: reading the response: {}", error.without_url()))
+                StageError::transient(ErrorCode::HttpBody, format!("plugin `{name}`: reading the response: {}", error.without_url()))
             })?,
             () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
         };
@@ -132,9 +136,9 @@ impl Stage for HttpStage {
         let cut = (0..=text.len().min(BODY_TAIL)).rev().find(|index| text.is_char_boundary(*index)).unwrap_or(0);
         let message = format!("plugin `{name}`: the server answered {status}: {}", &text[..cut]);
         if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-            Err(StageError::transient("http_status", message).with_retry_after(retry_after))
+            Err(StageError::transient(ErrorCode::HttpStatus, message).with_retry_after(retry_after))
         } else {
-            Err(StageError::permanent("http_status", message))
+            Err(StageError::permanent(ErrorCode::HttpStatus, message))
         }
     }
 }

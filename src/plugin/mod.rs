@@ -3,7 +3,8 @@
 //! with typed `[params]` that pipelines fill through `with`.
 //!
 //! Loading checks everything a plugin file can get wrong on its own (shape, kind and section, templates,
-//! declared params and env names) and reports every problem with its position, like pipelines.
+//! declared params and env names, the `[output]` JSON Schema) and reports every problem with its position,
+//! like pipelines.
 
 pub mod command;
 pub mod http;
@@ -19,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
+use crate::ai::jsonschema::{OutputSchema, SchemaProblem, Step};
 use crate::document::{self, Diagnostic, Document, SpannedValue, suggest};
+use crate::error::ErrorCode;
 use crate::job::StageError;
 use crate::retry::RawRetry;
 use crate::stage::BuiltinKind;
@@ -212,8 +215,8 @@ pub struct Plugin {
     pub weight: u32,
     /// The kind's section.
     pub action: PluginAction,
-    /// JSON Schema of the output.
-    pub output: Option<serde_json::Value>,
+    /// JSON Schema of the output, checked and compiled when the plugin was loaded.
+    pub output: Option<OutputSchema>,
 }
 
 /// Plugins loaded from a folder, plus the names of plugin files that were refused (so pipelines that use
@@ -327,6 +330,7 @@ impl Plugin {
         }
         let action = check_sections(document, &root, &raw, &mut diagnostics);
         check_templates(document, &root, &raw, &env, &mut diagnostics);
+        let output = check_output(document, &root, &raw, &mut diagnostics);
         if parsed.removed.iter().any(|key| key == "kind") || !diagnostics.is_empty() {
             diagnostics.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
             return Err(diagnostics);
@@ -344,7 +348,7 @@ impl Plugin {
             retry: raw.retry,
             weight: raw.weight.unwrap_or(kind.default_weight()),
             action,
-            output: raw.output.map(serde_json::Value::Object),
+            output,
         })
     }
 
@@ -420,7 +424,7 @@ impl Plugin {
             match value {
                 Some(value) if !spec.kind.accepts_json(&value) => {
                     return Err(StageError::permanent(
-                        "invalid_params",
+                        ErrorCode::InvalidParams,
                         format!("plugin `{}`: parameter `{name}` must be {}, got {value}", self.name, spec.kind.name()),
                     ));
                 }
@@ -429,7 +433,7 @@ impl Plugin {
                 }
                 None if spec.required => {
                     return Err(StageError::permanent(
-                        "invalid_params",
+                        ErrorCode::InvalidParams,
                         format!("plugin `{}`: parameter `{name}` is required but empty", self.name),
                     ));
                 }
@@ -470,7 +474,7 @@ impl Plugin {
             Ok(serde_json::Value::String(text)) => Ok(text),
             Ok(serde_json::Value::Null) => Ok(String::new()),
             Ok(other) => Ok(other.to_string()),
-            Err(error) => Err(StageError::permanent("template", error.to_string())),
+            Err(error) => Err(StageError::permanent(ErrorCode::Template, error.to_string())),
         }
     }
 }
@@ -582,6 +586,47 @@ fn check_templates(
             }
         }
     }
+}
+
+/// The `[output]` JSON Schema must itself be valid (checked against the meta-schema and for misspelled
+/// keywords such as `requierd`, which JSON Schema would silently ignore) and compile; it is compiled here, once.
+fn check_output(
+    document: &Document,
+    root: &SpannedValue<'_>,
+    raw: &RawPlugin,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<OutputSchema> {
+    let output = raw.output.as_ref()?;
+    match OutputSchema::compile(serde_json::Value::Object(output.clone())) {
+        Ok(schema) => Some(schema),
+        Err(error) => {
+            for problem in &error.problems {
+                let code = if problem.unknown_keyword { "unknown_key" } else { "invalid_schema" };
+                diagnostics.push(document.diagnostic(&schema_span(root, problem), code, problem.describe("output")));
+            }
+            None
+        }
+    }
+}
+
+/// Where a schema problem is in the file: the unknown keyword itself, or the offending value; as deep as the
+/// path can be followed, and `[output]` at worst.
+fn schema_span(root: &SpannedValue<'_>, problem: &SchemaProblem) -> Range<usize> {
+    let mut span = document::key_span(root, "output").unwrap_or(0..0);
+    let Some(mut value) = document::get(root, "output") else { return span };
+    for (index, step) in problem.path.iter().enumerate() {
+        let next = match (value.get_ref(), step) {
+            (DeValue::Table(table), Step::Key(key)) => {
+                table.iter().find(|(name, _)| name.get_ref() == key).map(|(name, item)| (name.span(), item))
+            }
+            (DeValue::Array(items), Step::Index(position)) => items.get(*position).map(|item| (item.span(), item)),
+            _ => None,
+        };
+        let Some((key, item)) = next else { break };
+        span = if index + 1 == problem.path.len() && problem.unknown_keyword { key } else { item.span() };
+        value = item;
+    }
+    span
 }
 
 fn hint(given: &str, candidates: &[&str]) -> String {

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use super::{Plugin, PluginAction};
 use crate::ai::Providers;
 use crate::ai::structured::{Ask, analyze};
+use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::stage::{Stage, StageContext};
 use crate::template::Renderer;
@@ -53,7 +54,10 @@ impl PromptStage {
 impl Stage for PromptStage {
     async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
         let PluginAction::Prompt(section) = &self.plugin.action else {
-            return Err(StageError::permanent("plugin", format!("plugin `{}` is not a prompt", self.plugin.name)));
+            return Err(StageError::permanent(
+                ErrorCode::Plugin,
+                format!("plugin `{}` is not a prompt", self.plugin.name),
+            ));
         };
         let provider = self.providers.get(section.provider.as_deref())?;
         let params = self.plugin.params(&ctx.params)?;

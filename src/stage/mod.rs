@@ -95,3 +95,30 @@ impl std::fmt::Debug for StageContext {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::ai::AiError;
+    use crate::error::ErrorCode;
+    use crate::job::StageError;
+
+    #[test]
+    fn cancellation_is_known_by_its_code_not_by_its_words() {
+        let cancelled = StageError::cancelled();
+        assert_eq!(cancelled.code, ErrorCode::Cancelled);
+        assert!(cancelled.is_cancelled());
+        let worded = StageError::permanent(ErrorCode::ExitStatus, "plugin `x` exited with status 1: cancelled");
+        assert!(!worded.is_cancelled(), "a message that says cancelled is not a cancellation");
+        let ai =
+            AiError { message: "cancelled".into(), retryable: false, code: ErrorCode::Cancelled, retry_after: None };
+        assert!(ai.is_cancelled() && StageError::from(ai).is_cancelled(), "an AI cancellation stays one");
+        let quota = AiError {
+            message: "provider `p`: the account's quota is used up (insufficient_quota)".into(),
+            retryable: false,
+            code: ErrorCode::InsufficientQuota,
+            retry_after: None,
+        };
+        let stage = StageError::from(quota);
+        assert_eq!((stage.code, stage.retryable), (ErrorCode::InsufficientQuota, false), "the class carries over");
+    }
+}

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use echo_worker::document::Document;
 use echo_worker::engine::{Engine, EngineSettings, JobReport, StageRegistry};
+use echo_worker::error::ErrorCode;
 use echo_worker::job::JobSpec;
 use echo_worker::job::checkpoint::{Checkpoints, MemoryCheckpoints};
 use echo_worker::job::progress::{ProgressSink, ProgressUpdate};
@@ -122,12 +123,12 @@ impl Stage for TestStage {
             // Fails with a retryable error `fail_times` times, then succeeds.
             "flaky" => {
                 if u64::from(runs) <= param_u64(&ctx, "fail_times") {
-                    Err(StageError::transient("test", format!("flaky failure {runs}")))
+                    Err(StageError::transient(ErrorCode::Custom, format!("flaky failure {runs}")))
                 } else {
                     Ok(json!({ "succeeded_on": runs }))
                 }
             }
-            "broken" => Err(StageError::permanent("bad_input", "the input is unusable")),
+            "broken" => Err(StageError::permanent(ErrorCode::Custom, "the input is unusable")),
             "boom" => panic!("boom stage exploded"),
             // Reports progress `steps` times, `ms` apart.
             "chatty" => {
@@ -144,7 +145,7 @@ impl Stage for TestStage {
                     Some(path) => Path::new(path).to_path_buf(),
                     None => ctx.work_dir.join(format!("{}.txt", ctx.stage_id)),
                 };
-                std::fs::write(&path, "data").map_err(|e| StageError::permanent("io", e.to_string()))?;
+                std::fs::write(&path, "data").map_err(|e| StageError::permanent(ErrorCode::Io, e.to_string()))?;
                 self.lab.events.lock().unwrap().push(Event {
                     stage: ctx.stage_id.clone(),
                     item,
@@ -153,15 +154,17 @@ impl Stage for TestStage {
                 });
                 return Ok(StageOutput { value: json!({ "path": path }), files: vec![path] });
             }
-            // Counts runs; fails permanently when `fail` is true.
+            // Counts runs; fails permanently when `fail` is true, with `message` when given.
             "count" => {
                 if ctx.params.get("fail").and_then(Value::as_bool).unwrap_or(false) {
-                    Err(StageError::permanent("test", format!("stage {} was told to fail", ctx.stage_id)))
+                    let message = ctx.params.get("message").and_then(Value::as_str).map(str::to_string);
+                    let message = message.unwrap_or_else(|| format!("stage {} was told to fail", ctx.stage_id));
+                    Err(StageError::permanent(ErrorCode::Custom, message))
                 } else {
                     Ok(json!({ "run": runs }))
                 }
             }
-            other => Err(StageError::permanent("test", format!("unknown test kind {other}"))),
+            other => Err(StageError::permanent(ErrorCode::Custom, format!("unknown test kind {other}"))),
         };
         self.lab.events.lock().unwrap().push(Event { stage: ctx.stage_id.clone(), item, start, end: Instant::now() });
         result.map(StageOutput::from)

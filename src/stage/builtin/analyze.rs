@@ -2,13 +2,14 @@
 //! chat call. It is a `prompt` plugin with a built-in prompt and schema: the same structured call, the same
 //! schema check, and the same map-reduce for transcripts longer than the model's context.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::ai::Providers;
+use crate::ai::jsonschema::OutputSchema;
 use crate::ai::structured::{Ask, analyze};
 use crate::job::{StageError, StageOutput};
 use crate::stage::{Stage, StageContext};
@@ -64,6 +65,10 @@ pub fn schema() -> Value {
     })
 }
 
+/// The built-in output schema, checked and compiled once per process.
+static COMPILED: LazyLock<OutputSchema> =
+    LazyLock::new(|| OutputSchema::compile(schema()).expect("the built-in analysis schema is valid JSON Schema"));
+
 /// The `analyze` stage.
 #[derive(Debug, Clone)]
 pub struct AnalyzeStage {
@@ -92,7 +97,7 @@ impl Stage for AnalyzeStage {
         }
         let spec = Ask {
             system,
-            schema: Some(schema()),
+            schema: Some(COMPILED.clone()),
             schema_name: "analysis".into(),
             max_tokens: params.max_tokens,
             temperature: params.temperature,
@@ -103,5 +108,21 @@ impl Stage for AnalyzeStage {
             analyze(&provider, &spec, &params.transcript, |text| format!("Transcript:\n{text}"), &ctx.cancel).await?;
         value["usage"] = json!({ "requests": usage.requests, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "parts": parts });
         Ok(StageOutput::from(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_schema_compiles_and_is_strict_compatible() {
+        assert!(crate::ai::jsonschema::strict_compatible(COMPILED.schema()));
+        let reply = json!({
+            "summary": "s", "key_points": [], "topics": [],
+            "action_items": [{ "task": "t", "owner": "", "due": "" }],
+            "sentiment": { "label": "mixed", "score": 0.5 }
+        });
+        assert_eq!(COMPILED.check(&reply), Ok(()));
     }
 }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
+use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::source::{Fetcher, Source, check_status};
 use crate::stage::{Stage, StageContext};
@@ -84,7 +85,9 @@ impl DownloadStage {
         let resumes = params.resume_attempts.unwrap_or(DEFAULT_RESUMES);
         let (url, headers) = self.fetcher.locate(source)?;
         let printable = crate::media::printable(url.as_str());
-        let io = |error: std::io::Error| StageError::transient("io", format!("writing {}: {error}", target.display()));
+        let io = |error: std::io::Error| {
+            StageError::transient(ErrorCode::Io, format!("writing {}: {error}", target.display()))
+        };
         let mut file = tokio::fs::File::create(target).await.map_err(io)?;
         let mut written: u64 = 0;
         let mut expected: Option<u64> = None;
@@ -93,7 +96,7 @@ impl DownloadStage {
             let mut request = headers.clone();
             if written > 0 {
                 let range = HeaderValue::from_str(&format!("bytes={written}-"))
-                    .map_err(|e| StageError::permanent("range", e.to_string()))?;
+                    .map_err(|e| StageError::permanent(ErrorCode::Range, e.to_string()))?;
                 request.insert(RANGE, range);
             }
             let (response, final_url) = self.fetcher.send(Method::GET, url.clone(), request, &ctx.cancel).await?;
@@ -113,13 +116,13 @@ impl DownloadStage {
             if let Some(total) = announced {
                 if expected.is_some_and(|known| known != total) {
                     return Err(StageError::transient(
-                        "changed",
+                        ErrorCode::Changed,
                         format!("{printable} changed size during the download"),
                     ));
                 }
                 if total > max.0 {
                     return Err(StageError::permanent(
-                        "too_large",
+                        ErrorCode::TooLarge,
                         format!("{printable} is {}, over the limit of {}", ByteSize(total).human(), max.human()),
                     ));
                 }
@@ -135,7 +138,7 @@ impl DownloadStage {
                         written += bytes.len() as u64;
                         if written > max.0 {
                             return Err(StageError::permanent(
-                                "too_large",
+                                ErrorCode::TooLarge,
                                 format!("{printable} is over the limit of {}", max.human()),
                             ));
                         }
@@ -157,7 +160,7 @@ impl DownloadStage {
             if resumed >= resumes {
                 let reason = broke.unwrap_or_else(|| "the connection closed early".into());
                 return Err(StageError::transient(
-                    "incomplete",
+                    ErrorCode::Incomplete,
                     format!(
                         "{printable}: got {written} of {} bytes after {resumed} resumes: {reason}",
                         expected.unwrap_or(0)
@@ -175,7 +178,7 @@ impl DownloadStage {
         file.sync_all().await.map_err(io)?;
         if let Some(total) = expected.filter(|total| *total != written) {
             return Err(StageError::transient(
-                "size_mismatch",
+                ErrorCode::SizeMismatch,
                 format!("{printable}: expected {total} bytes, got {written}"),
             ));
         }
@@ -187,12 +190,15 @@ impl DownloadStage {
 impl Stage for DownloadStage {
     async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
         let params: DownloadParams = super::params(&ctx)?;
-        let text =
-            ctx.job.source.as_deref().ok_or_else(|| StageError::permanent("no_source", "the job has no source"))?;
+        let text = ctx
+            .job
+            .source
+            .as_deref()
+            .ok_or_else(|| StageError::permanent(ErrorCode::NoSource, "the job has no source"))?;
         let source = Source::parse(text, ctx.job.trusted_source, self.fetcher.policy())?;
         if let Source::Local(path) = &source {
             let metadata = tokio::fs::metadata(path).await.map_err(|error| {
-                StageError::permanent("unreadable", format!("cannot read {}: {error}", path.display()))
+                StageError::permanent(ErrorCode::Unreadable, format!("cannot read {}: {error}", path.display()))
             })?;
             ctx.progress.report(1.0, "local file, nothing to download");
             return Ok(StageOutput {

@@ -12,6 +12,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
 
 use crate::document::{Diagnostic, Document, SpannedValue};
+use crate::error::ErrorCode;
 
 /// A stage kind implemented in this crate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,7 +107,7 @@ impl BuiltinKind {
 pub fn params<T: DeserializeOwned>(ctx: &crate::stage::StageContext) -> Result<T, crate::job::StageError> {
     let value = if ctx.params.is_null() { serde_json::json!({}) } else { ctx.params.clone() };
     serde_json::from_value(value).map_err(|error| {
-        crate::job::StageError::permanent("invalid_params", format!("stage `{}`: {error}", ctx.stage_id))
+        crate::job::StageError::permanent(ErrorCode::InvalidParams, format!("stage `{}`: {error}", ctx.stage_id))
     })
 }
 

@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::stage::{Stage, StageContext};
 use crate::store::{Store, StoreError};
@@ -49,14 +50,14 @@ impl Stage for PersistStage {
         let params: PersistParams = super::params(&ctx)?;
         let id = ctx.job.recording_id.as_deref().ok_or_else(|| {
             StageError::permanent(
-                "no_recording",
+                ErrorCode::NoRecording,
                 format!("stage `{}`: the job has no recording to write to", ctx.stage_id),
             )
         })?;
         let result = Value::Object(params.fields.clone().into_iter().collect());
         let classify = |error: StoreError| match error {
-            StoreError::Database { .. } => StageError::transient("store", error.to_string()),
-            other => StageError::permanent("store", other.to_string()),
+            StoreError::Database { .. } => StageError::transient(ErrorCode::Store, error.to_string()),
+            other => StageError::permanent(ErrorCode::Store, other.to_string()),
         };
         // The media facts `validate` found fill the row's mime_type, size_bytes and duration_s columns.
         if let Some(facts) = ctx.inputs.values().find(|output| output.get("mime").is_some_and(Value::is_string)) {

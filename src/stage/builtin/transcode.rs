@@ -15,6 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::media::silence::{SilenceLog, cut_points};
 use crate::media::{MediaError, ffmpeg, probe};
@@ -117,8 +118,8 @@ pub struct TranscodeStage;
 fn media_error(error: MediaError) -> StageError {
     match error {
         MediaError::Cancelled => StageError::cancelled(),
-        MediaError::Spawn { .. } => StageError::transient("ffmpeg", error.to_string()),
-        other => StageError::permanent("transcode", other.to_string()),
+        MediaError::Spawn { .. } => StageError::transient(ErrorCode::Ffmpeg, error.to_string()),
+        other => StageError::permanent(ErrorCode::Transcode, other.to_string()),
     }
 }
 
@@ -131,11 +132,11 @@ fn input_path(params: &TranscodeParams, ctx: &StageContext) -> Result<PathBuf, S
     match paths.as_slice() {
         [one] => Ok(PathBuf::from(one)),
         [] => Err(StageError::permanent(
-            "no_input",
+            ErrorCode::NoInput,
             format!("stage `{}` has no input: no ancestor outputs a `path`; set `with.input`", ctx.stage_id),
         )),
         _ => Err(StageError::permanent(
-            "no_input",
+            ErrorCode::NoInput,
             format!("stage `{}` has several ancestors with a `path`; set `with.input`", ctx.stage_id),
         )),
     }
@@ -144,7 +145,7 @@ fn input_path(params: &TranscodeParams, ctx: &StageContext) -> Result<PathBuf, S
 /// Reads ffmpeg's CSV segment list: `name,start,end` per line.
 fn read_segment_list(list: &Path, dir: &Path) -> Result<Vec<(PathBuf, f64, f64)>, StageError> {
     let text = std::fs::read_to_string(list)
-        .map_err(|error| StageError::transient("io", format!("reading {}: {error}", list.display())))?;
+        .map_err(|error| StageError::transient(ErrorCode::Io, format!("reading {}: {error}", list.display())))?;
     text.lines()
         .filter(|line| !line.trim().is_empty())
         .map(|line| {
@@ -154,7 +155,7 @@ fn read_segment_list(list: &Path, dir: &Path) -> Result<Vec<(PathBuf, f64, f64)>
             let name = fields.next().map(|name| name.trim_matches('"'));
             match (name, start, end) {
                 (Some(name), Some(start), Some(end)) => Ok((dir.join(name), start, end)),
-                _ => Err(StageError::permanent("transcode", format!("unreadable segment list line `{line}`"))),
+                _ => Err(StageError::permanent(ErrorCode::Transcode, format!("unreadable segment list line `{line}`"))),
             }
         })
         .collect()
@@ -179,7 +180,7 @@ impl Stage for TranscodeStage {
 
         let source = probe::probe(&input_text, &ctx.cancel).await.map_err(media_error)?;
         if source.audio().is_none() {
-            return Err(StageError::permanent("no_audio", format!("{input_text} has no audio stream")));
+            return Err(StageError::permanent(ErrorCode::NoAudio, format!("{input_text} has no audio stream")));
         }
         let source_duration = source.duration.unwrap_or(0.0);
         let size = std::fs::metadata(&input).map(|m| m.len()).unwrap_or(u64::MAX);
@@ -200,7 +201,7 @@ impl Stage for TranscodeStage {
 
         let dir = ctx.work_dir.join(format!("{}-chunks", ctx.stage_id));
         std::fs::create_dir_all(&dir)
-            .map_err(|error| StageError::transient("io", format!("creating {}: {error}", dir.display())))?;
+            .map_err(|error| StageError::transient(ErrorCode::Io, format!("creating {}: {error}", dir.display())))?;
         let extension = codec.extension();
         let full = dir.join(format!("full.{extension}"));
         let mut args = os(&["-i", &input_text, "-map", "0:a:0", "-vn", "-ac", "1", "-ar", &sample_rate.to_string()]);
@@ -239,7 +240,7 @@ impl Stage for TranscodeStage {
             .min(max_bytes.0 as f64 * 0.95 / codec.bytes_per_second(bitrate, sample_rate));
         if limit <= 1.0 {
             return Err(StageError::permanent(
-                "chunk_limits",
+                ErrorCode::ChunkLimits,
                 "max_chunk_bytes and max_chunk_duration leave less than a second per chunk",
             ));
         }
@@ -247,7 +248,7 @@ impl Stage for TranscodeStage {
         ctx.progress.report(0.92, format!("cutting {} chunks", cuts.len() + 1));
         let chunks: Vec<(PathBuf, f64, f64)> = if cuts.is_empty() {
             let only = dir.join(format!("chunk_000.{extension}"));
-            std::fs::rename(&full, &only).map_err(|error| StageError::transient("io", error.to_string()))?;
+            std::fs::rename(&full, &only).map_err(|error| StageError::transient(ErrorCode::Io, error.to_string()))?;
             vec![(only, 0.0, duration)]
         } else if codec == AudioCodec::Flac || overlap > 0.0 {
             // One extraction per chunk: FLAC needs its own header per file, and overlapping chunks cannot come
@@ -288,11 +289,11 @@ impl Stage for TranscodeStage {
         let mut listed = Vec::with_capacity(chunks.len());
         for (index, (path, start, end)) in chunks.iter().enumerate() {
             let bytes = std::fs::metadata(path)
-                .map_err(|error| StageError::transient("io", format!("{}: {error}", path.display())))?
+                .map_err(|error| StageError::transient(ErrorCode::Io, format!("{}: {error}", path.display())))?
                 .len();
             if bytes > max_bytes.0 {
                 return Err(StageError::permanent(
-                    "chunk_too_large",
+                    ErrorCode::ChunkTooLarge,
                     format!(
                         "chunk {index} is {}, over max_chunk_bytes {}; lower the bitrate or max_chunk_duration",
                         ByteSize(bytes).human(),

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
+use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::media::sniff::{SNIFF_LEN, matches, sniff};
 use crate::media::{MediaError, ffmpeg, probe};
@@ -52,7 +53,7 @@ impl ValidateStage {
     }
 }
 
-fn refuse(code: &'static str, message: impl Into<String>) -> StageError {
+fn refuse(code: ErrorCode, message: impl Into<String>) -> StageError {
     StageError::permanent(code, message)
 }
 
@@ -66,11 +67,12 @@ struct Glance {
 impl ValidateStage {
     async fn glance(&self, source: &Source, ctx: &StageContext) -> Result<Glance, StageError> {
         if let Source::Local(path) = source {
-            let unreadable =
-                |error: std::io::Error| refuse("unreadable", format!("cannot read {}: {error}", path.display()));
+            let unreadable = |error: std::io::Error| {
+                refuse(ErrorCode::Unreadable, format!("cannot read {}: {error}", path.display()))
+            };
             let metadata = tokio::fs::metadata(path).await.map_err(unreadable)?;
             if !metadata.is_file() {
-                return Err(refuse("not_a_file", format!("{} is not a file", path.display())));
+                return Err(refuse(ErrorCode::NotAFile, format!("{} is not a file", path.display())));
             }
             let mut file = tokio::fs::File::open(path).await.map_err(unreadable)?;
             let mut head = vec![0; SNIFF_LEN];
@@ -112,7 +114,7 @@ impl ValidateStage {
         // A server that ignores Range sends the whole body; read only the first chunks and drop the rest.
         while head.len() < SNIFF_LEN {
             let chunk = tokio::select! {
-                chunk = response.chunk() => chunk.map_err(|e| StageError::transient("network", format!("reading {}: {e}", crate::media::printable(url.as_str()))))?,
+                chunk = response.chunk() => chunk.map_err(|e| StageError::transient(ErrorCode::Network, format!("reading {}: {e}", crate::media::printable(url.as_str()))))?,
                 () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
             };
             let Some(chunk) = chunk else { break };
@@ -144,9 +146,9 @@ async fn decodes_near_end(input: &str, duration: f64, ctx: &StageContext) -> Res
     match result {
         Ok(()) => Ok(decoded > 0.0),
         Err(MediaError::Cancelled) => Err(StageError::cancelled()),
-        Err(error @ MediaError::Spawn { .. }) => Err(StageError::transient("ffmpeg", error.to_string())),
+        Err(error @ MediaError::Spawn { .. }) => Err(StageError::transient(ErrorCode::Ffmpeg, error.to_string())),
         Err(MediaError::Failed { .. }) => Ok(false),
-        Err(other) => Err(StageError::permanent("undecodable", other.to_string())),
+        Err(other) => Err(StageError::permanent(ErrorCode::Undecodable, other.to_string())),
     }
 }
 
@@ -154,51 +156,57 @@ async fn decodes_near_end(input: &str, duration: f64, ctx: &StageContext) -> Res
 impl Stage for ValidateStage {
     async fn run(&self, ctx: StageContext) -> Result<StageOutput, StageError> {
         let params: ValidateParams = super::params(&ctx)?;
-        let text = ctx.job.source.as_deref().ok_or_else(|| refuse("no_source", "the job has no source to validate"))?;
+        let text = ctx
+            .job
+            .source
+            .as_deref()
+            .ok_or_else(|| refuse(ErrorCode::NoSource, "the job has no source to validate"))?;
         let source = Source::parse(text, ctx.job.trusted_source, self.fetcher.policy())?;
         let max_size = params.max_size.unwrap_or(self.default_max_size);
         ctx.progress.report(0.05, "checking the source");
 
         let glance = self.glance(&source, &ctx).await?;
         if glance.size == Some(0) || glance.head.is_empty() {
-            return Err(refuse("empty", "the file is empty (0 bytes)"));
+            return Err(refuse(ErrorCode::Empty, "the file is empty (0 bytes)"));
         }
         if let Some(size) = glance.size.filter(|size| *size > max_size.0) {
             return Err(refuse(
-                "too_large",
+                ErrorCode::TooLarge,
                 format!("the file is {}, over the limit of {}", ByteSize(size).human(), max_size.human()),
             ));
         }
         let sniffed = sniff(&glance.head);
         if let (false, Some(mime)) = (sniffed.media, sniffed.mime) {
-            return Err(refuse("not_media", format!("the file is not audio or video: its bytes are {mime}")));
+            return Err(refuse(ErrorCode::NotMedia, format!("the file is not audio or video: its bytes are {mime}")));
         }
         ctx.progress.report(0.3, "probing streams");
         let probed = match probe::probe(&glance.probe_input, &ctx.cancel).await {
             Ok(probed) => probed,
             Err(MediaError::Cancelled) => return Err(StageError::cancelled()),
-            Err(error @ MediaError::Spawn { .. }) => return Err(StageError::transient("ffprobe", error.to_string())),
-            Err(MediaError::Failed { stderr, .. }) => {
-                return Err(refuse("not_media", format!("the file is not readable audio or video: {stderr}")));
+            Err(error @ MediaError::Spawn { .. }) => {
+                return Err(StageError::transient(ErrorCode::Ffprobe, error.to_string()));
             }
-            Err(error) => return Err(refuse("not_media", error.to_string())),
+            Err(MediaError::Failed { stderr, .. }) => {
+                return Err(refuse(ErrorCode::NotMedia, format!("the file is not readable audio or video: {stderr}")));
+            }
+            Err(error) => return Err(refuse(ErrorCode::NotMedia, error.to_string())),
         };
         let video = probed.has_video();
         let Some(audio) = probed.audio().cloned() else {
             let what = if video { "a video without sound" } else { "no audio stream" };
-            return Err(refuse("no_audio", format!("the file has no audio to transcribe: {what}")));
+            return Err(refuse(ErrorCode::NoAudio, format!("the file has no audio to transcribe: {what}")));
         };
         let duration = probed.duration.unwrap_or(0.0);
         if let Some(limit) = params.max_duration
             && duration > limit.0.as_secs_f64()
         {
             let length = HumanDuration(std::time::Duration::from_secs_f64(duration.round()));
-            return Err(refuse("too_long", format!("the recording lasts {length}, over the limit of {limit}")));
+            return Err(refuse(ErrorCode::TooLong, format!("the recording lasts {length}, over the limit of {limit}")));
         }
         ctx.progress.report(0.6, "checking that the audio decodes to the end");
         if duration > 0.0 && !decodes_near_end(&glance.probe_input, duration, &ctx).await? {
             return Err(refuse(
-                "truncated",
+                ErrorCode::Truncated,
                 format!(
                     "the file is truncated or damaged: its header announces {duration:.1} s, but no audio decodes near the end"
                 ),
@@ -217,7 +225,7 @@ impl Stage for ValidateStage {
         let accept = params.accept.unwrap_or_else(|| vec!["audio/*".into(), "video/*".into()]);
         if !accept.iter().any(|pattern| matches(&mime, pattern)) {
             return Err(refuse(
-                "unsupported_type",
+                ErrorCode::UnsupportedType,
                 format!("{mime} is not accepted here (accepted: {})", accept.join(", ")),
             ));
         }

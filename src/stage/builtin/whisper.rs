@@ -2,26 +2,28 @@
 //! limits), shifts each chunk's segments by the chunk's real start, drops text duplicated in overlaps, and
 //! stitches one timeline with SRT and VTT.
 //!
-//! Money is not spent twice: each chunk's transcript is checkpointed as soon as it arrives, keyed by a hash of
-//! the chunk's bytes, so a retried or recovered job (which re-creates identical chunks) sends no chunk again.
+//! Money is not spent twice: each chunk's transcript is checkpointed as soon as it arrives, keyed by the SHA-256
+//! of the chunk's bytes, so a retried or recovered job (which re-creates identical chunks) sends no chunk again,
+//! whichever build of the worker runs it.
 //!
 //! Prompt continuity: a chunk is sent with the tail of the previous chunk's text as `prompt` when that chunk
 //! has already been transcribed and looks sane (mean log probability ≥ −1, compression ratio ≤ 2.4, not a
 //! repetition loop). With several chunks in flight at once the first few are sent without it; concurrency wins
 //! over continuity, and with `max_concurrent = 1` every chunk gets its predecessor's tail.
 
-use std::hash::Hasher;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 
 use crate::ai::client::{Segment, Transcription, TranscriptionRequest};
 use crate::ai::{Providers, Usage};
+use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::stage::{Stage, StageContext};
 
@@ -90,10 +92,13 @@ fn chunks_of(params: &WhisperParams, ctx: &StageContext) -> Result<Vec<ChunkRef>
     let found: Vec<&Value> = ctx.inputs.values().filter_map(|output| output.get("chunks")).collect();
     match found.as_slice() {
         [chunks] => serde_json::from_value((*chunks).clone()).map_err(|error| {
-            StageError::permanent("invalid_params", format!("stage `{}`: unreadable chunks: {error}", ctx.stage_id))
+            StageError::permanent(
+                ErrorCode::InvalidParams,
+                format!("stage `{}`: unreadable chunks: {error}", ctx.stage_id),
+            )
         }),
         _ => Err(StageError::permanent(
-            "no_input",
+            ErrorCode::NoInput,
             format!(
                 "stage `{}` needs exactly one ancestor with `chunks` (a transcode stage), or `with.chunks`",
                 ctx.stage_id
@@ -102,22 +107,23 @@ fn chunks_of(params: &WhisperParams, ctx: &StageContext) -> Result<Vec<ChunkRef>
     }
 }
 
-/// A hash of the file's bytes and length, naming its checkpoint.
+/// The SHA-256 of the file's bytes in hex, naming its checkpoint. The file is streamed, never held whole, and the
+/// hash is the same in every build (std's `DefaultHasher` may change between Rust releases, which would make a
+/// worker built by another toolchain pay for every chunk again).
 async fn content_key(path: &std::path::Path) -> Result<String, StageError> {
-    let io = |error: std::io::Error| StageError::transient("io", format!("reading {}: {error}", path.display()));
+    let io =
+        |error: std::io::Error| StageError::transient(ErrorCode::Io, format!("reading {}: {error}", path.display()));
     let mut file = tokio::fs::File::open(path).await.map_err(io)?;
-    let mut hasher = std::hash::DefaultHasher::new();
+    let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 16];
-    let mut length: u64 = 0;
     loop {
         let read = file.read(&mut buffer).await.map_err(io)?;
         if read == 0 {
             break;
         }
-        length += read as u64;
-        hasher.write(&buffer[..read]);
+        hasher.update(&buffer[..read]);
     }
-    Ok(format!("{:016x}-{length}", hasher.finish()))
+    Ok(hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
 /// Whether a transcript is fit to be fed back as the next chunk's prompt.
@@ -220,12 +226,15 @@ impl Stage for WhisperStage {
         let chunks = chunks_of(&params, &ctx)?;
         if chunks.is_empty() {
             return Err(StageError::permanent(
-                "no_input",
+                ErrorCode::NoInput,
                 format!("stage `{}`: there are no chunks to transcribe", ctx.stage_id),
             ));
         }
-        let saved =
-            ctx.checkpoints.load(&ctx.job.id).await.map_err(|e| StageError::transient("checkpoint", e.to_string()))?;
+        let saved = ctx
+            .checkpoints
+            .load(&ctx.job.id)
+            .await
+            .map_err(|e| StageError::transient(ErrorCode::Checkpoint, e.to_string()))?;
         let mut keys = Vec::with_capacity(chunks.len());
         for chunk in &chunks {
             keys.push(format!("{}/chunk/{}", ctx.stage_id, content_key(&chunk.path).await?));
@@ -253,7 +262,7 @@ impl Stage for WhisperStage {
                 () = stop.cancelled() => break,
             };
             let prompt = {
-                let results = results.lock().map_err(|_| StageError::permanent("panic", "poisoned"))?;
+                let results = results.lock().map_err(|_| StageError::permanent(ErrorCode::Panic, "poisoned"))?;
                 match index.checked_sub(1).and_then(|previous| results[previous].as_ref()) {
                     Some(previous) if looks_sane(previous) => Some(tail(&previous.text)),
                     Some(_) => None,
@@ -284,7 +293,7 @@ impl Stage for WhisperStage {
                 checkpoints
                     .save(&job_id, &key, &StageOutput::from(value))
                     .await
-                    .map_err(|e| StageError::transient("checkpoint", e.to_string()))?;
+                    .map_err(|e| StageError::transient(ErrorCode::Checkpoint, e.to_string()))?;
                 if let Ok(mut usage) = usage.lock() {
                     *usage += spent;
                 }
@@ -298,9 +307,10 @@ impl Stage for WhisperStage {
         }
         let mut first_error: Option<StageError> = None;
         while let Some(joined) = running.join_next().await {
-            let outcome = joined.unwrap_or_else(|error| Err(StageError::permanent("panic", error.to_string())));
+            let outcome =
+                joined.unwrap_or_else(|error| Err(StageError::permanent(ErrorCode::Panic, error.to_string())));
             if let Err(error) = outcome
-                && first_error.as_ref().is_none_or(|first| first.code == "cancelled")
+                && first_error.as_ref().is_none_or(StageError::is_cancelled)
             {
                 first_error = Some(error);
             }
@@ -313,10 +323,12 @@ impl Stage for WhisperStage {
         }
         let transcripts: Vec<Transcription> = results
             .lock()
-            .map_err(|_| StageError::permanent("panic", "poisoned"))?
+            .map_err(|_| StageError::permanent(ErrorCode::Panic, "poisoned"))?
             .iter()
             .map(|result| {
-                result.clone().ok_or_else(|| StageError::transient("incomplete", "a chunk was not transcribed"))
+                result
+                    .clone()
+                    .ok_or_else(|| StageError::transient(ErrorCode::Incomplete, "a chunk was not transcribed"))
             })
             .collect::<Result<_, _>>()?;
         let segments = stitch(&chunks, &transcripts);
@@ -324,7 +336,7 @@ impl Stage for WhisperStage {
         let detected = transcripts.iter().find_map(|t| t.language.clone());
         let duration = chunks.iter().map(|c| c.end).fold(0.0, f64::max);
         let formats = params.formats.unwrap_or_default();
-        let usage = *usage.lock().map_err(|_| StageError::permanent("panic", "poisoned"))?;
+        let usage = *usage.lock().map_err(|_| StageError::permanent(ErrorCode::Panic, "poisoned"))?;
         let mut output = json!({
             "text": text,
             "language": language.or(detected),
@@ -382,6 +394,19 @@ mod tests {
             "1\n00:00:00,000 --> 00:00:01,500\nhello\n\n2\n01:01:01,250 --> 01:01:02,000\nlater\n\n"
         );
         assert!(vtt(&segments).starts_with("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nhello\n\n"));
+    }
+
+    #[tokio::test]
+    async fn chunk_keys_are_sha256_and_do_not_depend_on_the_toolchain() {
+        // 200,000 bytes (several read buffers); the digest was computed independently with `sha256sum`.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chunk_000.mp3");
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| ((i * 7 + i / 251) % 256) as u8).collect();
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(
+            content_key(&path).await.unwrap(),
+            "e870fec3223bac8f6147b08b31e6e6e4bb9abd783820bcd212b7737af6a02174"
+        );
     }
 
     #[test]
