@@ -18,6 +18,7 @@
 //! - [`local`]: `echo-worker process`, jobs run in this process.
 //! - [`schema`]: the JSON Schemas of the pipeline and plugin files, generated from the Rust types.
 //! - [`units`]: duration, size and bitrate literals shared by every file format.
+//! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
 
 pub mod ai;
 pub mod app;
@@ -34,4 +35,5 @@ pub mod schema;
 pub mod source;
 pub mod stage;
 pub mod store;
+pub mod terminal;
 pub mod units;
