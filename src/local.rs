@@ -275,7 +275,7 @@ async fn cancel_on_signal(cancel: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    eprintln!("cancelling: stopping every running job");
+    terminal::eprintln("cancelling: stopping every running job");
     cancel.cancel();
 }
 
