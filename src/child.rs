@@ -28,6 +28,9 @@ pub fn isolate(command: &mut Command) -> &mut Command {
 
 /// Asks the kernel to send SIGKILL to the child when the worker dies (`PR_SET_PDEATHSIG`).
 ///
+/// Linux sends it when the *thread* that started the child ends, so children must be started from threads that
+/// live as long as their jobs: the async runtime's, not `spawn_blocking` ones (which end when idle).
+///
 /// This is the crate's one `unsafe` block: setting a process attribute between `fork` and `exec` can only be
 /// done in a `pre_exec` hook, which std marks unsafe because it runs in a forked copy of a multi-threaded
 /// process.
