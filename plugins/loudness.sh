@@ -8,6 +8,18 @@ input=${1:?usage: loudness.sh INPUT [SILENCE_THRESHOLD] [MIN_SILENCE_SECONDS]}
 threshold=${2:--35dB}
 min_silence=${3:-0.5}
 
+# Both go into an ffmpeg filter expression, where `:`, `,`, `;` or `[` would add options or whole filters.
+case $threshold in
+    '' | *[!0-9.dB-]*)
+        echo "loudness: silence_threshold must be decibels such as -35dB or a ratio such as 0.02, not '$threshold'" >&2
+        exit 2 ;;
+esac
+case $min_silence in
+    '' | *[!0-9.]*)
+        echo "loudness: min_silence must be a number of seconds such as 0.5, not '$min_silence'" >&2
+        exit 2 ;;
+esac
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT INT TERM
 

@@ -74,7 +74,13 @@ impl Catalog {
         let mut diagnostics = plugins.diagnostics.clone();
         let mut pipelines = IndexMap::new();
         for file in toml_files(pipelines_dir).map_err(read_error(pipelines_dir))? {
-            let document = Document::read(&file).map_err(read_error(&file))?;
+            let document = match Document::open(&file).map_err(read_error(&file))? {
+                Ok(document) => document,
+                Err(diagnostic) => {
+                    diagnostics.push(diagnostic);
+                    continue;
+                }
+            };
             match compile(&document, &plugins, custom_kinds) {
                 Ok(pipeline) => {
                     pipelines.insert(pipeline.name.clone(), pipeline);

@@ -133,8 +133,10 @@ error_codes! {
     ContextLengthExceeded = "context_length_exceeded",
     /// The model refused to answer.
     Refused = "refused",
-    /// The model's reply does not fit the output schema.
+    /// The model's reply, or a plugin's output, does not fit the output schema.
     InvalidOutput = "invalid_output",
+    /// A plugin that declares a JSON output printed nothing.
+    EmptyOutput = "empty_output",
     /// A failure a stage kind registered in code reports in its own words.
     Custom = "custom",
 }

@@ -18,6 +18,7 @@
 //!   [`schema`]: the JSON Schemas of both formats.
 //! - [`engine`]: runs one job's stage DAG: retries, timeouts, cancellation, checkpoints, progress.
 //! - [`queue`]: jobs waiting and running across processes, with leases (Redis, or memory).
+//! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
 //! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`.
 
 pub mod ai;
@@ -42,4 +43,5 @@ pub mod source;
 pub mod stage;
 pub mod store;
 pub mod template;
+pub mod terminal;
 pub mod units;

@@ -28,6 +28,7 @@ use crate::job::JobSpec;
 use crate::job::checkpoint::{Checkpoints, MemoryCheckpoints};
 use crate::job::progress::{ProgressSink, ProgressUpdate, Tee};
 use crate::store::{NewRecording, RecordingStatus, Store, StoreError, StoreSink};
+use crate::terminal::{self, escape};
 
 /// What `echo-worker process` was asked to do.
 #[derive(Debug, Clone)]
@@ -84,7 +85,13 @@ async fn process_with(
         if !metadata.is_file() {
             bail!("{} is not a file", file.display());
         }
-        sources.push(std::path::absolute(file).with_context(|| format!("cannot resolve {}", file.display()))?);
+        let source = std::path::absolute(file).with_context(|| format!("cannot resolve {}", file.display()))?;
+        // A job carries its source as text, and templates hand it to programs as text: a path that is not
+        // UTF-8 would reach them changed, so it is refused here rather than misread later.
+        if source.to_str().is_none() {
+            bail!("{}: the path is not valid UTF-8; rename the file to process it", file.display());
+        }
+        sources.push(source);
     }
     app::check_requirements(settings, &pipeline, &catalog.plugins)?;
     let store = app::store(settings).await?;
@@ -98,6 +105,7 @@ async fn process_with(
     let limit = Arc::new(Semaphore::new(settings.worker.concurrency.max(1) as usize));
     let pipeline = Arc::new(pipeline);
     let mut jobs = tokio::task::JoinSet::new();
+    let mut started = std::collections::BTreeMap::new();
     for (index, (file, source)) in request.files.iter().zip(sources).enumerate() {
         let bar = bars.add(ProgressBar::new(100));
         bar.set_style(
@@ -105,7 +113,7 @@ async fn process_with(
                 .expect("the template is valid")
                 .progress_chars("=> "),
         );
-        bar.set_prefix(file.display().to_string());
+        bar.set_prefix(escape(&file.display().to_string()).into_owned());
         let recording_id = uuid::Uuid::new_v4().to_string();
         let job_id = format!("local-{recording_id}");
         let new = NewRecording {
@@ -117,8 +125,6 @@ async fn process_with(
             job_id: Some(job_id.clone()),
             ..NewRecording::default()
         };
-        store.register(&new).await?;
-        store.set_status(&recording_id, RecordingStatus::Processing, Some("started"), None).await?;
         let job = JobSpec {
             id: job_id,
             recording_id: Some(recording_id.clone()),
@@ -127,58 +133,87 @@ async fn process_with(
             source: Some(source.display().to_string()),
             trusted_source: true,
         };
-        let (engine, pipeline, cancel, limit, file, store) =
-            (engine.clone(), pipeline.clone(), cancel.clone(), limit.clone(), file.clone(), store.clone());
+        started.insert(index, (file.clone(), recording_id.clone()));
+        let (engine, pipeline, cancel, limit, store) =
+            (engine.clone(), pipeline.clone(), cancel.clone(), limit.clone(), store.clone());
         let checkpoints = checkpoints.clone();
+        // A job that cannot start or run fails alone: its row says why, and the other jobs go on.
         jobs.spawn(async move {
-            let _permit = limit.acquire_owned().await;
-            let started = std::time::Instant::now();
-            let store_sink = Arc::new(StoreSink::new(store.clone(), recording_id.clone()));
-            let sink: Arc<dyn ProgressSink> = Arc::new(Tee(vec![Arc::new(BarSink(bar.clone())), store_sink]));
+            let began = std::time::Instant::now();
             let job_id = job.id.clone();
-            let report = engine.run(&pipeline, job, sink, cancel).await;
+            let report = async {
+                store.register(&new).await?;
+                store.set_status(&recording_id, RecordingStatus::Processing, Some("started"), None).await?;
+                let _permit = limit.acquire_owned().await;
+                let store_sink = Arc::new(StoreSink::new(store.clone(), recording_id.clone()));
+                let sink: Arc<dyn ProgressSink> = Arc::new(Tee(vec![Arc::new(BarSink(bar.clone())), store_sink]));
+                anyhow::Ok(engine.run(&pipeline, job, sink, cancel).await?)
+            }
+            .await;
             // The job has ended for good whatever its status: `process` never runs the same job id again.
             if let Err(error) = checkpoints.clear(&job_id).await {
                 tracing::warn!(job = %job_id, %error, "could not clear the job's checkpoints");
             }
             bar.finish();
-            if let Ok(report) = &report
-                && let Err(error) = settle(store.as_ref(), &recording_id, report).await
-            {
+            let recorded = match &report {
+                Ok(report) => settle(store.as_ref(), &recording_id, report).await,
+                Err(error) => fail_row(store.as_ref(), &recording_id, error).await,
+            };
+            if let Err(error) = recorded {
                 tracing::warn!(recording = %recording_id, %error, "could not record how the job ended");
             }
-            (index, file, recording_id, report.map(|report| (report, started.elapsed())))
+            (index, report.map(|report| (report, began.elapsed())))
         });
     }
+    // Every job is waited for, whatever happens to the others.
     let mut reports = Vec::new();
     let mut took = std::collections::HashMap::new();
+    let mut broken = Vec::new();
     while let Some(joined) = jobs.join_next().await {
-        let (index, file, recording, report) = joined.context("a job task failed")?;
-        let (report, elapsed) = report?;
-        took.insert(index, elapsed);
-        reports.push((index, file, recording, report));
+        let Ok((index, report)) = joined else { continue };
+        let Some((file, recording)) = started.remove(&index) else { continue };
+        match report {
+            Ok((report, elapsed)) => {
+                took.insert(index, elapsed);
+                reports.push((index, file, recording, report));
+            }
+            Err(error) => broken.push((file, error)),
+        }
+    }
+    // A job task that panicked recorded nothing; its row is marked failed here.
+    for (file, recording) in started.into_values() {
+        let error = anyhow::anyhow!("the job ended unexpectedly");
+        if let Err(error) = fail_row(store.as_ref(), &recording, &error).await {
+            tracing::warn!(recording = %recording, %error, "could not record how the job ended");
+        }
+        broken.push((file, error));
     }
     reports.sort_by_key(|(index, ..)| *index);
     let written = write_reports(&reports, request.out.as_deref(), request.json)?;
 
     let mut code = ExitCode::SUCCESS;
+    for (file, error) in &broken {
+        terminal::eprintln(escape(&format!("{}: failed: {error:#}", file.display())));
+        code = ExitCode::FAILURE;
+    }
     for ((index, file, recording, report), written) in reports.iter().zip(&written) {
         if !request.json {
             let elapsed = took.get(index).copied().unwrap_or_default();
             let stored = format!("recording {recording} in {}", settings.database.url.redacted());
-            println!("{}", summary(file, &pipeline, report, elapsed, written.as_deref(), &stored));
+            terminal::println(summary(file, &pipeline, report, elapsed, written.as_deref(), &stored))?;
         }
         match report.status {
             JobStatus::Succeeded => {}
             JobStatus::Cancelled => {
-                eprintln!("{}: cancelled", file.display());
+                terminal::eprintln(escape(&format!("{}: cancelled", file.display())));
                 code = ExitCode::from(130);
             }
             JobStatus::Failed => {
                 let failure = report.failure.as_ref();
                 let stage = failure.and_then(|f| f.stage.as_deref()).map(|s| format!(" in stage `{s}`"));
                 let reason = failure.map_or("unknown reason", |f| f.message.as_str());
-                eprintln!("{}: failed{}: {reason}", file.display(), stage.unwrap_or_default());
+                let line = format!("{}: failed{}: {reason}", file.display(), stage.unwrap_or_default());
+                terminal::eprintln(escape(&line));
                 if code == ExitCode::SUCCESS {
                     code = ExitCode::FAILURE;
                 }
@@ -186,6 +221,11 @@ async fn process_with(
         }
     }
     Ok(code)
+}
+
+/// Marks the row of a job that could not start or run as failed, with the reason.
+async fn fail_row(store: &dyn Store, id: &str, error: &anyhow::Error) -> Result<(), StoreError> {
+    store.set_status(id, RecordingStatus::Failed, Some("failed"), Some(&format!("{error:#}"))).await.map(drop)
 }
 
 /// Records how the job ended in its recording row.
@@ -225,14 +265,17 @@ fn write_reports(
 ) -> anyhow::Result<Vec<Option<PathBuf>>> {
     let documents: Vec<Value> = reports
         .iter()
-        .map(|(_, file, recording, report)| json!({ "file": file, "recording_id": recording, "report": report }))
+        // A file name need not be UTF-8; the report shows it with U+FFFD where it is not.
+        .map(|(_, file, recording, report)| {
+            json!({ "file": file.to_string_lossy(), "recording_id": recording, "report": report })
+        })
         .collect();
     if stdout {
         let text = match documents.as_slice() {
             [one] => serde_json::to_string_pretty(one)?,
             many => serde_json::to_string_pretty(many)?,
         };
-        println!("{text}");
+        terminal::println(text)?;
     }
     let Some(out) = out else {
         return Ok(vec![None; reports.len()]);
@@ -266,7 +309,7 @@ async fn cancel_on_signal(cancel: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    eprintln!("cancelling: stopping every running job");
+    terminal::eprintln("cancelling: stopping every running job");
     cancel.cancel();
 }
 
@@ -277,7 +320,8 @@ struct BarSink(ProgressBar);
 impl ProgressSink for BarSink {
     async fn update(&self, update: ProgressUpdate) {
         self.0.set_position(u64::from(update.percent));
-        self.0.set_message(bar_message(&update));
+        // Messages can quote a program's stderr; the bar shows them escaped.
+        self.0.set_message(escape(&bar_message(&update)).into_owned());
     }
 }
 

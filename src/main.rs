@@ -10,7 +10,7 @@ use echo_worker::catalog::Catalog;
 use echo_worker::config::Settings;
 use echo_worker::document::{Diagnostic, LoadError};
 use echo_worker::pipeline::Pipeline;
-use echo_worker::schema;
+use echo_worker::{schema, terminal};
 use serde_json::json;
 
 /// Turns recordings into transcripts and AI analysis through TOML-declared stage pipelines.
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            terminal::eprintln(format_args!("error: {}", terminal::escape_lines(&format!("{error:#}"))));
             ExitCode::FAILURE
         }
     }
@@ -127,12 +127,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for path in schema::write(&out)
                 .map_err(|(path, error)| anyhow::anyhow!("cannot write {}: {error}", path.display()))?
             {
-                println!("wrote {}", path.display());
+                terminal::println(format_args!("wrote {}", path.display()))?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Config => {
-            print!("{}", settings.to_toml());
+            terminal::print(settings.to_toml())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Process { files, pipeline, params, out, format, folders: args } => {
@@ -208,35 +208,43 @@ fn validate(settings: &Settings, args: &Folders, format: Format) -> anyhow::Resu
         Err(error) => return Err(error.into()),
     };
     match format {
-        Format::Text => print_text(&catalog, &diagnostics, pipelines, plugins),
+        Format::Text => print_text(&catalog, &diagnostics, pipelines, plugins)?,
         Format::Json => print_json(&catalog, &diagnostics)?,
     }
     Ok(if diagnostics.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn print_text(catalog: &Catalog, diagnostics: &[Diagnostic], pipelines: &Path, plugins: &Path) {
+/// Names and paths are escaped: they come from files and folders that anyone may have written.
+fn print_text(catalog: &Catalog, diagnostics: &[Diagnostic], pipelines: &Path, plugins: &Path) -> anyhow::Result<()> {
+    let path = |path: &Path| terminal::escape(&path.display().to_string()).into_owned();
     if !diagnostics.is_empty() {
         for diagnostic in diagnostics {
-            eprintln!("{diagnostic}");
+            terminal::eprintln(diagnostic);
         }
-        eprintln!(
+        terminal::eprintln(format_args!(
             "{} problem{} in {} and {}",
             diagnostics.len(),
             if diagnostics.len() == 1 { "" } else { "s" },
-            pipelines.display(),
-            plugins.display()
-        );
-        return;
+            path(pipelines),
+            path(plugins)
+        ));
+        return Ok(());
     }
     for pipeline in catalog.pipelines.values() {
-        println!("{} ({})", pipeline.name, pipeline.file.display());
+        terminal::println(format_args!("{} ({})", terminal::escape(&pipeline.name), path(&pipeline.file)))?;
         for (index, stage) in pipeline.stages.iter().enumerate() {
             let needs =
                 if stage.needs.is_empty() { String::new() } else { format!("  needs {}", stage.needs.join(", ")) };
-            println!("  {:>2}. {:<16} uses {}{needs}", index + 1, stage.id, stage.uses);
+            let line = format!("  {:>2}. {:<16} uses {}{needs}", index + 1, stage.id, stage.uses);
+            terminal::println(terminal::escape(&line))?;
         }
     }
-    println!("{} pipelines and {} plugins are valid", catalog.pipelines.len(), catalog.plugins.len());
+    terminal::println(format_args!(
+        "{} pipelines and {} plugins are valid",
+        catalog.pipelines.len(),
+        catalog.plugins.len()
+    ))?;
+    Ok(())
 }
 
 fn print_json(catalog: &Catalog, diagnostics: &[Diagnostic]) -> anyhow::Result<()> {
@@ -252,7 +260,7 @@ fn print_json(catalog: &Catalog, diagnostics: &[Diagnostic]) -> anyhow::Result<(
         "plugins": plugins,
         "errors": diagnostics,
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    terminal::println(serde_json::to_string_pretty(&report)?)?;
     Ok(())
 }
 
@@ -271,8 +279,8 @@ fn graph(settings: &Settings, args: &Folders, name: &str, format: GraphFormat) -
     let pipeline = catalog.pipeline(name)?;
     let label = |id: &str| pipeline.stage(id).map(|stage| stage.uses.name().to_string()).unwrap_or_default();
     match format {
-        GraphFormat::Dot => print!("{}", pipeline.graph.to_dot(&pipeline.name, label)),
-        GraphFormat::Mermaid => print!("{}", pipeline.graph.to_mermaid(label)),
+        GraphFormat::Dot => terminal::print(pipeline.graph.to_dot(&pipeline.name, label))?,
+        GraphFormat::Mermaid => terminal::print(pipeline.graph.to_mermaid(label))?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -43,8 +43,8 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
-    /// Attempts in all, including the first (default 3; 1 means no retry).
-    #[schemars(range(min = 1))]
+    /// Attempts in all, including the first (default 3; 1 means no retry; at most 100).
+    #[schemars(range(min = 1, max = 100))]
     pub max_attempts: Option<u32>,
     /// Wait before the first retry (default `"2s"`).
     pub initial_interval: Option<HumanDuration>,
@@ -53,6 +53,29 @@ pub struct RawRetry {
     pub backoff_coefficient: Option<f64>,
     /// Longest wait between attempts (default `"1m"`).
     pub max_interval: Option<HumanDuration>,
+}
+
+/// Most attempts a retry policy may ask for: a stage that fails quickly with `initial_interval = "0s"` would
+/// otherwise spin through billions of attempts.
+pub const MAX_ATTEMPTS: u32 = 100;
+
+impl RawRetry {
+    /// What is wrong with the values, as `(field, message)` pairs; `dotted` is the policy's path in the file.
+    pub fn problems(&self, dotted: &str) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        match self.max_attempts {
+            Some(0) => problems.push(("max_attempts", format!("`{dotted}.max_attempts` must be at least 1"))),
+            Some(attempts) if attempts > MAX_ATTEMPTS => problems.push((
+                "max_attempts",
+                format!("`{dotted}.max_attempts` is {attempts}; at most {MAX_ATTEMPTS} attempts are allowed"),
+            )),
+            _ => {}
+        }
+        if self.backoff_coefficient.is_some_and(|c| !(c >= 1.0 && c.is_finite())) {
+            problems.push(("backoff_coefficient", format!("`{dotted}.backoff_coefficient` must be at least 1.0")));
+        }
+        problems
+    }
 }
 
 /// The wait before the attempt after `failed_attempt` (1-based): the error's `retry_after` when it has one,

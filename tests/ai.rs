@@ -56,6 +56,10 @@ struct World {
 }
 
 async fn world(style: ProviderStyle, tweak: impl FnOnce(&mut ProviderSettings)) -> World {
+    world_with_plugins(style, Path::new("plugins"), tweak).await
+}
+
+async fn world_with_plugins(style: ProviderStyle, plugins: &Path, tweak: impl FnOnce(&mut ProviderSettings)) -> World {
     let fake = Fake::start().await;
     let temp = tempfile::tempdir().unwrap();
     let mut settings = Settings::default();
@@ -69,7 +73,7 @@ async fn world(style: ProviderStyle, tweak: impl FnOnce(&mut ProviderSettings)) 
     provider.transcription_model = if style == ProviderStyle::Azure { "whisper".into() } else { "whisper-1".into() };
     tweak(&mut provider);
     settings.ai.providers.insert("fake".into(), provider);
-    let catalog = Catalog::load(Path::new("pipelines"), Path::new("plugins")).unwrap();
+    let catalog = Catalog::load(Path::new("pipelines"), plugins).unwrap();
     let store: Arc<dyn Store> = app::store(&settings).await.unwrap();
     let registry = app::registry(&settings, catalog.plugins.values(), store.clone()).await.unwrap();
     let engine =
@@ -501,4 +505,35 @@ async fn two_worker_processes_share_the_request_window_through_redis() {
     for index in 3..seen.len() {
         assert!(seen[index].at - seen[index - 3].at >= window, "request {index} respects the shared window");
     }
+}
+
+#[tokio::test]
+async fn a_prompt_template_that_fails_fails_the_stage_before_any_request() {
+    let plugins = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir("plugins").unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), plugins.path().join(entry.file_name())).unwrap();
+    }
+    // Valid at load time; dividing by the `zero` parameter fails only when the prompt is rendered.
+    std::fs::write(
+        plugins.path().join("divide.toml"),
+        "name = \"divide\"\nkind = \"prompt\"\n[params]\ntranscript = { type = \"string\", required = true }\n\
+         zero = { type = \"integer\", default = 0 }\n[prompt]\nsystem = \"Answer.\"\n\
+         user = \"{{ params.transcript }} {{ 10 // params.zero }}\"\n",
+    )
+    .unwrap();
+    let world = world_with_plugins(ProviderStyle::Openai, plugins.path(), |_| {}).await;
+    let set = PluginSet::load_dir(plugins.path()).unwrap();
+    let document = Document::new(
+        "test.toml",
+        "name = \"test\"\n[stages.ask]\nuses = \"divide\"\nwith = { transcript = \"Hi.\" }\n",
+    );
+    let pipeline = compile(&document, &set, &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let report = world.run(&pipeline, &dir.path().join("unused"), "bad-template").await;
+    assert_eq!(report.status, JobStatus::Failed, "{report:#?}");
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.code, ErrorCode::Template, "{}", failure.message);
+    assert!(failure.message.contains("prompt.user"), "the message names the template: {}", failure.message);
+    assert_eq!(world.fake.seen(Kind::Chat).len(), 0, "no request was sent, so none was billed");
 }

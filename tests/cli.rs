@@ -602,3 +602,197 @@ fn the_readme_quick_start_works_on_the_shipped_sample() {
     assert!((2.0..10.0).contains(&seconds), "a few seconds long: {seconds}");
     assert_eq!(row.result.unwrap()["loudness"]["silences"].as_array().map(Vec::len), Some(1), "one pause");
 }
+
+/// Every process below `root`, from /proc: `(pid, command name)`.
+fn descendants(root: i32) -> Vec<(i32, String)> {
+    let mut table = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].to_string();
+        let parent = stat[close + 1..].split_whitespace().nth(1).and_then(|ppid| ppid.parse::<i32>().ok());
+        table.push((pid, parent.unwrap_or(0), name));
+    }
+    let mut found: Vec<(i32, String)> = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for (pid, ppid, name) in &table {
+            if *ppid == parent && !found.iter().any(|(seen, _)| seen == pid) {
+                found.push((*pid, name.clone()));
+                frontier.push(*pid);
+            }
+        }
+    }
+    found
+}
+
+fn is_gone(pid: i32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid)
+}
+
+/// Starts `process` with `args`, waits until `ready` holds for the worker's descendants, kills the worker with
+/// SIGKILL and checks that every one of them is gone within 5 s. Returns the descendants that were running.
+fn kill_9_takes_every_child_along(args: &[&str], ready: impl Fn(&[(i32, String)]) -> bool) -> Vec<(i32, String)> {
+    let mut worker = echo_worker(&["process"]).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let pid = i32::try_from(worker.id()).unwrap();
+    let mut running = Vec::new();
+    for _ in 0..600 {
+        running = descendants(pid);
+        if ready(&running) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(ready(&running), "the job got going: {running:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    worker.wait().unwrap();
+    for _ in 0..100 {
+        if running.iter().all(|(pid, _)| is_gone(*pid)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let left: Vec<_> = running.iter().filter(|(pid, _)| !is_gone(*pid)).collect();
+    // Whatever survived is killed here, so that a failing run leaves nothing behind either.
+    for (pid, _) in &left {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    assert!(left.is_empty(), "still running after kill -9 of the worker: {left:?} (of {running:?})");
+    running
+}
+
+#[test]
+fn kill_9_of_process_leaves_no_plugin_process_or_grandchild_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    let pid_dir = dir.path().join("pids");
+    std::fs::create_dir(&pid_dir).unwrap();
+    let param = format!("pid_dir={}", pid_dir.display());
+    let child = pid_dir.join("child");
+    let args = [file.to_str().unwrap(), "--pipeline", "sleep", "--pipelines", "tests/fixtures/pipelines/signal"];
+    let plugins = ["--plugins", "tests/fixtures/plugins/valid", "--param", &param];
+    let running = kill_9_takes_every_child_along(&[&args[..], &plugins[..]].concat(), |_| child.exists());
+    let sleeper: i32 = std::fs::read_to_string(&child).unwrap().trim().parse().unwrap();
+    assert!(running.iter().any(|(pid, _)| *pid == sleeper), "the plugin's `sleep 60` was checked: {running:?}");
+}
+
+#[test]
+fn kill_9_of_process_leaves_no_ffmpeg_running() {
+    let dir = tempfile::tempdir().unwrap();
+    // An hour of silence: small to write, a minute or more for the loudness plugin's ffmpeg to measure. That
+    // ffmpeg is a grandchild (the plugin script starts it) and writes to no pipe of the worker, so nothing but
+    // the worker's own measures can stop it.
+    let file = dir.path().join("hour.flac");
+    let status = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono", "-t", "3600", "-c:a", "flac"])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let args = [&[file.to_str().unwrap()][..], &LOUDNESS_ONLY[..]].concat();
+    let running = kill_9_takes_every_child_along(&args, |running| running.iter().any(|(_, name)| name == "ffmpeg"));
+    assert!(running.iter().any(|(_, name)| name == "ffmpeg"), "{running:?}");
+}
+
+#[test]
+fn one_job_failing_early_in_process_leaves_the_other_to_complete() {
+    use echo_worker::store::{RecordingStatus, SqlStore, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let good = tone(dir.path());
+    let bad = dir.path().join("bad.m4a");
+    std::fs::copy(&good, &bad).unwrap();
+    let database = format!("sqlite://{}", dir.path().join("echo.db").display());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The store refuses to start `bad.m4a`, which makes that job fail before it runs.
+    runtime.block_on(async {
+        let store = SqlStore::connect(&database, "recordings").await.unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse_bad BEFORE UPDATE ON recordings \
+             WHEN NEW.status = 'processing' AND NEW.file_name = 'bad.m4a' \
+             BEGIN SELECT RAISE(ABORT, 'bad.m4a may not start'); END",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+    });
+    let (code, stdout, stderr) = run(echo_worker(&["process", good.to_str().unwrap(), bad.to_str().unwrap()])
+        .args(LOUDNESS_ONLY)
+        .env("DATABASE_URL", &database));
+    let rows = runtime.block_on(async {
+        let store = SqlStore::connect(&database, "recordings").await.unwrap();
+        let mut rows = Vec::new();
+        for id in sqlx::query_scalar::<_, String>("SELECT id FROM recordings").fetch_all(store.pool()).await.unwrap() {
+            rows.push(store.get(&id).await.unwrap().unwrap());
+        }
+        rows
+    });
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        let expected = if row.file_name.as_deref() == Some("bad.m4a") {
+            assert!(row.error.as_deref().unwrap_or_default().contains("bad.m4a may not start"), "{row:?}");
+            RecordingStatus::Failed
+        } else {
+            RecordingStatus::Completed
+        };
+        assert_eq!(row.status, expected, "{row:?}");
+    }
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("bad.m4a: failed: ") && stderr.contains("bad.m4a may not start"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("the good file's report");
+    assert_eq!(report["report"]["status"], "succeeded", "{report}");
+}
+
+#[test]
+fn a_non_utf8_file_name_is_refused_clearly_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(std::ffi::OsStr::from_bytes(b"tone-\xff.m4a"));
+    std::fs::rename(tone(dir.path()), &file).unwrap();
+    let (code, stdout, stderr) = run(echo_worker(&["process"]).arg(&file).args(LOUDNESS_ONLY));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("tone-\u{fffd}.m4a: the path is not valid UTF-8; rename the file"), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+}
+
+#[test]
+fn a_closed_stdout_ends_the_output_quietly_instead_of_panicking() {
+    for args in [&["validate"][..], &["config"], &["graph", "meeting"], &["validate", "--format", "json"]] {
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        let output = echo_worker(args).stdout(Stdio::from(writer)).stderr(Stdio::piped()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: nothing on stderr either: {stderr}");
+    }
+}
+
+#[test]
+fn control_characters_in_ids_and_keys_are_escaped_on_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("evil.toml"),
+        "name = \"evil\"\n[stages.\"a\\u001b[2J\"]\nuses = \"validate\"\n\"\\u001b]0;owned\\u0007\" = 1\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        run(&mut echo_worker(&["validate", "--pipelines", dir.path().to_str().unwrap(), "--plugins", "plugins"]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!stderr.contains('\u{1b}') && !stderr.contains('\u{7}'), "raw control characters: {stderr:?}");
+    assert!(stderr.contains("invalid stage id `a\\u{1b}[2J`"), "{stderr}");
+    assert!(stderr.contains("unknown key `stages.a\\u{1b}[2J.\\u{1b}]0;owned\\u{7}`"), "{stderr}");
+}
+
+#[test]
+fn the_loudness_plugin_refuses_a_silence_threshold_that_is_not_a_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    let output = Command::new("plugins/loudness.sh").arg(&file).arg("-30dB,amovie=/etc/passwd").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("silence_threshold must be decibels such as -35dB"), "{stderr}");
+    let output = Command::new("plugins/loudness.sh").arg(&file).args(["-35dB", "0.5"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("\"silence_threshold\":\"-35dB\""));
+}

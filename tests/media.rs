@@ -300,3 +300,42 @@ async fn cancelling_a_transcode_kills_ffmpeg() {
     assert!(cancelled_at.elapsed() < std::time::Duration::from_secs(2), "{:?}", cancelled_at.elapsed());
     assert_eq!(ffmpeg_processes(&needle), 0, "no ffmpeg is left running");
 }
+
+#[tokio::test]
+async fn a_non_utf8_metadata_tag_does_not_hide_the_silences() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (source, silences) = with_silences(dir.path(), "pauses.mp3", 30, 10);
+    // ffmpeg prints tags as they are: this title puts the bytes E9 and FF on its stderr, before any silence.
+    let tagged = dir.path().join("tagged.wav");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-i"])
+        .arg(&source)
+        .arg("-metadata")
+        .arg(std::ffi::OsStr::from_bytes(b"title=caf\xe9 \xff"))
+        .arg(&tagged)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let input = tagged.to_str().unwrap();
+    let args: Vec<std::ffi::OsString> =
+        ["-i", input, "-af", "silencedetect=noise=-30dB:d=1", "-f", "null", "-"].iter().map(Into::into).collect();
+    let mut log = echo_worker::media::silence::SilenceLog::default();
+    let mut tag_seen = false;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    echo_worker::media::ffmpeg::run(
+        &args,
+        input,
+        Some(30.0),
+        |_| {},
+        |line| {
+            tag_seen |= line.contains("caf\u{fffd} \u{fffd}");
+            log.feed(line);
+        },
+        &cancel,
+    )
+    .await
+    .unwrap();
+    assert!(tag_seen, "the tag's line is read, with U+FFFD for the bytes that are not UTF-8");
+    assert_eq!(log.finish(30.0).len(), silences.len(), "every silence after the tag is still seen");
+}

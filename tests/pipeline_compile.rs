@@ -205,3 +205,91 @@ fn mangled_files_are_reported_never_panicked_on() {
     let total = (pipelines.len() + plugin_files.len()) * ROUNDS;
     assert!(refused > total / 4, "most mangled files are refused ({refused} of {total})");
 }
+
+fn compile_errors(body: &str) -> Vec<String> {
+    let document = Document::new("test.toml", format!("name = \"test\"\n{body}"));
+    compile(&document, &shipped_plugins(), &[]).err().unwrap_or_default().iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn silence_threshold_is_checked_at_pipeline_load() {
+    let stage = "[stages.transcode]\nuses = \"transcode\"\nwith = { input = \"x.mp3\", split_at_silence = true, ";
+    for good in ["-35dB", "0.03"] {
+        assert_eq!(compile_errors(&format!("{stage}silence_threshold = \"{good}\" }}\n")), Vec::<String>::new());
+    }
+    // Pasted into `silencedetect=noise=…:d=…`, this would add a filter that reads any file.
+    let errors = compile_errors(&format!("{stage}silence_threshold = \"-30dB,amovie=/etc/passwd\" }}\n"));
+    assert_eq!(
+        errors,
+        ["test.toml:4:72: `stages.transcode.with.silence_threshold`: invalid silence threshold \
+             `-30dB,amovie=/etc/passwd`: expected decibels from -200dB to 0dB such as \"-30dB\", or an amplitude \
+             ratio from 0 to 1 such as \"0.03\""]
+    );
+    assert_eq!(compile_errors(&format!("{stage}silence_threshold = \"-30\" }}\n")).len(), 1, "dB needs its unit");
+}
+
+#[test]
+fn max_attempts_of_4294967295_is_refused_at_load() {
+    let errors = compile_errors(
+        "[stages.validate]\nuses = \"validate\"\nretry = { max_attempts = 4294967295, initial_interval = \"0s\" }\n",
+    );
+    assert_eq!(
+        errors,
+        ["test.toml:4:26: `stages.validate.retry.max_attempts` is 4294967295; at most 100 attempts are allowed"]
+    );
+    assert!(compile_errors("[stages.validate]\nuses = \"validate\"\nretry = { max_attempts = 100 }\n").is_empty());
+    let plugin = Document::new(
+        "plugins/spin.toml",
+        "name = \"spin\"\nkind = \"command\"\n[command]\nprogram = \"true\"\n[retry]\nmax_attempts = 4294967295\n",
+    );
+    let errors: Vec<String> = Plugin::load(&plugin).unwrap_err().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        ["plugins/spin.toml:6:16: `retry.max_attempts` is 4294967295; at most 100 attempts are allowed"]
+    );
+}
+
+#[test]
+fn a_non_utf8_toml_is_one_error_and_every_other_file_is_still_checked() {
+    let pipelines = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::write(pipelines.path().join("latin1.toml"), b"name = \"latin1\"\n# caf\xe9\n").unwrap();
+    std::fs::write(
+        pipelines.path().join("typo.toml"),
+        "name = \"typo\"\n[stages.a]\nuses = \"validate\"\ntimout = \"1s\"\n",
+    )
+    .unwrap();
+    std::fs::write(plugins.path().join("binary.toml"), b"\x00\xff\xfe").unwrap();
+    let error = echo_worker::catalog::Catalog::load(pipelines.path(), plugins.path()).unwrap_err();
+    let echo_worker::document::LoadError::Invalid(diagnostics) = error else { panic!("not a list: {error}") };
+    let found: Vec<(String, &str)> = diagnostics
+        .iter()
+        .map(|d| (format!("{}:{}:{}", d.file.file_name().unwrap().to_string_lossy(), d.line, d.column), d.code))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("binary.toml:1:2".to_string(), "not_utf8"),
+            ("latin1.toml:2:6".into(), "not_utf8"),
+            ("typo.toml:4:1".into(), "unknown_key")
+        ],
+        "{diagnostics:#?}"
+    );
+    assert!(diagnostics[1].message.contains("not UTF-8 text (byte 0xe9"), "{}", diagnostics[1].message);
+}
+
+#[test]
+fn two_hundred_thousand_unknown_keys_do_not_reparse_once_per_key() {
+    // Before, each unknown key cost one more deserialization of the whole file: 8,000 keys took 7 s and
+    // 200,000 took minutes. Now all unknown keys of a table go in one round; this test only has to finish.
+    let keys: String = (0..200_000).map(|index| format!("unknown_{index} = {index}\n")).collect();
+    let errors = compile_errors(&format!("[stages.a]\nuses = \"validate\"\n{keys}"));
+    assert_eq!(errors.len(), 101, "100 listed and one line counting the rest");
+    assert!(
+        errors[0].starts_with("test.toml:4:1: unknown key `stages.a.unknown_0`; expected one of: uses,"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[99].starts_with("test.toml:103:1: unknown key `stages.a.unknown_99`"), "{}", errors[99]);
+    assert_eq!(errors[100], "test.toml:104:1: 199900 more problems are not listed; the first 100 are above");
+}

@@ -137,6 +137,82 @@ async fn cancel_sleeper(stubborn: bool) {
     println!("cancel (stubborn: {stubborn}) took {took:?}");
 }
 
+/// Runs the `escapee` plugin, whose `setsid` daemon keeps stdout open after the plugin exited; returns the
+/// report and how long the job took, and kills the daemon.
+async fn run_escapee(print: &str) -> (echo_worker::engine::JobReport, Duration) {
+    let bench = Bench::new();
+    let pids = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(&format!(
+        "[stages.escape]\nuses = \"escapee\"\nretry = {{ max_attempts = 1 }}\nwith = {{ pid_dir = \"{}\", print = {} }}\n",
+        pids.path().display(),
+        toml::Value::String(print.to_string())
+    ));
+    let started = Instant::now();
+    let report = bench.run(&pipeline, job("escapee", json!({}))).await;
+    let took = started.elapsed();
+    let daemon: i32 = wait_for_file(&pids.path().join("daemon")).await.parse().unwrap();
+    assert!(!process_is_gone(daemon as u32), "the daemon escaped the process group and still runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    (report, took)
+}
+
+#[tokio::test]
+async fn a_setsid_daemon_holding_stdout_fails_a_plugin_with_empty_json_output_instead_of_hanging() {
+    let (report, took) = run_escapee("").await;
+    assert_eq!(report.status, JobStatus::Failed, "{report:?}");
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.code, echo_worker::error::ErrorCode::EmptyOutput);
+    assert_eq!(
+        failure.message,
+        "plugin `escapee` declares a JSON output but exited with nothing on stdout (a process it started left its \
+         process group and kept stdout open)"
+    );
+    assert!(took < Duration::from_secs(15), "the stage did not wait for the 30 s daemon: {took:?}");
+}
+
+#[tokio::test]
+async fn a_setsid_daemon_holding_stdout_does_not_erase_the_plugin_output() {
+    let (report, took) = run_escapee(r#"{"ok": true}"#).await;
+    assert_eq!(report.status, JobStatus::Succeeded, "{report:?}");
+    assert_eq!(report.stages["escape"].output, Some(json!({ "ok": true })));
+    assert!(took < Duration::from_secs(15), "the stage did not wait for the 30 s daemon: {took:?}");
+}
+
+#[tokio::test]
+async fn dropping_a_job_run_kills_its_child_process_and_ends_its_tasks() {
+    let bench = Bench::new();
+    let pids = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(&format!(
+        "[stages.sleep]\nuses = \"sleeper\"\nwith = {{ pid_dir = \"{}\" }}\n",
+        pids.path().display()
+    ));
+    let sink = Arc::new(support::Updates::default());
+    let running = {
+        let (engine, sink) = (bench.engine.clone(), sink.clone());
+        tokio::spawn(async move {
+            let sink: Arc<dyn echo_worker::job::progress::ProgressSink> = sink;
+            engine.run(&pipeline, job("dropped", json!({})), sink, CancellationToken::new()).await
+        })
+    };
+    let leader: u32 = wait_for_file(&pids.path().join("leader")).await.parse().unwrap();
+    let child: u32 = wait_for_file(&pids.path().join("child")).await.parse().unwrap();
+    assert!(Arc::strong_count(&sink) > 1, "the run holds the sink while it runs");
+
+    // Aborting the task drops the run future without any cancellation: the caller just went away.
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    for _ in 0..200 {
+        if process_is_gone(leader) && process_is_gone(child) && Arc::strong_count(&sink) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(process_is_gone(leader), "the plugin process {leader} is gone");
+    assert!(process_is_gone(child), "its `sleep 60` child {child} is gone");
+    assert_eq!(Arc::strong_count(&sink), 1, "no task of the run (the progress emitter) still holds the sink");
+    assert!(bench.leftover_work_dirs().is_empty(), "{:?}", bench.leftover_work_dirs());
+}
+
 /// A loopback HTTP server whose answers the test scripts; it records every request.
 #[derive(Default)]
 struct Hook {

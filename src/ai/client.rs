@@ -384,9 +384,9 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let number = |name: &str| {
         headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0)
     };
-    number("retry-after-ms")
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .or_else(|| number("retry-after").map(Duration::from_secs_f64))
+    // A huge value (`1e20`) does not fit a Duration; it means "much later", so it is capped like any long wait.
+    let seconds = |value: f64| Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX).min(MAX_RETRY_AFTER);
+    number("retry-after-ms").map(|ms| seconds(ms / 1000.0)).or_else(|| number("retry-after").map(seconds))
 }
 
 /// 0.5 s, 1 s, 2 s… capped at 8 s, minus up to 20% jitter: the engine's backoff with the SDKs' numbers.
@@ -450,5 +450,14 @@ mod tests {
         headers.insert("retry-after-ms", "1500".parse().unwrap());
         assert_eq!(retry_after(&headers), Some(Duration::from_millis(1500)));
         assert!(backoff(0) <= Duration::from_millis(500) && backoff(10) <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn retry_after_of_1e20_is_capped_not_a_panic() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", "1e20".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
+        headers.insert("retry-after-ms", "1e300".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
     }
 }

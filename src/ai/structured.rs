@@ -135,21 +135,25 @@ pub fn split(text: &str, tokens: usize) -> Vec<String> {
 /// Asks about `text`, in parts when it does not fit the context. `user` builds the user message around the
 /// text (or a part of it). Returns the result, the usage and the number of parts.
 ///
+/// Every user message is built before the first request, so a message that cannot be built (a template
+/// that fails) costs nothing.
+///
 /// # Errors
-/// As [`ask`].
+/// As [`ask`], and the error of `user`.
 pub async fn analyze(
     provider: &Arc<Provider>,
     spec: &Ask,
     text: &str,
-    user: impl Fn(&str) -> String,
+    user: impl Fn(&str) -> Result<String, AiError>,
     cancel: &CancellationToken,
 ) -> Result<(Value, Usage, usize), AiError> {
     let reply = spec.max_tokens.map_or(DEFAULT_REPLY_TOKENS, |t| t as usize);
     let context = provider.settings().context_tokens as usize;
-    let fixed = estimate_tokens(&spec.system) + estimate_tokens(&user("")) + reply + CONTEXT_MARGIN;
+    let fixed = estimate_tokens(&spec.system) + estimate_tokens(&user("")?) + reply + CONTEXT_MARGIN;
     let budget = context.saturating_sub(fixed);
     if estimate_tokens(text) <= budget {
-        let (value, usage) = ask(provider, spec, &user(text), cancel).await?;
+        let message = user(text)?;
+        let (value, usage) = ask(provider, spec, &message, cancel).await?;
         return Ok((value, usage, 1));
     }
     if budget < 100 {
@@ -161,11 +165,11 @@ pub async fn analyze(
             ),
         ));
     }
-    let parts = split(text, budget);
-    let count = parts.len();
+    let messages = split(text, budget).iter().map(|part| user(part)).collect::<Result<Vec<_>, _>>()?;
+    let count = messages.len();
     let mut running = tokio::task::JoinSet::new();
-    for (index, part) in parts.into_iter().enumerate() {
-        let (provider, spec, message, cancel) = (provider.clone(), spec.clone(), user(&part), cancel.clone());
+    for (index, message) in messages.into_iter().enumerate() {
+        let (provider, spec, cancel) = (provider.clone(), spec.clone(), cancel.clone());
         running.spawn(async move { (index, ask(&provider, &spec, &message, &cancel).await) });
     }
     let mut partials: Vec<Option<Value>> = vec![None; count];

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::terminal::escape;
+
 /// One problem found while loading a pipeline or plugin file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Diagnostic {
@@ -24,7 +26,9 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        // Keys, ids and file names come from the files; a control character in them must not reach a terminal.
+        let file = self.file.display().to_string();
+        write!(f, "{}:{}:{}: {}", escape(&file), self.line, self.column, escape(&self.message))
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! serde stops at the first error. [`Document::deserialize`] turns that into "every error": it deserializes,
 //! and when serde refuses an entry it records the error, removes the entry and tries again, so one pass reports
-//! every unknown key and every wrongly typed value of a file.
+//! every unknown key and every wrongly typed value of a file. All unknown keys of one table go in one round,
+//! and after 100 problems the rest are counted rather than listed, so a hostile file costs little.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,34 @@ impl Document {
     /// The I/O error, if the file cannot be read or is not UTF-8.
     pub fn read(file: &Path) -> std::io::Result<Self> {
         Ok(Self::new(file, std::fs::read_to_string(file)?))
+    }
+
+    /// Reads `file` from disk; a file that is not UTF-8 is a problem of that file (a diagnostic at the first
+    /// bad byte), not an error that stops the loading of every other file.
+    ///
+    /// # Errors
+    /// The I/O error, if the file cannot be read.
+    pub fn open(file: &Path) -> std::io::Result<Result<Self, Diagnostic>> {
+        let bytes = std::fs::read(file)?;
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(Ok(Self::new(file, text))),
+            Err(error) => {
+                let valid = error.utf8_error().valid_up_to();
+                // The text before the bad byte is valid UTF-8, so it can place the byte at a line and column.
+                let before = String::from_utf8_lossy(&error.as_bytes()[..valid]).into_owned();
+                let (line, column) = Self::new(file, before).position(valid);
+                Ok(Err(Diagnostic {
+                    file: file.to_path_buf(),
+                    line,
+                    column,
+                    code: "not_utf8",
+                    message: format!(
+                        "the file is not UTF-8 text (byte 0x{:02x} at offset {valid}); save it as UTF-8",
+                        error.as_bytes()[valid]
+                    ),
+                }))
+            }
+        }
     }
 
     /// The file stem (`meeting` for `pipelines/meeting.toml`).
@@ -110,12 +139,17 @@ impl Document {
     ) -> Deserialized<T> {
         let mut value = value.clone();
         let mut result = Deserialized { value: None, diagnostics: Vec::new(), removed: Vec::new() };
-        // Each round removes one entry, so the loop ends after at most one round per entry.
+        let mut listing = Listing::default();
+        // Each round removes at least one entry, so the loop ends after at most one round per entry; rounds
+        // stop early once more problems were found than are worth listing.
         for _ in 0..=count_entries(&value) {
+            if listing.is_full() {
+                break;
+            }
             let error = match T::deserialize(value.clone().into_deserializer()) {
                 Ok(parsed) => {
                     result.value = Some(parsed);
-                    return result;
+                    break;
                 }
                 Err(error) => error,
             };
@@ -126,38 +160,122 @@ impl Document {
             if let Some(field) = missing {
                 let key = join(base, &path.join("."), field);
                 if !optional.iter().any(|name| *name == key || name == field) {
-                    result.diagnostics.push(self.diagnostic(
-                        &span,
-                        "missing_key",
-                        format!("missing required key `{key}`"),
-                    ));
+                    listing.add(self, &span, || ("missing_key", format!("missing required key `{key}`")));
                 }
-                return result;
+                break;
             }
-            let Some(last) = path.last() else {
-                result.diagnostics.push(self.diagnostic(&span, "invalid_value", describe(base, "", &message)));
-                return result;
+            let Some((last, parent)) = path.split_last() else {
+                listing.add(self, &span, || ("invalid_value", describe(base, "", &message)));
+                break;
             };
-            let dotted = join(base, &path[..path.len() - 1].join("."), last);
-            let (code, text) = classify(&dotted, &message);
-            result.diagnostics.push(self.diagnostic(&span, code, text));
+            if let Some(rest) = message.strip_prefix("unknown field `") {
+                // Every key of that table that serde does not know is refused in this one round: with thousands
+                // of unknown keys, one deserialization per key would take minutes.
+                let expected = expected_names(rest);
+                let unknown = remove_unknown(&mut value, parent, &expected);
+                if !unknown.is_empty() {
+                    for (key, span) in unknown {
+                        let dotted = join(base, &parent.join("."), &key);
+                        listing.add(self, &span, || unknown_key(&dotted, &expected));
+                        result.removed.push(dotted);
+                    }
+                    continue;
+                }
+            }
+            let dotted = join(base, &parent.join("."), last);
+            listing.add(self, &span, || classify(&dotted, &message));
             remove_entry(&mut value, &path);
             result.removed.push(dotted);
         }
+        result.diagnostics = listing.finish(self, result.value.is_none());
         result
     }
+}
+
+/// The diagnostics of one [`Document::deserialize`]: the first [`MAX_REPORTED`] in full, the rest counted
+/// (their sentences, with a did-you-mean each, are not even built).
+#[derive(Default)]
+struct Listing {
+    listed: Vec<Diagnostic>,
+    more: usize,
+    first_more: Option<Range<usize>>,
+}
+
+impl Listing {
+    fn is_full(&self) -> bool {
+        self.listed.len() >= MAX_REPORTED
+    }
+
+    fn add(&mut self, document: &Document, span: &Range<usize>, build: impl FnOnce() -> (&'static str, String)) {
+        if self.is_full() {
+            self.more += 1;
+            self.first_more.get_or_insert_with(|| span.clone());
+        } else {
+            let (code, message) = build();
+            self.listed.push(document.diagnostic(span, code, message));
+        }
+    }
+
+    /// The listed diagnostics, plus one that counts the others, or says checking stopped (`stopped`: no value
+    /// was built).
+    fn finish(mut self, document: &Document, stopped: bool) -> Vec<Diagnostic> {
+        if let Some(span) = &self.first_more {
+            let more = self.more;
+            let message = format!(
+                "{more} more problem{} not listed; the first {MAX_REPORTED} are above",
+                if more == 1 { " is" } else { "s are" }
+            );
+            self.listed.push(document.diagnostic(span, "too_many_problems", message));
+        } else if stopped && self.is_full() {
+            let span = 0..0;
+            let message = format!("stopped checking after {MAX_REPORTED} problems; fix these first");
+            self.listed.push(document.diagnostic(&span, "too_many_problems", message));
+        }
+        self.listed
+    }
+}
+
+/// Most problems one check lists; the others are counted.
+const MAX_REPORTED: usize = 100;
+
+/// Removes every key of the table at `parent` that is not in `expected`; returns their names and spans, in
+/// order.
+fn remove_unknown(value: &mut SpannedValue<'_>, parent: &[String], expected: &[String]) -> Vec<(String, Range<usize>)> {
+    let mut table = value;
+    for key in parent {
+        let DeValue::Table(entries) = table.get_mut() else { return Vec::new() };
+        let Some((_, inner)) = entries.iter_mut().find(|(name, _)| name.get_ref() == key) else { return Vec::new() };
+        table = inner;
+    }
+    let DeValue::Table(entries) = table.get_mut() else { return Vec::new() };
+    let mut removed = Vec::new();
+    *entries = std::mem::take(entries)
+        .into_iter()
+        .filter(|(key, _)| {
+            let known = expected.iter().any(|name| name == key.get_ref());
+            if !known {
+                removed.push((key.get_ref().to_string(), key.span()));
+            }
+            known
+        })
+        .collect();
+    removed
+}
+
+/// The diagnostic code and sentence for an unknown key, with the closest known name as a hint.
+fn unknown_key(dotted: &str, expected: &[String]) -> (&'static str, String) {
+    let hint = match suggest::closest(dotted.rsplit('.').next().unwrap_or(dotted), expected) {
+        Some(name) => format!("; did you mean `{name}`?"),
+        None if expected.is_empty() => String::new(),
+        None => format!("; expected one of: {}", expected.join(", ")),
+    };
+    ("unknown_key", format!("unknown key `{dotted}`{hint}"))
 }
 
 /// Turns a serde message about the entry at `dotted` into a diagnostic code and sentence.
 fn classify(dotted: &str, message: &str) -> (&'static str, String) {
     if let Some(rest) = message.strip_prefix("unknown field `") {
-        let expected = expected_names(rest);
-        let hint = match suggest::closest(dotted.rsplit('.').next().unwrap_or(dotted), &expected) {
-            Some(name) => format!("; did you mean `{name}`?"),
-            None if expected.is_empty() => String::new(),
-            None => format!("; expected one of: {}", expected.join(", ")),
-        };
-        return ("unknown_key", format!("unknown key `{dotted}`{hint}"));
+        return unknown_key(dotted, &expected_names(rest));
     }
     if let Some(rest) = message.strip_prefix("unknown variant `") {
         let given = rest.split('`').next().unwrap_or_default();

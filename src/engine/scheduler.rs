@@ -9,6 +9,9 @@
 //!
 //! A failing stage (without `on_failure = "continue"`), the job's cancellation and the deadline all fire the
 //! same `stop` token: running stages are cancelled and nothing new starts.
+//!
+//! Every task belongs to the run: stage tasks live in a `JoinSet`, attempts and the progress emitter behind
+//! abort-on-drop handles, and drop guards cancel the tokens, so dropping the run future stops all of it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -19,6 +22,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::workdir::WorkDir;
 use super::{Engine, EngineError, JobFailure, JobReport, JobStatus, StageReport, StageStatus, failure};
@@ -49,14 +53,17 @@ pub(super) async fn run(
     let work_dir =
         WorkDir::create(root, &job.id).map_err(|source| EngineError::WorkDir { root: root.clone(), source })?;
     let tracker = Arc::new(Tracker::new(pipeline.stages.iter().map(|stage| (stage.id.clone(), stage.weight))));
+    // Everything the run starts is tied to it: if the run future is dropped (its caller aborted), the guards
+    // stop the emitter, cancel every stage's token and abort every task, so nothing goes on without a job.
     let done = CancellationToken::new();
-    let emitter = tokio::spawn(progress::emit(
+    let _done_on_drop = done.clone().drop_guard();
+    let emitter = AbortOnDropHandle::new(tokio::spawn(progress::emit(
         tracker.clone(),
         sink,
         job.id.clone(),
         engine.settings.progress_interval,
         done.clone(),
-    ));
+    )));
 
     let mut run = Run {
         engine,
@@ -74,6 +81,7 @@ pub(super) async fn run(
         tasks: JoinSet::new(),
         task_stage: HashMap::new(),
     };
+    let _stop_on_drop = run.stop.clone().drop_guard();
     let status = run.drive(&cancel).await;
     match (&status, &run.failure) {
         (JobStatus::Succeeded, _) => tracker.complete("completed"),
@@ -474,7 +482,7 @@ impl StageTask {
         }
         let context = minijinja::Value::from_serialize(&context);
         let slot = item.as_ref().map_or(0, |(position, _)| *position);
-        let max_attempts = self.spec.retry.max_attempts.max(1);
+        let max_attempts = self.spec.retry.max_attempts.clamp(1, crate::retry::MAX_ATTEMPTS);
         let mut attempt = 1;
         loop {
             let params = match self.renderer.render(&self.with, &context, &format!("stages.{id}.with")) {
@@ -495,7 +503,10 @@ impl StageTask {
                 checkpoints: self.checkpoints.clone(),
             };
             let stage = self.stage.clone();
-            let mut handle = tokio::spawn(async move { stage.run(ctx).await });
+            // If this attempt is dropped (the job was aborted), its token is cancelled and its task aborted,
+            // which kills its processes and drops its requests.
+            let _cancel_on_drop = token.clone().drop_guard();
+            let mut handle = AbortOnDropHandle::new(tokio::spawn(async move { stage.run(ctx).await }));
             let result = tokio::select! {
                 joined = &mut handle => flatten(joined, id),
                 () = tokio::time::sleep(self.spec.timeout) => {
@@ -530,7 +541,7 @@ impl StageTask {
 }
 
 /// Gives a cancelled attempt time to clean up, then aborts it.
-async fn settle(mut handle: tokio::task::JoinHandle<Result<StageOutput, StageError>>) {
+async fn settle(mut handle: AbortOnDropHandle<Result<StageOutput, StageError>>) {
     if tokio::time::timeout(CANCEL_GRACE, &mut handle).await.is_err() {
         handle.abort();
     }

@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -40,10 +40,10 @@ pub async fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    child::isolate(&mut command);
-    let mut process = command.spawn().map_err(|source| MediaError::Spawn { program: "ffmpeg", source })?;
-    let mut stdout = process.stdout.take().map(|pipe| BufReader::new(pipe).lines());
-    let mut stderr = process.stderr.take().map(|pipe| BufReader::new(pipe).lines());
+    let (mut process, _group) =
+        child::spawn(&mut command).map_err(|source| MediaError::Spawn { program: "ffmpeg", source })?;
+    let mut stdout = process.stdout.take().map(LossyLines::new);
+    let mut stderr = process.stderr.take().map(LossyLines::new);
     let mut tail: VecDeque<String> = VecDeque::with_capacity(STDERR_LINES);
     loop {
         tokio::select! {
@@ -96,9 +96,41 @@ pub async fn run(
     })
 }
 
-async fn next<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut Option<tokio::io::Lines<R>>) -> Option<String> {
+async fn next<R: AsyncRead + Unpin>(lines: &mut Option<LossyLines<R>>) -> Option<String> {
     match lines {
-        Some(lines) => lines.next_line().await.ok().flatten(),
+        Some(lines) => lines.next_line().await,
         None => None,
+    }
+}
+
+/// Lines of a pipe, with bytes that are not UTF-8 replaced: ffmpeg prints a file's metadata tags as they are,
+/// and one odd byte must not end the reading of everything after it (silences are reported last).
+struct LossyLines<R> {
+    reader: BufReader<R>,
+    /// The line read so far; kept here so that a `select!` that drops [`LossyLines::next_line`] loses nothing.
+    line: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> LossyLines<R> {
+    fn new(pipe: R) -> Self {
+        Self { reader: BufReader::new(pipe), line: Vec::new() }
+    }
+
+    /// The next line without its line ending; `None` at the end or on a read error.
+    async fn next_line(&mut self) -> Option<String> {
+        match self.reader.read_until(b'\n', &mut self.line).await {
+            Ok(0) if self.line.is_empty() => None,
+            Err(_) => None,
+            Ok(_) => {
+                let mut line = std::mem::take(&mut self.line);
+                if line.ends_with(b"\n") {
+                    line.pop();
+                }
+                if line.ends_with(b"\r") {
+                    line.pop();
+                }
+                Some(String::from_utf8_lossy(&line).into_owned())
+            }
+        }
     }
 }

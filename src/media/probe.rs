@@ -7,6 +7,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::{MediaError, printable};
+use crate::child;
 
 /// What ffprobe found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -117,8 +118,10 @@ pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, Med
     if input.starts_with("http://") || input.starts_with("https://") {
         command.args(["-max_redirects", "0", "-rw_timeout", "30000000"]);
     }
-    command.arg(input).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let child = command.spawn().map_err(|source| MediaError::Spawn { program: "ffprobe", source })?;
+    command.arg(input).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own process group, like every child: a cancel or the worker's death stops it and all it started.
+    let (child, _group) =
+        child::spawn(&mut command).map_err(|source| MediaError::Spawn { program: "ffprobe", source })?;
     let output = tokio::select! {
         output = child.wait_with_output() => output.map_err(|source| MediaError::Spawn { program: "ffprobe", source })?,
         () = cancel.cancelled() => return Err(MediaError::Cancelled),

@@ -1,7 +1,11 @@
 //! Silences reported by ffmpeg's `silencedetect`, and where to cut a recording into chunks so that each chunk
 //! stays under a length limit and, when asked, every cut falls in the middle of a silence.
 
-use serde::Serialize;
+use std::borrow::Cow;
+use std::fmt;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// One silent interval, in seconds from the start.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -54,6 +58,76 @@ impl SilenceLog {
     }
 }
 
+/// The level under which audio counts as silence, as ffmpeg's `silencedetect` reads it: decibels (`"-30dB"`,
+/// from -200 to 0) or an amplitude ratio (`"0.03"`, from 0 to 1).
+///
+/// It is checked when read because it is pasted into an ffmpeg filter expression, where `:`, `,`, `;` or `[`
+/// would add options or whole filters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoiseLevel(String);
+
+/// A silence threshold that is not decibels or a ratio in range; it quotes the literal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid silence threshold `{0}`: expected decibels from -200dB to 0dB such as \"-30dB\", or an amplitude ratio from 0 to 1 such as \"0.03\""
+)]
+pub struct NoiseLevelError(pub String);
+
+impl NoiseLevel {
+    /// Reads a threshold literal.
+    ///
+    /// # Errors
+    /// [`NoiseLevelError`] for anything but a plain decimal number (with `dB`) in range.
+    pub fn parse(text: &str) -> Result<Self, NoiseLevelError> {
+        let bad = || NoiseLevelError(text.to_string());
+        let (number, decibels) = match text.strip_suffix("dB") {
+            Some(number) => (number, true),
+            None => (text, false),
+        };
+        let digits = number.strip_prefix('-').unwrap_or(number);
+        let plain = !digits.is_empty()
+            && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && digits.matches('.').count() <= 1
+            && digits.chars().any(|c| c.is_ascii_digit());
+        let value: f64 = if plain { number.parse().map_err(|_| bad())? } else { return Err(bad()) };
+        let in_range = if decibels { (-200.0..=0.0).contains(&value) } else { (0.0..=1.0).contains(&value) };
+        if in_range { Ok(Self(text.to_string())) } else { Err(bad()) }
+    }
+}
+
+impl fmt::Display for NoiseLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for NoiseLevel {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NoiseLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for NoiseLevel {
+    fn schema_name() -> Cow<'static, str> {
+        Cow::Borrowed("NoiseLevel")
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": "^(-?[0-9]+(\\.[0-9]+)?dB|[01](\\.[0-9]+)?)$",
+            "description": "Decibels such as \"-30dB\" (-200dB to 0dB) or an amplitude ratio such as \"0.03\" (0 to 1)."
+        })
+    }
+}
+
 /// Cut points (seconds) that split `duration` into chunks of at most `max_chunk` seconds.
 ///
 /// Without silences the chunks are of equal length. With silences, each cut is the middle of the latest
@@ -88,6 +162,35 @@ pub fn cut_points(duration: f64, max_chunk: f64, silences: Option<&[Silence]>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silence_threshold_is_decibels_or_a_ratio_and_nothing_else() {
+        for good in ["-30dB", "-35.5dB", "0dB", "-200dB", "0.03", "0", "1", "0.5"] {
+            assert_eq!(NoiseLevel::parse(good).map(|level| level.to_string()).as_deref(), Ok(good));
+        }
+        for bad in [
+            "",
+            "dB",
+            "-dB",
+            "30dB",
+            "-201dB",
+            "1.5",
+            "-0.1",
+            "-30db",
+            "-30 dB",
+            "1e-3",
+            "inf",
+            "NaN",
+            "..5",
+            "-1.2.3dB",
+            "-30dB:d=0",
+            "-30dB,amovie=/etc/passwd",
+            "0.1;x",
+            "-30dB[out]",
+        ] {
+            assert!(NoiseLevel::parse(bad).is_err(), "`{bad}` should be refused");
+        }
+    }
 
     #[test]
     fn reads_silencedetect_lines() {

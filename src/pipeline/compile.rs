@@ -256,14 +256,9 @@ impl Checker<'_, '_> {
             full.push(field);
             document::get_path(self.root, &full).map_or(0..0, Spanned::span)
         };
-        let dotted = path.join(".");
-        if retry.max_attempts == Some(0) {
-            let span = at("max_attempts");
-            self.report(span, "invalid_value", format!("`{dotted}.max_attempts` must be at least 1"));
-        }
-        if retry.backoff_coefficient.is_some_and(|c| !(c >= 1.0 && c.is_finite())) {
-            let span = at("backoff_coefficient");
-            self.report(span, "invalid_value", format!("`{dotted}.backoff_coefficient` must be at least 1.0"));
+        for (field, message) in retry.problems(&path.join(".")) {
+            let span = at(field);
+            self.report(span, "invalid_value", message);
         }
     }
 

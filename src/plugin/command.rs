@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use super::{Plugin, PluginAction};
@@ -35,11 +35,14 @@ pub struct CommandSection {
 /// - It runs in the job's work directory, in its own process group, with an environment holding only `PATH`,
 ///   `HOME`, `LANG`, `LC_ALL`, `TZ`, `TMPDIR`, the plugin's declared `env` names, and `ECHO_JOB_ID` /
 ///   `ECHO_STAGE_ID`.
-/// - stdin is the params as JSON; stdout is the output (JSON, or `{ "text": ... }` when it is not JSON).
+/// - stdin is the params as JSON; stdout is the output (JSON, or `{ "text": ... }` when it is not JSON). A plugin
+///   with an `[output]` schema must print JSON: empty or non-JSON stdout fails the stage.
 /// - Exit status 0 succeeds; 75 (`EX_TEMPFAIL`) is a failure worth retrying; anything else is permanent.
 ///   The error carries the last part of stderr.
 /// - On cancel the whole process group gets SIGTERM, then SIGKILL after a short grace, so grandchildren die
-///   too; after a normal exit, leftovers in the group are killed as well.
+///   too; after a normal exit, leftovers in the group are killed as well, and the pipes are read until they
+///   close or stay quiet for 200 ms (2 s at most), so a process that escaped the group with `setsid` and holds
+///   stdout open can neither hang the stage nor erase what the program printed.
 #[derive(Debug)]
 pub struct CommandStage {
     plugin: Arc<Plugin>,
@@ -55,6 +58,10 @@ const MAX_STDOUT: usize = 16 << 20;
 const STDERR_TAIL: usize = 2000;
 /// Time between SIGTERM and SIGKILL on cancel: short, since a cancelled job must stop within about a second.
 const TERM_GRACE: Duration = Duration::from_millis(400);
+/// After the program exits, how long its pipes may stay silent before reading stops.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+/// After the program exits, how long its pipes are read at most.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// Environment variables passed through to every command.
 const PASSED_ENV: [&str; 6] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
 
@@ -120,52 +127,61 @@ impl Stage for CommandStage {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        child::isolate(&mut command);
-        let mut child = command.spawn().map_err(|error| {
+        let (mut child, group) = child::spawn(&mut command).map_err(|error| {
             StageError::permanent(
                 ErrorCode::Spawn,
                 format!("plugin `{name}`: cannot start `{}`: {error}", self.program.display()),
             )
         })?;
-        let group = child::group(&child);
 
+        // The pipes are read here, in the stage's own task, so that nothing outlives the stage: when it ends or
+        // is dropped, the readers, the writer and (through `group`) the processes go with it.
         let input = serde_json::to_vec(&params).unwrap_or_default();
-        let mut stdin = child.stdin.take();
-        let feed = tokio::spawn(async move {
-            if let Some(stdin) = stdin.as_mut() {
+        let stdin = child.stdin.take();
+        let feed = async move {
+            if let Some(mut stdin) = stdin {
                 // A program that does not read stdin closes it early; that is not an error.
                 let _ = stdin.write_all(&input).await;
             }
-        });
-        let stdout = child.stdout.take().map(|pipe| tokio::spawn(read_limited(pipe, MAX_STDOUT)));
-        let stderr = child.stderr.take().map(|pipe| tokio::spawn(read_limited(pipe, usize::MAX)));
-
-        let status = tokio::select! {
-            status = child.wait() => status,
-            () = ctx.cancel.cancelled() => {
-                child::terminate(&mut child, TERM_GRACE).await;
-                feed.abort();
-                return Err(StageError::cancelled());
+        };
+        tokio::pin!(feed);
+        let mut fed = false;
+        let mut stdout = Capture::new(child.stdout.take(), MAX_STDOUT);
+        let mut stderr = Capture::new(child.stderr.take(), usize::MAX);
+        let status = loop {
+            tokio::select! {
+                () = &mut feed, if !fed => fed = true,
+                () = stdout.read(), if stdout.is_open() => {}
+                () = stderr.read(), if stderr.is_open() => {}
+                status = child.wait() => break status,
+                () = ctx.cancel.cancelled() => {
+                    child::terminate(&mut child, TERM_GRACE).await;
+                    return Err(StageError::cancelled());
+                }
             }
         };
-        // The program is gone; anything it left running in its group goes too.
-        child::kill_group(group);
-        feed.abort();
+        // The program is gone; anything it left running in its group goes too. Then what it wrote is read
+        // until the pipes close or go quiet: a process that left the group (`setsid`) may hold them open, and
+        // must neither hang the stage nor make it lose the output already written.
+        group.kill();
+        drain(&mut stdout, &mut stderr).await;
+        let held = stdout.is_open() || stderr.is_open();
+        if held {
+            tracing::warn!(plugin = %name, "a process the plugin started left its process group and still holds its output open");
+        }
         let status = status.map_err(|error| {
             StageError::transient(ErrorCode::Wait, format!("plugin `{name}`: waiting for the program: {error}"))
         })?;
-        let (stdout, stdout_overflow) = collect(stdout).await;
-        let (stderr, _) = collect(stderr).await;
         if status.success() {
-            if stdout_overflow {
+            if stdout.overflow {
                 return Err(StageError::permanent(
                     ErrorCode::OutputTooLarge,
                     format!("plugin `{name}`: stdout exceeds {MAX_STDOUT} bytes"),
                 ));
             }
-            return Ok(StageOutput::from(parse_output(&stdout)));
+            return self.output(&stdout.kept, held).map(StageOutput::from);
         }
-        let tail = tail(&stderr);
+        let tail = tail(&stderr.kept);
         let message = match status.code() {
             Some(code) => format!("plugin `{name}` exited with status {code}: {tail}"),
             None => format!("plugin `{name}` was killed by a signal: {tail}"),
@@ -178,36 +194,80 @@ impl Stage for CommandStage {
     }
 }
 
-/// Reads a pipe to its end, keeping at most `limit` bytes; the flag says whether more was discarded.
-async fn read_limited(mut pipe: impl tokio::io::AsyncRead + Unpin, limit: usize) -> (Vec<u8>, bool) {
-    let mut kept = Vec::new();
-    let mut buffer = [0u8; 8192];
-    let mut overflow = false;
-    loop {
+impl CommandStage {
+    /// The stage's output from stdout: JSON, or `{ "text": ... }`. A plugin that declares an `[output]` schema
+    /// promises JSON, so empty or non-JSON stdout fails the stage instead of passing an empty result on.
+    fn output(&self, stdout: &[u8], held: bool) -> Result<serde_json::Value, StageError> {
+        let name = &self.plugin.name;
+        if self.plugin.output.is_none() {
+            return Ok(parse_output(stdout));
+        }
+        let why = if held { " (a process it started left its process group and kept stdout open)" } else { "" };
+        if stdout.iter().all(u8::is_ascii_whitespace) {
+            return Err(StageError::permanent(
+                ErrorCode::EmptyOutput,
+                format!("plugin `{name}` declares a JSON output but exited with nothing on stdout{why}"),
+            ));
+        }
+        serde_json::from_slice(stdout).map_err(|error| {
+            StageError::permanent(
+                ErrorCode::InvalidOutput,
+                format!("plugin `{name}` declares a JSON output but its stdout is not JSON: {error}{why}"),
+            )
+        })
+    }
+}
+
+/// One output pipe of the program and what was read from it.
+struct Capture<R> {
+    pipe: Option<R>,
+    /// At most `limit` bytes; for stderr (`usize::MAX`), only the tail is kept.
+    kept: Vec<u8>,
+    limit: usize,
+    /// More than `limit` bytes came.
+    overflow: bool,
+}
+
+impl<R: AsyncRead + Unpin> Capture<R> {
+    fn new(pipe: Option<R>, limit: usize) -> Self {
+        Self { pipe, kept: Vec::new(), limit, overflow: false }
+    }
+
+    fn is_open(&self) -> bool {
+        self.pipe.is_some()
+    }
+
+    /// Reads one chunk; the pipe is closed at its end or on an error. Cancel-safe: a chunk is kept only
+    /// once it has been read.
+    async fn read(&mut self) {
+        let Some(pipe) = self.pipe.as_mut() else { return };
+        let mut buffer = [0u8; 8192];
         match pipe.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => self.pipe = None,
             Ok(read) => {
-                let room = limit.saturating_sub(kept.len());
-                kept.extend_from_slice(&buffer[..read.min(room)]);
-                overflow |= read > room;
-                if limit == usize::MAX && kept.len() > 4 * STDERR_TAIL {
+                let room = self.limit.saturating_sub(self.kept.len());
+                self.kept.extend_from_slice(&buffer[..read.min(room)]);
+                self.overflow |= read > room;
+                if self.limit == usize::MAX && self.kept.len() > 4 * STDERR_TAIL {
                     // Only the tail of stderr is ever shown; drop the head so memory stays bounded.
-                    kept.drain(..kept.len() - STDERR_TAIL);
+                    self.kept.drain(..self.kept.len() - STDERR_TAIL);
                 }
             }
         }
     }
-    (kept, overflow)
 }
 
-/// Waits briefly for a reader; a pipe held open by an escaped process must not hang the stage.
-async fn collect(reader: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>) -> (Vec<u8>, bool) {
-    let Some(mut reader) = reader else { return (Vec::new(), false) };
-    match tokio::time::timeout(Duration::from_secs(2), &mut reader).await {
-        Ok(Ok(result)) => result,
-        _ => {
-            reader.abort();
-            (Vec::new(), false)
+/// After the program exited: reads both pipes until they close, or until nothing came for [`DRAIN_QUIET`],
+/// and for [`DRAIN_LIMIT`] at most.
+async fn drain<A: AsyncRead + Unpin, B: AsyncRead + Unpin>(stdout: &mut Capture<A>, stderr: &mut Capture<B>) {
+    let deadline = tokio::time::sleep(DRAIN_LIMIT);
+    tokio::pin!(deadline);
+    while stdout.is_open() || stderr.is_open() {
+        tokio::select! {
+            () = stdout.read(), if stdout.is_open() => {}
+            () = stderr.read(), if stderr.is_open() => {}
+            () = tokio::time::sleep(DRAIN_QUIET) => break,
+            () = &mut deadline => break,
         }
     }
 }

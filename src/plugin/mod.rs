@@ -239,7 +239,15 @@ impl PluginSet {
     pub fn load_dir(dir: &Path) -> std::io::Result<Self> {
         let mut set = Self::default();
         for file in crate::document::toml_files(dir)? {
-            let document = Document::read(&file)?;
+            let document = match Document::open(&file)? {
+                Ok(document) => document,
+                Err(diagnostic) => {
+                    // Pipelines that use it are not also told that the kind does not exist.
+                    set.broken.insert(file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+                    set.diagnostics.push(diagnostic);
+                    continue;
+                }
+            };
             match Plugin::load(&document) {
                 Ok(plugin) => {
                     set.plugins.insert(plugin.name.clone(), plugin);
@@ -330,6 +338,10 @@ impl Plugin {
         }
         let action = check_sections(document, &root, &raw, &mut diagnostics);
         check_templates(document, &root, &raw, &env, &mut diagnostics);
+        for (field, message) in raw.retry.as_ref().map(|retry| retry.problems("retry")).unwrap_or_default() {
+            let span = document::get_path(&root, &["retry", field]).map_or(start.clone(), Spanned::span);
+            diagnostics.push(document.diagnostic(&span, "invalid_value", message));
+        }
         let output = check_output(document, &root, &raw, &mut diagnostics);
         if parsed.removed.iter().any(|key| key == "kind") || !diagnostics.is_empty() {
             diagnostics.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{Plugin, PluginAction};
-use crate::ai::Providers;
 use crate::ai::structured::{Ask, analyze};
+use crate::ai::{AiError, Providers};
 use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::stage::{Stage, StageContext};
@@ -80,14 +80,18 @@ impl Stage for PromptStage {
         };
         // The `transcript` parameter, when there is one, is what gets split if it is too long.
         let long_text = params.get("transcript").and_then(Value::as_str).unwrap_or_default().to_string();
-        let render_user = |text: &str| {
-            let mut params = params.clone();
-            if params.contains_key("transcript") {
-                params.insert("transcript".into(), Value::String(text.to_string()));
-            }
-            let context = self.plugin.template_context(&ctx, &params);
-            self.plugin.render_text(&self.renderer, &section.user, &context, "prompt.user").unwrap_or_default()
-        };
+        let render_user =
+            |text: &str| {
+                let mut params = params.clone();
+                if params.contains_key("transcript") {
+                    params.insert("transcript".into(), Value::String(text.to_string()));
+                }
+                let context = self.plugin.template_context(&ctx, &params);
+                // A template that fails stops the stage before any request: an empty prompt would still be billed.
+                self.plugin.render_text(&self.renderer, &section.user, &context, "prompt.user").map_err(|error| {
+                    AiError { message: error.message, retryable: error.retryable, code: error.code, retry_after: None }
+                })
+            };
         ctx.progress.report(0.1, format!("asking {}", self.plugin.name));
         let (mut value, usage, parts) = analyze(&provider, &spec, &long_text, render_user, &ctx.cancel).await?;
         if let Value::Object(map) = &mut value {

@@ -105,7 +105,8 @@ impl Stage for AnalyzeStage {
         };
         ctx.progress.report(0.1, "analysing the transcript");
         let (mut value, usage, parts) =
-            analyze(&provider, &spec, &params.transcript, |text| format!("Transcript:\n{text}"), &ctx.cancel).await?;
+            analyze(&provider, &spec, &params.transcript, |text| Ok(format!("Transcript:\n{text}")), &ctx.cancel)
+                .await?;
         value["usage"] = json!({ "requests": usage.requests, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "parts": parts });
         Ok(StageOutput::from(value))
     }

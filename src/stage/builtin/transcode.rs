@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
-use crate::media::silence::{SilenceLog, cut_points};
+use crate::media::silence::{NoiseLevel, SilenceLog, cut_points};
 use crate::media::{MediaError, ffmpeg, probe};
 use crate::stage::{Stage, StageContext};
 use crate::units::{Bitrate, ByteSize, HumanDuration};
@@ -41,8 +41,8 @@ pub struct TranscodeParams {
     pub max_chunk_bytes: Option<ByteSize>,
     /// Cut in the middle of the silence nearest each target point instead of at fixed times (default false).
     pub split_at_silence: Option<bool>,
-    /// Level under which audio counts as silence (default `"-30dB"`).
-    pub silence_threshold: Option<String>,
+    /// Level under which audio counts as silence: decibels or an amplitude ratio (default `"-30dB"`).
+    pub silence_threshold: Option<NoiseLevel>,
     /// Shortest pause that counts as a silence (default `"500ms"`).
     pub min_silence: Option<HumanDuration>,
     /// Audio repeated at the start of each chunk from the end of the previous one (default `"0s"`).
@@ -207,7 +207,7 @@ impl Stage for TranscodeStage {
         let mut args = os(&["-i", &input_text, "-map", "0:a:0", "-vn", "-ac", "1", "-ar", &sample_rate.to_string()]);
         let split = params.split_at_silence.unwrap_or(false);
         if split {
-            let threshold = params.silence_threshold.clone().unwrap_or_else(|| "-30dB".into());
+            let threshold = params.silence_threshold.as_ref().map_or_else(|| "-30dB".into(), ToString::to_string);
             let minimum = params.min_silence.map_or(0.5, |d| d.0.as_secs_f64());
             // Convert first, so silencedetect listens to 16 kHz mono rather than to the source's full rate.
             let filter = format!(
