@@ -159,6 +159,7 @@ impl Default for RedisSettings {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SupabaseSettings {
     /// `SUPABASE_URL`: the project URL.
+    #[serde(serialize_with = "redacted_url")]
     pub url: Option<String>,
     /// `SUPABASE_SERVICE_ROLE_KEY`.
     pub service_role_key: Option<Secret>,
@@ -168,12 +169,14 @@ pub struct SupabaseSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AzureOpenAiSettings {
     /// `AZURE_OPENAI_ENDPOINT`: the resource origin, e.g. `https://name.openai.azure.com`.
+    #[serde(serialize_with = "redacted_url")]
     pub endpoint: Option<String>,
     /// `AZURE_OPENAI_API_KEY`.
     pub api_key: Option<Secret>,
     /// `AZURE_OPENAI_API_VERSION`.
     pub api_version: String,
     /// `AZURE_OPENAI_WHISPER_ENDPOINT`: a separate resource for transcription (default: `endpoint`).
+    #[serde(serialize_with = "redacted_url")]
     pub whisper_endpoint: Option<String>,
     /// `AZURE_OPENAI_WHISPER_API_KEY` (default: `api_key`).
     pub whisper_api_key: Option<Secret>,
@@ -273,11 +276,12 @@ impl Settings {
         let mut settings: Self = figment.extract().map_err(describe)?;
         for endpoint in [&mut settings.azure_openai.endpoint, &mut settings.azure_openai.whisper_endpoint] {
             if let Some(url) = endpoint
-                && let Some(origin) = origin_of(url)
-                && origin != url.trim_end_matches('/')
+                && let Some((origin, whole)) = origin_of(url)
+                && whole
             {
                 settings.warnings.push(format!(
-                    "an Azure OpenAI endpoint held a whole URL; using its origin {origin} (set only the origin)"
+                    "an Azure OpenAI endpoint held a whole URL (path, query or credentials); using its origin \
+                     {origin} (set only the origin)"
                 ));
                 *url = origin;
             }
@@ -383,11 +387,70 @@ fn legacy_key(name: &UncasedStr) -> Uncased<'_> {
         .map_or_else(|| name.into(), |(_, key)| Uncased::from_borrowed(key))
 }
 
-/// `scheme://host[:port]` of a URL, dropping any path and query.
-fn origin_of(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let host = rest.split(['/', '?', '#']).next().filter(|host| !host.is_empty())?;
-    Some(format!("{scheme}://{host}"))
+/// `scheme://host[:port]` of a URL, dropping any credentials, path, query and fragment, and whether there was
+/// any of those to drop.
+fn origin_of(text: &str) -> Option<(String, bool)> {
+    let url = reqwest::Url::parse(text.trim()).ok()?;
+    let host = url.host_str().filter(|host| !host.is_empty())?;
+    let port = url.port().map(|port| format!(":{port}")).unwrap_or_default();
+    let origin = format!("{}://{host}{port}", url.scheme());
+    let whole = !url.username().is_empty()
+        || url.password().is_some()
+        || !matches!(url.path(), "" | "/")
+        || url.query().is_some()
+        || url.fragment().is_some();
+    Some((origin, whole))
+}
+
+/// A URL as it may be printed: the password (or a lone user name, which may be a token) replaced by
+/// `[redacted]`, the query string (which may carry tokens) replaced by `[redacted]`, the fragment dropped.
+/// Text that does not parse as a URL with a host (or as a `sqlite:` file URL) prints as `[redacted]` whole,
+/// since its parts cannot be told apart: `user:pa/ss@host` or `host=… password=…` are not printed at all.
+pub fn redact_url(text: &str) -> String {
+    const MARK: &str = "echo-worker-redacted-0b7c";
+    let Ok(mut url) = reqwest::Url::parse(text.trim()) else { return REDACTED.to_string() };
+    if url.cannot_be_a_base() && url.scheme() != "sqlite" {
+        // `user:password@host` parses as scheme `user` with an opaque path.
+        return REDACTED.to_string();
+    }
+    if url.username().is_empty() && url.password().is_none() && url.query().is_none() && url.fragment().is_none() {
+        // Nothing to hide: print it as written.
+        return text.trim().to_string();
+    }
+    let replaced = if url.password().is_some() {
+        url.set_password(Some(MARK)).is_ok()
+    } else if !url.username().is_empty() {
+        url.set_username(MARK).is_ok()
+    } else {
+        true
+    };
+    if !replaced {
+        return REDACTED.to_string();
+    }
+    if url.query().is_some() {
+        url.set_query(Some(MARK));
+    }
+    url.set_fragment(None);
+    url.to_string().replace(MARK, REDACTED)
+}
+
+/// Serializes an optional URL setting through [`redact_url`] (for `#[serde(serialize_with)]`).
+///
+/// # Errors
+/// The serializer's.
+pub fn redacted_url<S: Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(url) => serializer.serialize_some(&redact_url(url)),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// Serializes a URL setting through [`redact_url`] (for `#[serde(serialize_with)]`).
+///
+/// # Errors
+/// The serializer's.
+pub fn redacted_url_text<S: Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(value))
 }
 
 /// Accepts a list, or a comma-separated string as environment variables give.
@@ -464,26 +527,9 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `[redacted]`.
+    /// The URL with any password and query replaced by `[redacted]` (see [`redact_url`]).
     pub fn redacted(&self) -> String {
-        let Some((scheme, rest)) = self.0.split_once("://") else { return REDACTED.to_string() };
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        match authority.rsplit_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:{REDACTED}@{host}{}", redact_query(tail))
-            }
-            None => format!("{scheme}://{authority}{}", redact_query(tail)),
-        }
-    }
-}
-
-/// Drops query strings, which may carry tokens (`?password=`), from a printed URL.
-fn redact_query(tail: &str) -> String {
-    match tail.split_once('?') {
-        Some((path, _)) => format!("{path}?{REDACTED}"),
-        None => tail.to_string(),
+        redact_url(&self.0)
     }
 }
 
@@ -516,9 +562,36 @@ mod tests {
     #[test]
     fn endpoints_are_reduced_to_origins() {
         assert_eq!(
-            origin_of("https://x.openai.azure.com/openai/deployments/w/audio?api-version=1").as_deref(),
-            Some("https://x.openai.azure.com")
+            origin_of("https://x.openai.azure.com/openai/deployments/w/audio?api-version=1"),
+            Some(("https://x.openai.azure.com".to_string(), true))
         );
+        assert_eq!(origin_of("https://x.openai.azure.com/"), Some(("https://x.openai.azure.com".to_string(), false)));
+        assert_eq!(origin_of("http://127.0.0.1:8080"), Some(("http://127.0.0.1:8080".to_string(), false)));
         assert_eq!(origin_of("not a url"), None);
+    }
+
+    #[test]
+    fn a_password_with_a_slash_or_a_user_name_token_never_prints() {
+        const MARKER: &str = "marker-secret-5a";
+        for url in [
+            format!("redis://user:pa/ss-{MARKER}@cache:6379/0"),
+            format!("postgres://app:x{MARKER}/y@db/app"),
+            format!("https://{MARKER}@x.openai.azure.com/"),
+            format!("https://user:{MARKER}@x.openai.azure.com/path?key={MARKER}#{MARKER}"),
+            format!("redis://:p@ss{MARKER}@cache"),
+        ] {
+            let printed = SecretUrl::new(url.clone()).redacted();
+            assert!(!printed.contains(MARKER), "{url} printed as {printed}");
+        }
+        assert_eq!(
+            redact_url(&format!("https://user:{MARKER}@h.example/v1?k={MARKER}")),
+            "https://user:[redacted]@h.example/v1?[redacted]"
+        );
+        assert_eq!(redact_url(&format!("https://{MARKER}@h.example/v1")), "https://[redacted]@h.example/v1");
+        assert_eq!(SecretUrl::new("sqlite::memory:").redacted(), "sqlite::memory:");
+        assert_eq!(SecretUrl::new(format!("app:{MARKER}@db/app")).redacted(), "[redacted]", "no scheme: not shown");
+        assert_eq!(SecretUrl::new("sqlite://echo.db").redacted(), "sqlite://echo.db", "the default prints as is");
+        let (origin, whole) = origin_of(&format!("https://user:{MARKER}@x.openai.azure.com")).unwrap();
+        assert_eq!((origin.as_str(), whole), ("https://x.openai.azure.com", true), "credentials are dropped");
     }
 }

@@ -43,6 +43,7 @@ pub struct ProviderSettings {
     /// `azure` or `openai`.
     pub style: ProviderStyle,
     /// Azure: the resource origin (`https://name.openai.azure.com`); OpenAI-style: the base URL with `/v1`.
+    #[serde(serialize_with = "crate::config::redacted_url_text")]
     pub endpoint: String,
     /// The key (`api-key` for Azure, Bearer otherwise); local servers may need none.
     pub api_key: Option<Secret>,
@@ -50,6 +51,7 @@ pub struct ProviderSettings {
     #[serde(default = "default_api_version")]
     pub api_version: String,
     /// A separate endpoint for transcription (Azure resources often differ).
+    #[serde(serialize_with = "crate::config::redacted_url")]
     pub transcription_endpoint: Option<String>,
     /// The key for `transcription_endpoint`.
     pub transcription_api_key: Option<Secret>,
