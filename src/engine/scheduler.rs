@@ -24,7 +24,7 @@ use super::checkpoint::Checkpoints;
 use super::progress::{self, ProgressReporter, ProgressSink, Tracker};
 use super::workdir::WorkDir;
 use super::{Engine, EngineError, JobFailure, JobReport, JobSpec, JobStatus, StageReport, StageStatus, failure, retry};
-use crate::pipeline::template::{Renderer, to_json};
+use crate::pipeline::template::Renderer;
 use crate::pipeline::{OnFailure, Pipeline, StageSpec, Trigger};
 use crate::stage::{Stage, StageContext, StageError, StageOutput};
 use crate::units::HumanDuration;
@@ -386,13 +386,14 @@ impl StageTask {
     async fn fan_out(self: Arc<Self>, expression: &str) -> (Result<StageOutput, StageError>, u32) {
         let location = format!("stages.{}.for_each", self.spec.id);
         let context = minijinja::Value::from_serialize(self.context());
-        let items = match self.renderer.evaluate(expression, &context, &location).and_then(|v| to_json(&v, &location)) {
-            Ok(Value::Array(items)) => items,
-            Ok(other) => {
+        let items = match self.renderer.evaluate_json_async(expression, &context, &location, &self.stop).await {
+            None => return (Err(StageError::cancelled()), 0),
+            Some(Ok(Value::Array(items))) => items,
+            Some(Ok(other)) => {
                 let kind = json_type(&other);
                 return (Err(StageError::permanent("for_each", format!("`{location}` gave {kind}, not a list"))), 0);
             }
-            Err(error) => return (Err(StageError::permanent("template", error.to_string())), 0),
+            Some(Err(error)) => return (Err(StageError::permanent("template", error.to_string())), 0),
         };
         let count = items.len();
         self.tracker.set_slots(self.index, count);
@@ -464,15 +465,11 @@ impl StageTask {
         let max_attempts = self.spec.retry.max_attempts.max(1);
         let mut attempt = 1;
         loop {
-            let params = match self.renderer.render(&self.with, &context, &format!("stages.{id}.with")) {
-                Ok(params) => params,
-                Err(error) => return (Err(StageError::permanent("template", error.to_string())), attempt),
-            };
             let token = stop.child_token();
-            let ctx = StageContext {
+            let mut ctx = StageContext {
                 job: self.job.clone(),
                 stage_id: id.clone(),
-                params,
+                params: Value::Null,
                 work_dir: self.work_dir.clone(),
                 inputs: self.inputs.clone(),
                 progress: ProgressReporter::new(self.tracker.clone(), self.index, slot, id),
@@ -481,8 +478,18 @@ impl StageTask {
                 item: item.clone(),
                 checkpoints: self.checkpoints.clone(),
             };
-            let stage = self.stage.clone();
-            let mut handle = tokio::spawn(async move { stage.run(ctx).await });
+            let (stage, renderer, with, context) =
+                (self.stage.clone(), self.renderer.clone(), self.with.clone(), context.clone());
+            let location = format!("stages.{id}.with");
+            // `with` is rendered inside the attempt, so the stage's timeout and the job's cancellation cover it.
+            let mut handle = tokio::spawn(async move {
+                ctx.params = match renderer.render_async(&with, &context, &location, &ctx.cancel).await {
+                    None => return Err(StageError::cancelled()),
+                    Some(Err(error)) => return Err(StageError::permanent("template", error.to_string())),
+                    Some(Ok(params)) => params,
+                };
+                stage.run(ctx).await
+            });
             let result = tokio::select! {
                 joined = &mut handle => flatten(joined, id),
                 () = tokio::time::sleep(self.spec.timeout) => {
