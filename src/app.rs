@@ -62,7 +62,7 @@ pub async fn registry<'a>(
     };
     let providers = Arc::new(Providers::new(providers, default, redis).map_err(anyhow::Error::msg)?);
     let ai = (!providers.is_empty()).then(|| providers.clone());
-    let mut registry = StageRegistry::with_plugins(plugins, http, ai.clone());
+    let mut registry = StageRegistry::with_plugins(plugins, http, ai.clone(), settings.limits.max_response_size);
     let max = settings.max_file_size();
     registry.register(BuiltinKind::Validate.name(), Arc::new(ValidateStage::new(fetcher.clone(), max)));
     registry.register(BuiltinKind::Download.name(), Arc::new(DownloadStage::new(fetcher, max)));

@@ -202,7 +202,19 @@ pub struct WorkerSettings {
 pub struct LimitSettings {
     /// `MAX_FILE_SIZE_MB`: largest accepted upload, in megabytes.
     pub max_file_size_mb: u64,
+    /// Largest body read from an `http` plugin's server or an AI provider's reply; a larger one fails the stage.
+    pub max_response_size: crate::units::ByteSize,
+    /// Longest recording `validate` accepts (unless a stage sets its own `max_duration`), judged by the
+    /// duration the file declares, before anything is downloaded or paid for.
+    pub max_duration: crate::units::HumanDuration,
 }
+
+/// Default of `limits.max_response_size`: far above any real webhook answer or AI reply (a 20-minute
+/// transcription in `verbose_json` is about 100 KB), far below what hurts a worker.
+pub const DEFAULT_MAX_RESPONSE_SIZE: crate::units::ByteSize = crate::units::ByteSize(8 << 20);
+/// Default of `limits.max_duration`: a working day of recording.
+pub const DEFAULT_MAX_DURATION: crate::units::HumanDuration =
+    crate::units::HumanDuration(std::time::Duration::from_secs(8 * 3600));
 
 impl Default for Settings {
     fn default() -> Self {
@@ -230,7 +242,11 @@ impl Default for Settings {
             },
             // Three jobs at once keeps a 2-core machine busy without starving ffmpeg.
             worker: WorkerSettings { concurrency: 3, processing_timeout_ms: 3_600_000, max_parallel_stages: 4 },
-            limits: LimitSettings { max_file_size_mb: 500 },
+            limits: LimitSettings {
+                max_file_size_mb: 500,
+                max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
+                max_duration: DEFAULT_MAX_DURATION,
+            },
             database: DatabaseSettings { url: SecretUrl::new("sqlite://echo.db"), table: "recordings".into() },
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             ai: AiSettings::default(),
@@ -332,6 +348,9 @@ impl Settings {
             // Azure's default Whisper quota is 3 requests a minute.
             seed.transcription_rpm = Some(3);
             providers.insert("azure".into(), seed);
+        }
+        for provider in providers.values_mut() {
+            provider.max_response_size = self.limits.max_response_size;
         }
         let default = self
             .ai

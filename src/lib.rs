@@ -18,9 +18,11 @@
 //! - [`local`]: `echo-worker process`, jobs run in this process.
 //! - [`schema`]: the JSON Schemas of the pipeline and plugin files, generated from the Rust types.
 //! - [`units`]: duration, size and bitrate literals shared by every file format.
+//! - [`bounded`]: bodies, pipes and error texts from outside read with size caps and scrubbed of secrets.
 
 pub mod ai;
 pub mod app;
+pub mod bounded;
 pub mod catalog;
 pub mod child;
 pub mod config;

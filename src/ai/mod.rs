@@ -82,6 +82,13 @@ pub struct ProviderSettings {
     pub max_retries: u32,
     /// Ask for `verbose_json` (segments and timestamps); by default true unless the model name says gpt-4o.
     pub verbose_json: Option<bool>,
+    /// Largest reply read; set from `limits.max_response_size`, not per provider.
+    #[serde(skip, default = "default_max_response_size")]
+    pub max_response_size: crate::units::ByteSize,
+}
+
+fn default_max_response_size() -> crate::units::ByteSize {
+    crate::config::DEFAULT_MAX_RESPONSE_SIZE
 }
 
 fn default_api_version() -> String {
@@ -130,6 +137,7 @@ impl ProviderSettings {
             timeout_secs: default_timeout_secs(),
             max_retries: default_max_retries(),
             verbose_json: None,
+            max_response_size: default_max_response_size(),
         }
     }
 }
