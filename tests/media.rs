@@ -109,6 +109,47 @@ async fn limits_and_accepted_types_come_from_the_params() {
     assert_eq!(error.code, "too_large", "a bare number counts bytes");
 }
 
+/// A 2-second 8 kHz FLAC whose STREAMINFO header is rewritten to declare `hours` of audio.
+fn flac_declaring(dir: &Path, hours: u64) -> std::path::PathBuf {
+    let path = dir.join("declares.flac");
+    ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-ar", "8000", "-ac", "1", path.to_str().unwrap()]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[..4], b"fLaC");
+    assert_eq!(bytes[4] & 0x7f, 0, "STREAMINFO comes first");
+    // STREAMINFO starts at byte 8; its 36-bit total sample count is the low nibble of byte 21 and bytes 22..26.
+    let samples = hours * 3600 * 8000;
+    bytes[21] = (bytes[21] & 0xf0) | ((samples >> 32) & 0x0f) as u8;
+    bytes[22..26].copy_from_slice(&((samples & 0xffff_ffff) as u32).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_small_file_declaring_100_hours_is_refused_before_any_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = flac_declaring(dir.path(), 100);
+    assert!(std::fs::metadata(&file).unwrap().len() < 100_000, "a small file");
+    let error = refused(&file, json!({})).await;
+    assert_eq!((error.code, error.message.as_str()), ("too_long", "the recording lasts 4d4h, over the limit of 8h"));
+    // The setting moves the default; a stage's own `max_duration` wins over it.
+    let work = tempfile::tempdir().unwrap();
+    let strict = validator().with_max_duration(echo_worker::units::HumanDuration::parse("1s").unwrap());
+    let short = tone(dir.path(), "short.mp3", 3);
+    let error = run_stage(&strict, job(short.to_str().unwrap(), true), json!({}), BTreeMap::new(), work.path())
+        .await
+        .unwrap_err();
+    assert_eq!((error.code, error.message.as_str()), ("too_long", "the recording lasts 3s, over the limit of 1s"));
+    let passed = run_stage(
+        &strict,
+        job(short.to_str().unwrap(), true),
+        json!({ "max_duration": "1m" }),
+        BTreeMap::new(),
+        work.path(),
+    )
+    .await;
+    assert!(passed.is_ok(), "{passed:?}");
+}
+
 fn transcoder_inputs(path: &Path) -> BTreeMap<String, Value> {
     BTreeMap::from([("download".to_string(), json!({ "path": path, "bytes": 1 }))])
 }
