@@ -124,13 +124,61 @@ fn flac_declaring(dir: &Path, hours: u64) -> std::path::PathBuf {
     path
 }
 
+/// A 3-second Ogg Opus file whose last page's granule position is rewritten to `hours` of 48 kHz samples. Its
+/// last packets then carry timestamps near the declared end, so a decode there succeeds: before `validate` had
+/// a default limit, such a file passed it.
+fn ogg_declaring(dir: &Path, hours: u64) -> std::path::PathBuf {
+    let path = dir.join("declares.opus");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=3",
+        "-ar",
+        "48000",
+        "-c:a",
+        "libopus",
+        path.to_str().unwrap(),
+    ]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.windows(4).rposition(|window| window == b"OggS").expect("an Ogg page");
+    let granule = hours * 3600 * 48_000;
+    bytes[last + 6..last + 14].copy_from_slice(&granule.to_le_bytes());
+    let segments = usize::from(bytes[last + 26]);
+    let body: usize = bytes[last + 27..last + 27 + segments].iter().map(|&size| usize::from(size)).sum();
+    let end = last + 27 + segments + body;
+    bytes[last + 22..last + 26].copy_from_slice(&[0; 4]);
+    let checksum = ogg_crc(&bytes[last..end]);
+    bytes[last + 22..last + 26].copy_from_slice(&checksum.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+/// The Ogg page checksum: CRC-32, polynomial 0x04c11db7, no reflection, initial value 0.
+fn ogg_crc(data: &[u8]) -> u32 {
+    let mut crc = 0u32;
+    for &byte in data {
+        crc ^= u32::from(byte) << 24;
+        for _ in 0..8 {
+            crc = if crc & 0x8000_0000 != 0 { (crc << 1) ^ 0x04c1_1db7 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
 #[tokio::test]
 async fn a_small_file_declaring_100_hours_is_refused_before_any_download() {
     let dir = tempfile::tempdir().unwrap();
-    let file = flac_declaring(dir.path(), 100);
-    assert!(std::fs::metadata(&file).unwrap().len() < 100_000, "a small file");
-    let error = refused(&file, json!({})).await;
-    assert_eq!((error.code, error.message.as_str()), ("too_long", "the recording lasts 4d4h, over the limit of 8h"));
+    for file in [ogg_declaring(dir.path(), 100), flac_declaring(dir.path(), 100)] {
+        assert!(std::fs::metadata(&file).unwrap().len() < 100_000, "a small file");
+        let error = refused(&file, json!({})).await;
+        assert_eq!(
+            (error.code, error.message.as_str()),
+            ("too_long", "the recording lasts 4d4h, over the limit of 8h"),
+            "{}",
+            file.display()
+        );
+    }
     // The setting moves the default; a stage's own `max_duration` wins over it.
     let work = tempfile::tempdir().unwrap();
     let strict = validator().with_max_duration(echo_worker::units::HumanDuration::parse("1s").unwrap());
