@@ -198,6 +198,26 @@ async fn a_small_file_declaring_100_hours_is_refused_before_any_download() {
     assert!(passed.is_ok(), "{passed:?}");
 }
 
+#[tokio::test]
+async fn ffprobe_output_is_read_up_to_a_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 5 MiB comment tag: ffprobe prints it whole in its JSON.
+    let metadata = dir.path().join("metadata.txt");
+    std::fs::write(&metadata, format!(";FFMETADATA1\ncomment={}\n", "x".repeat(5 << 20))).unwrap();
+    let tagged = dir.path().join("tagged.flac");
+    let (metadata, out) = (metadata.to_str().unwrap(), tagged.to_str().unwrap());
+    ffmpeg(&["-f", "lavfi", "-i", "sine=duration=1", "-i", metadata, "-map", "0", "-map_metadata", "1", out]);
+    let error = refused(&tagged, json!({})).await;
+    assert_eq!(error.code, "not_media");
+    assert!(
+        error.message.ends_with(
+            "it printed more than 4MiB of JSON, where a real file's is a few kilobytes (huge tags, or too many streams)"
+        ),
+        "{}",
+        error.message
+    );
+}
+
 fn transcoder_inputs(path: &Path) -> BTreeMap<String, Value> {
     BTreeMap::from([("download".to_string(), json!({ "path": path, "bytes": 1 }))])
 }

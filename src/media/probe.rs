@@ -163,7 +163,7 @@ pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, Med
             program: "ffprobe",
             input: printable(input),
             reason: format!(
-                "it printed more than {} of JSON (too many streams or chapters)",
+                "it printed more than {} of JSON, where a real file's is a few kilobytes (huge tags, or too many streams)",
                 ByteSize(MAX_OUTPUT as u64)
             ),
         });
