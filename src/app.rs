@@ -62,9 +62,10 @@ pub async fn registry<'a>(
     };
     let providers = Arc::new(Providers::new(providers, default, redis).map_err(anyhow::Error::msg)?);
     let ai = (!providers.is_empty()).then(|| providers.clone());
-    let mut registry = StageRegistry::with_plugins(plugins, http, ai.clone());
+    let mut registry = StageRegistry::with_plugins(plugins, http, ai.clone(), settings.limits.max_response_size);
     let max = settings.max_file_size();
-    registry.register(BuiltinKind::Validate.name(), Arc::new(ValidateStage::new(fetcher.clone(), max)));
+    let validate = ValidateStage::new(fetcher.clone(), max).with_max_duration(settings.limits.max_duration);
+    registry.register(BuiltinKind::Validate.name(), Arc::new(validate));
     registry.register(BuiltinKind::Download.name(), Arc::new(DownloadStage::new(fetcher, max)));
     registry.register(BuiltinKind::Transcode.name(), Arc::new(TranscodeStage));
     registry.register(BuiltinKind::Persist.name(), Arc::new(PersistStage::new(store)));

@@ -13,7 +13,7 @@ use figment::providers::{Env, Format, Serialized};
 use figment::value::{Uncased, UncasedStr};
 use serde::{Deserialize, Deserializer, Serialize};
 
-pub use crate::secret::{Secret, SecretUrl};
+pub use crate::secret::{Secret, SecretUrl, redact_url, redacted_url, redacted_url_text};
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "echo.toml";
@@ -157,6 +157,7 @@ impl Default for RedisSettings {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SupabaseSettings {
     /// `SUPABASE_URL`: the project URL.
+    #[serde(serialize_with = "redacted_url")]
     pub url: Option<String>,
     /// `SUPABASE_SERVICE_ROLE_KEY`.
     pub service_role_key: Option<Secret>,
@@ -166,12 +167,14 @@ pub struct SupabaseSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AzureOpenAiSettings {
     /// `AZURE_OPENAI_ENDPOINT`: the resource origin, e.g. `https://name.openai.azure.com`.
+    #[serde(serialize_with = "redacted_url")]
     pub endpoint: Option<String>,
     /// `AZURE_OPENAI_API_KEY`.
     pub api_key: Option<Secret>,
     /// `AZURE_OPENAI_API_VERSION`.
     pub api_version: String,
     /// `AZURE_OPENAI_WHISPER_ENDPOINT`: a separate resource for transcription (default: `endpoint`).
+    #[serde(serialize_with = "redacted_url")]
     pub whisper_endpoint: Option<String>,
     /// `AZURE_OPENAI_WHISPER_API_KEY` (default: `api_key`).
     pub whisper_api_key: Option<Secret>,
@@ -197,7 +200,19 @@ pub struct WorkerSettings {
 pub struct LimitSettings {
     /// `MAX_FILE_SIZE_MB`: largest accepted upload, in megabytes.
     pub max_file_size_mb: u64,
+    /// Largest body read from an `http` plugin's server or an AI provider's reply; a larger one fails the stage.
+    pub max_response_size: crate::units::ByteSize,
+    /// Longest recording `validate` accepts (unless a stage sets its own `max_duration`), judged by the
+    /// duration the file declares, before anything is downloaded or paid for.
+    pub max_duration: crate::units::HumanDuration,
 }
+
+/// Default of `limits.max_response_size`: far above any real webhook answer or AI reply (a 20-minute
+/// transcription in `verbose_json` is about 100 KB), far below what hurts a worker.
+pub const DEFAULT_MAX_RESPONSE_SIZE: crate::units::ByteSize = crate::units::ByteSize(8 << 20);
+/// Default of `limits.max_duration`: a working day of recording.
+pub const DEFAULT_MAX_DURATION: crate::units::HumanDuration =
+    crate::units::HumanDuration(std::time::Duration::from_secs(8 * 3600));
 
 impl Default for Settings {
     fn default() -> Self {
@@ -225,7 +240,11 @@ impl Default for Settings {
             },
             // Three jobs at once keeps a 2-core machine busy without starving ffmpeg.
             worker: WorkerSettings { concurrency: 3, processing_timeout_ms: 3_600_000, max_parallel_stages: 4 },
-            limits: LimitSettings { max_file_size_mb: 500 },
+            limits: LimitSettings {
+                max_file_size_mb: 500,
+                max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
+                max_duration: DEFAULT_MAX_DURATION,
+            },
             database: DatabaseSettings { url: SecretUrl::new("sqlite://echo.db"), table: "recordings".into() },
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             ai: AiSettings::default(),
@@ -271,11 +290,12 @@ impl Settings {
         let mut settings: Self = figment.extract().map_err(describe)?;
         for endpoint in [&mut settings.azure_openai.endpoint, &mut settings.azure_openai.whisper_endpoint] {
             if let Some(url) = endpoint
-                && let Some(origin) = origin_of(url)
-                && origin != url.trim_end_matches('/')
+                && let Some((origin, whole)) = origin_of(url)
+                && whole
             {
                 settings.warnings.push(format!(
-                    "an Azure OpenAI endpoint held a whole URL; using its origin {origin} (set only the origin)"
+                    "an Azure OpenAI endpoint held a whole URL (path, query or credentials); using its origin \
+                     {origin} (set only the origin)"
                 ));
                 *url = origin;
             }
@@ -326,6 +346,9 @@ impl Settings {
             // Azure's default Whisper quota is 3 requests a minute.
             seed.transcription_rpm = Some(3);
             providers.insert("azure".into(), seed);
+        }
+        for provider in providers.values_mut() {
+            provider.max_response_size = self.limits.max_response_size;
         }
         let default = self
             .ai
@@ -381,11 +404,19 @@ fn legacy_key(name: &UncasedStr) -> Uncased<'_> {
         .map_or_else(|| name.into(), |(_, key)| Uncased::from_borrowed(key))
 }
 
-/// `scheme://host[:port]` of a URL, dropping any path and query.
-fn origin_of(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let host = rest.split(['/', '?', '#']).next().filter(|host| !host.is_empty())?;
-    Some(format!("{scheme}://{host}"))
+/// `scheme://host[:port]` of a URL, dropping any credentials, path, query and fragment, and whether there was
+/// any of those to drop.
+fn origin_of(text: &str) -> Option<(String, bool)> {
+    let url = reqwest::Url::parse(text.trim()).ok()?;
+    let host = url.host_str().filter(|host| !host.is_empty())?;
+    let port = url.port().map(|port| format!(":{port}")).unwrap_or_default();
+    let origin = format!("{}://{host}{port}", url.scheme());
+    let whole = !url.username().is_empty()
+        || url.password().is_some()
+        || !matches!(url.path(), "" | "/")
+        || url.query().is_some()
+        || url.fragment().is_some();
+    Some((origin, whole))
 }
 
 /// Accepts a list, or a comma-separated string as environment variables give.
@@ -423,9 +454,36 @@ mod tests {
     #[test]
     fn endpoints_are_reduced_to_origins() {
         assert_eq!(
-            origin_of("https://x.openai.azure.com/openai/deployments/w/audio?api-version=1").as_deref(),
-            Some("https://x.openai.azure.com")
+            origin_of("https://x.openai.azure.com/openai/deployments/w/audio?api-version=1"),
+            Some(("https://x.openai.azure.com".to_string(), true))
         );
+        assert_eq!(origin_of("https://x.openai.azure.com/"), Some(("https://x.openai.azure.com".to_string(), false)));
+        assert_eq!(origin_of("http://127.0.0.1:8080"), Some(("http://127.0.0.1:8080".to_string(), false)));
         assert_eq!(origin_of("not a url"), None);
+    }
+
+    #[test]
+    fn a_password_with_a_slash_or_a_user_name_token_never_prints() {
+        const MARKER: &str = "marker-secret-5a";
+        for url in [
+            format!("redis://user:pa/ss-{MARKER}@cache:6379/0"),
+            format!("postgres://app:x{MARKER}/y@db/app"),
+            format!("https://{MARKER}@x.openai.azure.com/"),
+            format!("https://user:{MARKER}@x.openai.azure.com/path?key={MARKER}#{MARKER}"),
+            format!("redis://:p@ss{MARKER}@cache"),
+        ] {
+            let printed = SecretUrl::new(url.clone()).redacted();
+            assert!(!printed.contains(MARKER), "{url} printed as {printed}");
+        }
+        assert_eq!(
+            redact_url(&format!("https://user:{MARKER}@h.example/v1?k={MARKER}")),
+            "https://user:[redacted]@h.example/v1?[redacted]"
+        );
+        assert_eq!(redact_url(&format!("https://{MARKER}@h.example/v1")), "https://[redacted]@h.example/v1");
+        assert_eq!(SecretUrl::new("sqlite::memory:").redacted(), "sqlite::memory:");
+        assert_eq!(SecretUrl::new(format!("app:{MARKER}@db/app")).redacted(), "[redacted]", "no scheme: not shown");
+        assert_eq!(SecretUrl::new("sqlite://echo.db").redacted(), "sqlite://echo.db", "the default prints as is");
+        let (origin, whole) = origin_of(&format!("https://user:{MARKER}@x.openai.azure.com")).unwrap();
+        assert_eq!((origin.as_str(), whole), ("https://x.openai.azure.com", true), "credentials are dropped");
     }
 }

@@ -135,6 +135,8 @@ error_codes! {
     Refused = "refused",
     /// The model's reply, or a plugin's output, does not fit the output schema.
     InvalidOutput = "invalid_output",
+    /// A reply or answer from outside is larger than `limits.max_response_size`.
+    ResponseTooLarge = "response_too_large",
     /// A plugin that declares a JSON output printed nothing.
     EmptyOutput = "empty_output",
     /// A failure a stage kind registered in code reports in its own words.

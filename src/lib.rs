@@ -23,6 +23,7 @@
 
 pub mod ai;
 pub mod app;
+pub mod bounded;
 pub mod catalog;
 pub mod child;
 pub mod config;

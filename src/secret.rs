@@ -57,24 +57,7 @@ impl SecretUrl {
 
     /// The URL with any password replaced by `[redacted]`.
     pub fn redacted(&self) -> String {
-        let Some((scheme, rest)) = self.0.split_once("://") else { return REDACTED.to_string() };
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        match authority.rsplit_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:{REDACTED}@{host}{}", redact_query(tail))
-            }
-            None => format!("{scheme}://{authority}{}", redact_query(tail)),
-        }
-    }
-}
-
-/// Drops query strings, which may carry tokens (`?password=`), from a printed URL.
-fn redact_query(tail: &str) -> String {
-    match tail.split_once('?') {
-        Some((path, _)) => format!("{path}?{REDACTED}"),
-        None => tail.to_string(),
+        redact_url(&self.0)
     }
 }
 
@@ -88,6 +71,57 @@ impl Serialize for SecretUrl {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.redacted())
     }
+}
+
+/// A URL as it may be printed: the password (or a lone user name, which may be a token) replaced by
+/// `[redacted]`, the query string (which may carry tokens) replaced by `[redacted]`, the fragment dropped.
+/// Text that does not parse as a URL with a host (or as a `sqlite:` file URL) prints as `[redacted]` whole,
+/// since its parts cannot be told apart: `user:pa/ss@host` or `host=… password=…` are not printed at all.
+pub fn redact_url(text: &str) -> String {
+    const MARK: &str = "echo-worker-redacted-0b7c";
+    let Ok(mut url) = reqwest::Url::parse(text.trim()) else { return REDACTED.to_string() };
+    if url.cannot_be_a_base() && url.scheme() != "sqlite" {
+        // `user:password@host` parses as scheme `user` with an opaque path.
+        return REDACTED.to_string();
+    }
+    if url.username().is_empty() && url.password().is_none() && url.query().is_none() && url.fragment().is_none() {
+        // Nothing to hide: print it as written.
+        return text.trim().to_string();
+    }
+    let replaced = if url.password().is_some() {
+        url.set_password(Some(MARK)).is_ok()
+    } else if !url.username().is_empty() {
+        url.set_username(MARK).is_ok()
+    } else {
+        true
+    };
+    if !replaced {
+        return REDACTED.to_string();
+    }
+    if url.query().is_some() {
+        url.set_query(Some(MARK));
+    }
+    url.set_fragment(None);
+    url.to_string().replace(MARK, REDACTED)
+}
+
+/// Serializes an optional URL setting through [`redact_url`] (for `#[serde(serialize_with)]`).
+///
+/// # Errors
+/// The serializer's.
+pub fn redacted_url<S: Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(url) => serializer.serialize_some(&redact_url(url)),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// Serializes a URL setting through [`redact_url`] (for `#[serde(serialize_with)]`).
+///
+/// # Errors
+/// The serializer's.
+pub fn redacted_url_text<S: Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(value))
 }
 
 #[cfg(test)]

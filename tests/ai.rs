@@ -537,3 +537,51 @@ async fn a_prompt_template_that_fails_fails_the_stage_before_any_request() {
     assert!(failure.message.contains("prompt.user"), "the message names the template: {}", failure.message);
     assert_eq!(world.fake.seen(Kind::Chat).len(), 0, "no request was sent, so none was billed");
 }
+
+/// A provider on a scripted loopback server, with no retries.
+fn scripted_provider(base: &str) -> echo_worker::ai::Provider {
+    let mut settings = ProviderSettings::new(ProviderStyle::Openai, format!("{base}/v1"), Some(Secret::new(KEY)));
+    settings.max_retries = 0;
+    echo_worker::ai::Provider::new("scripted", settings, None).unwrap()
+}
+
+fn chat_body() -> Value {
+    serde_json::json!({ "messages": [{ "role": "user", "content": "hello" }] })
+}
+
+#[tokio::test]
+async fn a_provider_error_that_echoes_the_key_never_reaches_a_message() {
+    use support::raw_http::{Body, serve};
+    let echoed = serde_json::json!({ "error": {
+        "message": format!("Incorrect API key provided. Request headers: {{\"authorization\": \"Bearer {KEY}\"}} {}", "padding ".repeat(5000)),
+        "code": "invalid_api_key"
+    }});
+    let server = serve(401, "application/json", Body::Text(echoed.to_string())).await;
+    let error = scripted_provider(&server.base).chat(chat_body(), None, &CancellationToken::new()).await.unwrap_err();
+    assert!(!error.message.contains(KEY), "{}", error.message);
+    assert!(error.message.contains("\"authorization\": \"Bearer [redacted]\""), "{}", error.message);
+    assert!(error.message.len() < 600, "a provider's error text is cut short: {} bytes", error.message.len());
+
+    // Not JSON (a proxy's error page), and a 5xx: the same.
+    let page = format!("<html>upstream failed; api-key: {KEY}</html>");
+    let server = serve(502, "text/html", Body::Text(page)).await;
+    let error = scripted_provider(&server.base).chat(chat_body(), None, &CancellationToken::new()).await.unwrap_err();
+    assert!(!error.message.contains(KEY), "{}", error.message);
+    assert!(error.message.ends_with("upstream failed; api-key: [redacted]</html>"), "{}", error.message);
+    let stage_error = echo_worker::job::StageError::from(error);
+    assert!(!stage_error.to_string().contains(KEY), "the stage's error (report, stderr, `error` column) is clean");
+}
+
+#[tokio::test]
+async fn an_ai_reply_larger_than_the_cap_fails_with_memory_bounded() {
+    use support::raw_http::{Body, serve};
+    let server = serve(200, "application/json", Body::Huge { total: 256 << 20, declare: false }).await;
+    let error = scripted_provider(&server.base).chat(chat_body(), None, &CancellationToken::new()).await.unwrap_err();
+    assert_eq!((error.code, error.retryable), (ErrorCode::ResponseTooLarge, false));
+    assert_eq!(
+        error.message,
+        "provider `scripted`: the chat answer: the response is larger than 8MiB, the `limits.max_response_size` limit"
+    );
+    let written = server.written.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(written < 64 << 20, "the client stopped reading near the cap; the server wrote {written} bytes");
+}

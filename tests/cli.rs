@@ -237,6 +237,49 @@ fn config_prints_effective_settings_without_any_secret() {
 }
 
 #[test]
+fn config_never_prints_a_password_with_a_slash_or_endpoint_credentials() {
+    const MARKER: &str = "marker-secret-5a";
+    let (code, stdout, stderr) = run(echo_worker(&["config"])
+        .env("REDIS_URL", format!("redis://default:pa/ss-{MARKER}@cache:6379/0"))
+        .env("DATABASE_URL", format!("postgres://app:x/{MARKER}@db.example:5432/app"))
+        .env(
+            "AZURE_OPENAI_ENDPOINT",
+            format!("https://user:{MARKER}@res.openai.azure.com/openai/deployments/w?api-version=1"),
+        )
+        .env("AZURE_OPENAI_WHISPER_ENDPOINT", format!("https://user:pa/ss-{MARKER}@whisper.example"))
+        .env("SUPABASE_URL", format!("https://{MARKER}@project.supabase.co"))
+        .env("ECHO_AI__PROVIDERS__LOCAL__STYLE", "openai")
+        .env("ECHO_AI__PROVIDERS__LOCAL__ENDPOINT", format!("http://tok-{MARKER}@127.0.0.1:8000/v1?key={MARKER}"))
+        .env("RUST_LOG", "trace"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.contains(MARKER), "stdout leaks the secret:\n{stdout}");
+    assert!(!stderr.contains(MARKER), "stderr leaks the secret:\n{stderr}");
+    let settings: toml::Table = toml::from_str(&stdout).expect("config prints TOML");
+    assert_eq!(settings["redis"]["url"].as_str(), Some("[redacted]"), "an unparseable URL prints as nothing");
+    assert_eq!(settings["azure_openai"]["endpoint"].as_str(), Some("https://res.openai.azure.com"));
+    assert_eq!(settings["supabase"]["url"].as_str(), Some("https://[redacted]@project.supabase.co/"));
+    assert_eq!(
+        settings["ai"]["providers"]["local"]["endpoint"].as_str(),
+        Some("http://[redacted]@127.0.0.1:8000/v1?[redacted]")
+    );
+    assert!(stderr.contains("using its origin https://res.openai.azure.com "), "the fix is announced: {stderr}");
+}
+
+#[test]
+fn a_keyword_database_url_is_not_echoed_in_its_error() {
+    const MARKER: &str = "marker-secret-5b";
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    for url in [format!("host=db.example user=app password={MARKER} dbname=app"), format!("{MARKER}:x")] {
+        let (code, stdout, stderr) =
+            run(echo_worker(&["process", file.to_str().unwrap()]).args(LOUDNESS_ONLY).env("DATABASE_URL", &url));
+        assert_eq!(code, 1, "{stderr}");
+        assert!(!stdout.contains(MARKER) && !stderr.contains(MARKER), "the secret leaks:\n{stdout}\n{stderr}");
+        assert!(stderr.contains("DATABASE_URL must be a URL starting with sqlite: or postgres://"), "{stderr}");
+    }
+}
+
+#[test]
 fn config_defaults_need_no_file_and_no_environment() {
     let dir = tempfile::tempdir().unwrap();
     let (code, stdout, stderr) = run(echo_worker(&["config"]).current_dir(dir.path()));

@@ -424,3 +424,71 @@ async fn a_pipeline_with_unavailable_kinds_is_refused_before_any_work() {
     );
     assert_eq!(bench.lab.runs_of("a"), 0);
 }
+
+/// A `with` template that would render for far longer than any timeout: each of its 100,000 iterations
+/// upper-cases a megabyte (well within the fuel) and prints its length.
+const SLOW_TEMPLATE: &str = "{% for i in range(100000) %}{{ ('x' * 1000000) | upper | length }}{% endfor %}";
+
+#[tokio::test]
+async fn a_template_looping_a_billion_times_runs_out_of_fuel() {
+    let bench = Bench::new();
+    let pipeline = pipeline(
+        "[stages.spin]\nuses = \"record\"\nwith = { x = \"{% for i in range(100000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}\" }\n",
+    );
+    let report = bench.run(&pipeline, job("fuel", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Failed);
+    let failure = report.failure.unwrap();
+    assert_eq!((failure.code, failure.retryable), (ErrorCode::Template, false), "{failure:?}");
+    assert!(failure.message.starts_with("`stages.spin.with.x`: the template ran too long"), "{}", failure.message);
+    assert_eq!(bench.lab.runs_of("spin"), 0, "the stage never ran");
+}
+
+#[tokio::test]
+async fn a_template_still_rendering_is_stopped_by_a_1s_stage_timeout() {
+    let bench = Bench::new();
+    let pipeline = pipeline(&format!(
+        "[stages.slow]\nuses = \"record\"\ntimeout = \"1s\"\nretry = {{ max_attempts = 1 }}\nwith = {{ x = \"{SLOW_TEMPLATE}\" }}\n"
+    ));
+    let started = std::time::Instant::now();
+    let report = bench.run(&pipeline, job("render-timeout", json!({}))).await;
+    let took = started.elapsed();
+    assert_eq!(report.status, JobStatus::Failed);
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.message, "stage `slow` timed out after 1s");
+    assert!(took < Duration::from_secs(8), "the timeout won over the render: the job took {took:?}");
+    assert_eq!(bench.lab.runs_of("slow"), 0);
+}
+
+#[tokio::test]
+async fn cancelling_stops_a_job_whose_template_is_still_rendering() {
+    let bench = Bench::new();
+    let pipeline = pipeline(&format!("[stages.slow]\nuses = \"record\"\nwith = {{ x = \"{SLOW_TEMPLATE}\" }}\n"));
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        trigger.cancel();
+    });
+    let started = std::time::Instant::now();
+    let report = bench.run_with(&pipeline, job("render-cancel", json!({})), Arc::new(NullSink), cancel).await;
+    let took = started.elapsed();
+    assert_eq!(report.status, JobStatus::Cancelled);
+    assert!(took < Duration::from_secs(6), "the cancel won over the render: the job took {took:?}");
+}
+
+#[tokio::test]
+async fn a_template_that_expands_hugely_fails_at_the_size_cap() {
+    let bench = Bench::new();
+    // 200 MB of text from a template of a few dozen bytes.
+    let pipeline = pipeline(
+        "[stages.big]\nuses = \"record\"\nwith = { x = \"{% for i in range(2000) %}{{ 'x' * 100000 }}{% endfor %}\" }\n",
+    );
+    let report = bench.run(&pipeline, job("expand", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Failed);
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.code, ErrorCode::Template);
+    assert_eq!(
+        failure.message,
+        "`stages.big.with.x`: the template's result is larger than 16MiB, the limit for one template"
+    );
+}

@@ -130,6 +130,118 @@ async fn sizes_in_refusals_print_in_human_units() {
     assert!((kilobytes - size as f64 / 1000.0).abs() <= 0.05, "{kilobytes} KB for {size} bytes");
 }
 
+/// A 2-second 8 kHz FLAC whose STREAMINFO header is rewritten to declare `hours` of audio.
+fn flac_declaring(dir: &Path, hours: u64) -> std::path::PathBuf {
+    let path = dir.join("declares.flac");
+    ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-ar", "8000", "-ac", "1", path.to_str().unwrap()]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[..4], b"fLaC");
+    assert_eq!(bytes[4] & 0x7f, 0, "STREAMINFO comes first");
+    // STREAMINFO starts at byte 8; its 36-bit total sample count is the low nibble of byte 21 and bytes 22..26.
+    let samples = hours * 3600 * 8000;
+    bytes[21] = (bytes[21] & 0xf0) | ((samples >> 32) & 0x0f) as u8;
+    bytes[22..26].copy_from_slice(&((samples & 0xffff_ffff) as u32).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+/// A 3-second Ogg Opus file whose last page's granule position is rewritten to `hours` of 48 kHz samples. Its
+/// last packets then carry timestamps near the declared end, so a decode there succeeds: before `validate` had
+/// a default limit, such a file passed it.
+fn ogg_declaring(dir: &Path, hours: u64) -> std::path::PathBuf {
+    let path = dir.join("declares.opus");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=3",
+        "-ar",
+        "48000",
+        "-c:a",
+        "libopus",
+        path.to_str().unwrap(),
+    ]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.windows(4).rposition(|window| window == b"OggS").expect("an Ogg page");
+    let granule = hours * 3600 * 48_000;
+    bytes[last + 6..last + 14].copy_from_slice(&granule.to_le_bytes());
+    let segments = usize::from(bytes[last + 26]);
+    let body: usize = bytes[last + 27..last + 27 + segments].iter().map(|&size| usize::from(size)).sum();
+    let end = last + 27 + segments + body;
+    bytes[last + 22..last + 26].copy_from_slice(&[0; 4]);
+    let checksum = ogg_crc(&bytes[last..end]);
+    bytes[last + 22..last + 26].copy_from_slice(&checksum.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+/// The Ogg page checksum: CRC-32, polynomial 0x04c11db7, no reflection, initial value 0.
+fn ogg_crc(data: &[u8]) -> u32 {
+    let mut crc = 0u32;
+    for &byte in data {
+        crc ^= u32::from(byte) << 24;
+        for _ in 0..8 {
+            crc = if crc & 0x8000_0000 != 0 { (crc << 1) ^ 0x04c1_1db7 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+#[tokio::test]
+async fn a_small_file_declaring_100_hours_is_refused_before_any_download() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in [ogg_declaring(dir.path(), 100), flac_declaring(dir.path(), 100)] {
+        assert!(std::fs::metadata(&file).unwrap().len() < 100_000, "a small file");
+        let error = refused(&file, json!({})).await;
+        assert_eq!(
+            (error.code, error.message.as_str()),
+            (ErrorCode::TooLong, "the recording lasts 4d4h, over the limit of 8h"),
+            "{}",
+            file.display()
+        );
+    }
+    // The setting moves the default; a stage's own `max_duration` wins over it.
+    let work = tempfile::tempdir().unwrap();
+    let strict = validator().with_max_duration(echo_worker::units::HumanDuration::parse("1s").unwrap());
+    let short = tone(dir.path(), "short.mp3", 3);
+    let error = run_stage(&strict, job(short.to_str().unwrap(), true), json!({}), BTreeMap::new(), work.path())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (error.code, error.message.as_str()),
+        (ErrorCode::TooLong, "the recording lasts 3s, over the limit of 1s")
+    );
+    let passed = run_stage(
+        &strict,
+        job(short.to_str().unwrap(), true),
+        json!({ "max_duration": "1m" }),
+        BTreeMap::new(),
+        work.path(),
+    )
+    .await;
+    assert!(passed.is_ok(), "{passed:?}");
+}
+
+#[tokio::test]
+async fn ffprobe_output_is_read_up_to_a_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 5 MiB comment tag: ffprobe prints it whole in its JSON.
+    let metadata = dir.path().join("metadata.txt");
+    std::fs::write(&metadata, format!(";FFMETADATA1\ncomment={}\n", "x".repeat(5 << 20))).unwrap();
+    let tagged = dir.path().join("tagged.flac");
+    let (metadata, out) = (metadata.to_str().unwrap(), tagged.to_str().unwrap());
+    ffmpeg(&["-f", "lavfi", "-i", "sine=duration=1", "-i", metadata, "-map", "0", "-map_metadata", "1", out]);
+    let error = refused(&tagged, json!({})).await;
+    assert_eq!(error.code, ErrorCode::NotMedia);
+    assert!(
+        error.message.ends_with(
+            "it printed more than 4MiB of JSON, where a real file's is a few kilobytes (huge tags, or too many streams)"
+        ),
+        "{}",
+        error.message
+    );
+}
+
 fn transcoder_inputs(path: &Path) -> BTreeMap<String, Value> {
     BTreeMap::from([("download".to_string(), json!({ "path": path, "bytes": 1 }))])
 }

@@ -321,3 +321,82 @@ async fn cancelling_drops_an_http_request_in_flight() {
     assert_eq!(report.status, JobStatus::Cancelled);
     assert!(cancelled_at.elapsed() < Duration::from_secs(3), "took {:?}", cancelled_at.elapsed());
 }
+
+#[tokio::test]
+async fn an_http_answer_larger_than_the_cap_fails_the_stage_with_memory_bounded() {
+    // 256 MiB, streamed without a declared length: the client must stop at the 8 MiB default cap.
+    let server =
+        support::raw_http::serve(200, "text/plain", support::raw_http::Body::Huge { total: 256 << 20, declare: false })
+            .await;
+    let bench = Bench::new();
+    let report = bench.run(&hook_pipeline(&format!("{}/hook", server.base)), job("http-huge", json!({}))).await;
+    assert_eq!(report.status, JobStatus::Failed);
+    assert_eq!(report.stages["notify"].attempts, 1, "a body over the cap is not retried");
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.code, echo_worker::error::ErrorCode::ResponseTooLarge);
+    assert_eq!(
+        failure.message,
+        "plugin `hook`: the response is larger than 8MiB, the `limits.max_response_size` limit"
+    );
+    let written = server.written.load(Ordering::SeqCst);
+    println!("the server wrote {written} bytes of 256 MiB before the client gave up");
+    assert!(written < 64 << 20, "the client stopped reading near the cap; the server wrote {written} bytes");
+
+    // A declared length over the cap fails before the body is read.
+    let server =
+        support::raw_http::serve(200, "text/plain", support::raw_http::Body::Huge { total: 1 << 30, declare: true })
+            .await;
+    let report = bench.run(&hook_pipeline(&format!("{}/hook", server.base)), job("http-declared", json!({}))).await;
+    let failure = report.failure.unwrap();
+    assert_eq!(
+        failure.message,
+        "plugin `hook`: the response is larger than 8MiB, the `limits.max_response_size` limit (it announced 1GiB)"
+    );
+}
+
+#[tokio::test]
+async fn an_http_error_answer_that_echoes_the_token_does_not_leak_it() {
+    // The hook plugin sends `Authorization: Bearer token-123` (ECHO_TEST_TOKEN from .cargo/config.toml).
+    let echo = "bad request; you sent authorization: Bearer token-123".to_string();
+    let server = support::raw_http::serve(400, "text/plain", support::raw_http::Body::Text(echo)).await;
+    let bench = Bench::new();
+    let report = bench.run(&hook_pipeline(&format!("{}/hook", server.base)), job("http-echo", json!({}))).await;
+    let message = report.failure.unwrap().message;
+    assert!(!message.contains("token-123"), "{message}");
+    assert!(message.ends_with("you sent authorization: [redacted]"), "{message}");
+}
+
+#[tokio::test]
+async fn a_plugin_template_looping_a_billion_times_runs_out_of_fuel() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("spin.toml"),
+        "name = \"spin\"\nkind = \"command\"\n[command]\nprogram = \"true\"\nargs = [\"{% for i in range(100000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}\"]\n",
+    )
+    .unwrap();
+    let plugins = echo_worker::plugin::PluginSet::load_dir(dir.path()).unwrap();
+    assert!(plugins.diagnostics.is_empty(), "{:?}", plugins.diagnostics);
+    let registry = echo_worker::engine::StageRegistry::with_plugins(
+        plugins.plugins.values(),
+        reqwest::Client::new(),
+        None,
+        echo_worker::config::DEFAULT_MAX_RESPONSE_SIZE,
+    );
+    let document =
+        echo_worker::document::Document::new("test.toml", "name = \"test\"\n[stages.spin]\nuses = \"spin\"\n");
+    let pipeline = echo_worker::pipeline::compile::compile(&document, &plugins, &[]).unwrap();
+    let settings = echo_worker::engine::EngineSettings {
+        work_root: dir.path().to_path_buf(),
+        ..echo_worker::engine::EngineSettings::default()
+    };
+    let engine = echo_worker::engine::Engine::new(
+        registry,
+        Arc::new(echo_worker::job::checkpoint::MemoryCheckpoints::default()),
+        settings,
+    );
+    let run = engine.run(&pipeline, job("plugin-fuel", json!({})), Arc::new(NullSink), CancellationToken::new());
+    let report = tokio::time::timeout(Duration::from_secs(60), run).await.expect("ends within a minute").unwrap();
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.code, echo_worker::error::ErrorCode::Template);
+    assert!(failure.message.contains("spin.toml: command.args[0]`: the template ran too long"), "{}", failure.message);
+}

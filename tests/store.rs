@@ -281,7 +281,7 @@ async fn bad_urls_and_table_names_are_refused() {
     let error = SqlStore::connect("mysql://x", "recordings").await.unwrap_err();
     assert_eq!(
         error.to_string(),
-        "store configuration: DATABASE_URL must start with sqlite: or postgres:// (got `mysql`)"
+        "store configuration: DATABASE_URL must be a URL starting with sqlite: or postgres:// (got a `mysql://` URL)"
     );
     let error = SqlStore::connect("sqlite::memory:", "recordings; drop table x").await.unwrap_err();
     assert!(error.to_string().contains("is not a usable table name"), "{error}");

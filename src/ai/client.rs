@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::limit::{Limiter, SharedWindow};
 use super::{AiError, ProviderSettings, ProviderStyle, Usage};
+use crate::bounded::{self, BodyError};
 use crate::error::ErrorCode;
 use crate::retry;
 use crate::retry::RetryPolicy;
@@ -128,6 +129,11 @@ impl Providers {
 fn cancelled() -> AiError {
     AiError { message: "cancelled".into(), retryable: false, code: ErrorCode::Cancelled, retry_after: None }
 }
+
+/// Bytes of an error answer read; the rest is dropped unread.
+const ERROR_BODY_LIMIT: usize = 64 << 10;
+/// Characters of a provider's error text kept in a message.
+const ERROR_DETAIL_CHARS: usize = 300;
 
 /// The longest backoff between retries of one request.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
@@ -253,10 +259,7 @@ impl Provider {
             Some(self.http.post(&url).headers(self.auth(key)).multipart(form))
         };
         let (response, mut usage) = self.send(&self.transcription, build, cancel).await?;
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|error| self.transient(ErrorCode::Body, format!("reading the transcription: {error}")))?;
+        let body = self.read_reply(response, "the transcription", cancel).await?;
         let transcription = parse_transcription(&body);
         usage.audio_seconds = transcription.duration.unwrap_or(0.0);
         Ok((transcription, usage))
@@ -280,13 +283,35 @@ impl Provider {
         let build =
             || async { Some(self.http.post(&url).headers(self.auth(self.settings.api_key.as_ref())).json(&body)) };
         let (response, mut usage) = self.send(&self.chat, build, cancel).await?;
-        let reply: Value = response
-            .json()
-            .await
-            .map_err(|error| self.transient(ErrorCode::Body, format!("reading the chat answer: {error}")))?;
+        let reply = self.read_reply(response, "the chat answer", cancel).await?;
         usage.prompt_tokens = reply["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
         usage.completion_tokens = reply["usage"]["completion_tokens"].as_u64().unwrap_or(0);
         Ok((reply, usage))
+    }
+
+    /// Reads a successful reply as JSON, at most `max_response_size` bytes of it.
+    async fn read_reply(&self, response: Response, what: &str, cancel: &CancellationToken) -> Result<Value, AiError> {
+        let cap = self.settings.max_response_size;
+        let body = tokio::select! {
+            body = bounded::read_body(response, cap, "limits.max_response_size") => body,
+            () = cancel.cancelled() => return Err(cancelled()),
+        };
+        let body = body.map_err(|error| match error {
+            BodyError::TooLarge { .. } => AiError {
+                message: format!("provider `{}`: {what}: {error}", self.name),
+                retryable: false,
+                code: ErrorCode::ResponseTooLarge,
+                retry_after: None,
+            },
+            BodyError::Read(_) => self.transient(ErrorCode::Body, format!("reading {what}: {error}")),
+        })?;
+        serde_json::from_slice(&body)
+            .map_err(|error| self.transient(ErrorCode::Body, format!("reading {what}: not JSON: {error}")))
+    }
+
+    /// The provider's keys, which an error body must never repeat.
+    fn secrets(&self) -> impl Iterator<Item = &str> {
+        [&self.settings.api_key, &self.settings.transcription_api_key].into_iter().flatten().map(|key| key.expose())
     }
 
     fn transient(&self, code: ErrorCode, message: String) -> AiError {
@@ -338,12 +363,14 @@ impl Provider {
     async fn classify(&self, response: Response) -> AiError {
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response.text().await.unwrap_or_default();
+        // Only the start of an error body is ever shown; a server that answers errors with gigabytes is not read.
+        let text = String::from_utf8_lossy(&bounded::read_prefix(response, ERROR_BODY_LIMIT).await).into_owned();
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let error = &body["error"];
         let code = error["code"].as_str().or_else(|| error["type"].as_str()).unwrap_or_default().to_string();
         let inner = error["innererror"]["code"].as_str().unwrap_or_default();
-        let detail = error["message"].as_str().map(str::to_string).unwrap_or_else(|| text.chars().take(300).collect());
+        // A provider (or a proxy in front of it) may echo the request's headers, key included.
+        let detail = bounded::scrub(error["message"].as_str().unwrap_or(&text), self.secrets(), ERROR_DETAIL_CHARS);
         let retry_after = retry_after(&headers).map(|wait| wait.min(MAX_RETRY_AFTER));
         let name = &self.name;
         let (code, retryable, message): (ErrorCode, bool, String) = if code == "insufficient_quota" {

@@ -44,6 +44,7 @@ pub struct ProviderSettings {
     /// `azure` or `openai`.
     pub style: ProviderStyle,
     /// Azure: the resource origin (`https://name.openai.azure.com`); OpenAI-style: the base URL with `/v1`.
+    #[serde(serialize_with = "crate::secret::redacted_url_text")]
     pub endpoint: String,
     /// The key (`api-key` for Azure, Bearer otherwise); local servers may need none.
     pub api_key: Option<Secret>,
@@ -51,6 +52,7 @@ pub struct ProviderSettings {
     #[serde(default = "default_api_version")]
     pub api_version: String,
     /// A separate endpoint for transcription (Azure resources often differ).
+    #[serde(serialize_with = "crate::secret::redacted_url")]
     pub transcription_endpoint: Option<String>,
     /// The key for `transcription_endpoint`.
     pub transcription_api_key: Option<Secret>,
@@ -81,6 +83,13 @@ pub struct ProviderSettings {
     pub max_retries: u32,
     /// Ask for `verbose_json` (segments and timestamps); by default true unless the model name says gpt-4o.
     pub verbose_json: Option<bool>,
+    /// Largest reply read; set from `limits.max_response_size`, not per provider.
+    #[serde(skip, default = "default_max_response_size")]
+    pub max_response_size: crate::units::ByteSize,
+}
+
+fn default_max_response_size() -> crate::units::ByteSize {
+    crate::config::DEFAULT_MAX_RESPONSE_SIZE
 }
 
 fn default_api_version() -> String {
@@ -129,6 +138,7 @@ impl ProviderSettings {
             timeout_secs: default_timeout_secs(),
             max_retries: default_max_retries(),
             verbose_json: None,
+            max_response_size: default_max_response_size(),
         }
     }
 }

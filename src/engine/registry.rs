@@ -30,20 +30,21 @@ impl StageRegistry {
     }
 
     /// A registry holding the runnable plugins: `command` and `http` plugins always, `prompt` plugins when
-    /// an AI provider is configured.
+    /// an AI provider is configured. `http` plugins read at most `max_response` bytes of an answer.
     pub fn with_plugins<'a>(
         plugins: impl IntoIterator<Item = &'a Plugin>,
         http: reqwest::Client,
         providers: Option<Arc<crate::ai::Providers>>,
+        max_response: crate::units::ByteSize,
     ) -> Self {
         let mut registry = Self::new();
         for plugin in plugins {
             let plugin = Arc::new(plugin.clone());
             let stage: Arc<dyn Stage> = match (&plugin.action, &providers) {
                 (PluginAction::Command(_), _) => Arc::new(crate::plugin::command::CommandStage::new(plugin.clone())),
-                (PluginAction::Http(_), _) => {
-                    Arc::new(crate::plugin::http::HttpStage::new(plugin.clone(), http.clone()))
-                }
+                (PluginAction::Http(_), _) => Arc::new(
+                    crate::plugin::http::HttpStage::new(plugin.clone(), http.clone()).with_max_response(max_response),
+                ),
                 (PluginAction::Prompt(_), Some(providers)) => {
                     Arc::new(crate::plugin::prompt::PromptStage::new(plugin.clone(), providers.clone()))
                 }

@@ -33,7 +33,7 @@ use crate::job::{JobSpec, StageError, StageOutput};
 use crate::pipeline::{OnFailure, Pipeline, StageSpec, Trigger};
 use crate::retry;
 use crate::stage::{Stage, StageContext};
-use crate::template::{Renderer, to_json};
+use crate::template::Renderer;
 use crate::units::HumanDuration;
 
 /// How long a cancelled attempt may take to clean up (kill its processes) before its task is aborted.
@@ -404,16 +404,17 @@ impl StageTask {
     async fn fan_out(self: Arc<Self>, expression: &str) -> (Result<StageOutput, StageError>, u32) {
         let location = format!("stages.{}.for_each", self.spec.id);
         let context = minijinja::Value::from_serialize(self.context());
-        let items = match self.renderer.evaluate(expression, &context, &location).and_then(|v| to_json(&v, &location)) {
-            Ok(Value::Array(items)) => items,
-            Ok(other) => {
+        let items = match self.renderer.evaluate_json_async(expression, &context, &location, &self.stop).await {
+            None => return (Err(StageError::cancelled()), 0),
+            Some(Ok(Value::Array(items))) => items,
+            Some(Ok(other)) => {
                 let kind = json_type(&other);
                 return (
                     Err(StageError::permanent(ErrorCode::ForEach, format!("`{location}` gave {kind}, not a list"))),
                     0,
                 );
             }
-            Err(error) => return (Err(StageError::permanent(ErrorCode::Template, error.to_string())), 0),
+            Some(Err(error)) => return (Err(StageError::permanent(ErrorCode::Template, error.to_string())), 0),
         };
         let count = items.len();
         self.tracker.set_slots(self.index, count);
@@ -485,15 +486,11 @@ impl StageTask {
         let max_attempts = self.spec.retry.max_attempts.clamp(1, crate::retry::MAX_ATTEMPTS);
         let mut attempt = 1;
         loop {
-            let params = match self.renderer.render(&self.with, &context, &format!("stages.{id}.with")) {
-                Ok(params) => params,
-                Err(error) => return (Err(StageError::permanent(ErrorCode::Template, error.to_string())), attempt),
-            };
             let token = stop.child_token();
-            let ctx = StageContext {
+            let mut ctx = StageContext {
                 job: self.job.clone(),
                 stage_id: id.clone(),
-                params,
+                params: Value::Null,
                 work_dir: self.work_dir.clone(),
                 inputs: self.inputs.clone(),
                 progress: ProgressReporter::new(self.tracker.clone(), self.index, slot, id),
@@ -502,11 +499,21 @@ impl StageTask {
                 item: item.clone(),
                 checkpoints: self.checkpoints.clone(),
             };
-            let stage = self.stage.clone();
+            let (stage, renderer, with, context) =
+                (self.stage.clone(), self.renderer.clone(), self.with.clone(), context.clone());
+            let location = format!("stages.{id}.with");
             // If this attempt is dropped (the job was aborted), its token is cancelled and its task aborted,
             // which kills its processes and drops its requests.
             let _cancel_on_drop = token.clone().drop_guard();
-            let mut handle = AbortOnDropHandle::new(tokio::spawn(async move { stage.run(ctx).await }));
+            // `with` is rendered inside the attempt, so the stage's timeout and the job's cancellation cover it.
+            let mut handle = AbortOnDropHandle::new(tokio::spawn(async move {
+                ctx.params = match renderer.render_async(&with, &context, &location, &ctx.cancel).await {
+                    None => return Err(StageError::cancelled()),
+                    Some(Err(error)) => return Err(StageError::permanent(ErrorCode::Template, error.to_string())),
+                    Some(Ok(params)) => params,
+                };
+                stage.run(ctx).await
+            }));
             let result = tokio::select! {
                 joined = &mut handle => flatten(joined, id),
                 () = tokio::time::sleep(self.spec.timeout) => {

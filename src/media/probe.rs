@@ -3,11 +3,19 @@
 use std::process::Stdio;
 
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::{MediaError, printable};
+use crate::bounded;
 use crate::child;
+use crate::units::ByteSize;
+
+/// Largest ffprobe JSON read: a real file's is a few kilobytes.
+pub const MAX_OUTPUT: usize = 4 << 20;
+/// Bytes of ffprobe's stderr kept for the error message.
+const MAX_STDERR: usize = 64 << 10;
 
 /// What ffprobe found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -118,14 +126,52 @@ pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, Med
     if input.starts_with("http://") || input.starts_with("https://") {
         command.args(["-max_redirects", "0", "-rw_timeout", "30000000"]);
     }
-    command.arg(input).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command.arg(input).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     // Its own process group, like every child: a cancel or the worker's death stops it and all it started.
-    let (child, _group) =
+    let (mut child, _group) =
         child::spawn(&mut command).map_err(|source| MediaError::Spawn { program: "ffprobe", source })?;
-    let output = tokio::select! {
-        output = child.wait_with_output() => output.map_err(|source| MediaError::Spawn { program: "ffprobe", source })?,
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let pid = child.id().and_then(|pid| i32::try_from(pid).ok()).map(nix::unistd::Pid::from_raw);
+    // A crafted file (thousands of streams or chapters) can make the JSON huge: read at most MAX_OUTPUT bytes,
+    // and stop ffprobe when it writes more.
+    let read_stdout = async {
+        let mut json = Vec::new();
+        if let Some(stdout) = stdout {
+            let _ = stdout.take(MAX_OUTPUT as u64 + 1).read_to_end(&mut json).await;
+        }
+        if json.len() > MAX_OUTPUT
+            && let Some(pid) = pid
+        {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        json
+    };
+    let read_stderr = async {
+        match stderr {
+            Some(stderr) => bounded::read_pipe(stderr, MAX_STDERR).await.0,
+            None => Vec::new(),
+        }
+    };
+    let run = async {
+        let (stdout, stderr) = tokio::join!(read_stdout, read_stderr);
+        (child.wait().await, stdout, stderr)
+    };
+    let (status, stdout, stderr) = tokio::select! {
+        output = run => output,
         () = cancel.cancelled() => return Err(MediaError::Cancelled),
     };
+    let status = status.map_err(|source| MediaError::Spawn { program: "ffprobe", source })?;
+    if stdout.len() > MAX_OUTPUT {
+        return Err(MediaError::Output {
+            program: "ffprobe",
+            input: printable(input),
+            reason: format!(
+                "it printed more than {} of JSON, where a real file's is a few kilobytes (huge tags, or too many streams)",
+                ByteSize(MAX_OUTPUT as u64)
+            ),
+        });
+    }
+    let output = std::process::Output { status, stdout, stderr };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let stderr = stderr.lines().rfind(|line| !line.trim().is_empty()).unwrap_or("no reason given");

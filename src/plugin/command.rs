@@ -107,14 +107,11 @@ impl Stage for CommandStage {
         let name = &self.plugin.name;
         let params = self.plugin.params(&ctx.params)?;
         let context = self.plugin.template_context(&ctx, &params);
-        let args = section
-            .args
-            .iter()
-            .enumerate()
-            .map(|(index, arg)| {
-                self.plugin.render_text(&self.renderer, arg, &context, &format!("command.args[{index}]"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut args = Vec::with_capacity(section.args.len());
+        for (index, arg) in section.args.iter().enumerate() {
+            let location = format!("command.args[{index}]");
+            args.push(self.plugin.render_text_async(&self.renderer, arg, &context, &location, &ctx.cancel).await?);
+        }
 
         let mut command = Command::new(&self.program);
         command

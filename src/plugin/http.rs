@@ -10,10 +10,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Plugin, PluginAction};
+use crate::bounded::{self, BodyError};
 use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
 use crate::stage::{Stage, StageContext};
 use crate::template::Renderer;
+use crate::units::ByteSize;
 
 /// The `[http]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -66,15 +68,26 @@ pub struct HttpStage {
     plugin: Arc<Plugin>,
     client: reqwest::Client,
     renderer: Renderer,
+    max_response: ByteSize,
 }
 
 /// How much of an error response's body a message keeps.
 const BODY_TAIL: usize = 500;
+/// How much of an error response's body is read at all.
+const ERROR_BODY_LIMIT: usize = 64 << 10;
 
 impl HttpStage {
-    /// Wraps the plugin with a shared HTTP client.
+    /// Wraps the plugin with a shared HTTP client; response bodies over `limits.max_response_size`'s default
+    /// fail the stage.
     pub fn new(plugin: Arc<Plugin>, client: reqwest::Client) -> Self {
-        Self { plugin, client, renderer: Renderer::default() }
+        Self { plugin, client, renderer: Renderer::default(), max_response: crate::config::DEFAULT_MAX_RESPONSE_SIZE }
+    }
+
+    /// Sets the largest response body read (`limits.max_response_size`).
+    #[must_use]
+    pub fn with_max_response(mut self, cap: ByteSize) -> Self {
+        self.max_response = cap;
+        self
     }
 }
 
@@ -87,10 +100,19 @@ impl Stage for HttpStage {
         let name = &self.plugin.name;
         let params = self.plugin.params(&ctx.params)?;
         let context = self.plugin.template_context(&ctx, &params);
-        let url = self.plugin.render_text(&self.renderer, &section.url, &context, "http.url")?;
+        let url =
+            self.plugin.render_text_async(&self.renderer, &section.url, &context, "http.url", &ctx.cancel).await?;
         let mut headers = HeaderMap::new();
+        let mut secrets = Vec::new();
         for (key, template) in &section.headers {
-            let value = self.plugin.render_text(&self.renderer, template, &context, &format!("http.headers.{key}"))?;
+            let location = format!("http.headers.{key}");
+            let value =
+                self.plugin.render_text_async(&self.renderer, template, &context, &location, &ctx.cancel).await?;
+            // Header values built from `env` carry secrets; so may their parts (`Bearer <token>`).
+            if template.contains("env.") {
+                secrets.push(value.clone());
+                secrets.extend(value.split_whitespace().filter(|part| part.len() >= 8).map(str::to_string));
+            }
             let header = HeaderName::from_bytes(key.as_bytes()).ok().zip(HeaderValue::from_str(&value).ok());
             let Some((header, mut value)) = header else {
                 return Err(StageError::permanent(
@@ -105,7 +127,9 @@ impl Stage for HttpStage {
         if let Some(body) = &section.json {
             let body = self
                 .renderer
-                .render(body, &context, "http.json")
+                .render_async(body, &context, "http.json", &ctx.cancel)
+                .await
+                .ok_or_else(StageError::cancelled)?
                 .map_err(|error| StageError::permanent(ErrorCode::Template, error.to_string()))?;
             request = request.json(&body);
         }
@@ -123,18 +147,28 @@ impl Stage for HttpStage {
         })?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let text = tokio::select! {
-            text = response.text() => text.map_err(|error| {
-                StageError::transient(ErrorCode::HttpBody, format!("plugin `{name}`: reading the response: {}", error.without_url()))
-            })?,
-            () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
-        };
         if status.is_success() {
-            let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            let body = tokio::select! {
+                body = bounded::read_body(response, self.max_response, "limits.max_response_size") => body,
+                () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
+            };
+            let body = body.map_err(|error| match error {
+                BodyError::TooLarge { .. } => {
+                    StageError::permanent(ErrorCode::ResponseTooLarge, format!("plugin `{name}`: {error}"))
+                }
+                BodyError::Read(_) => StageError::transient(ErrorCode::HttpBody, format!("plugin `{name}`: {error}")),
+            })?;
+            let body = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()));
             return Ok(StageOutput::from(serde_json::json!({ "status": status.as_u16(), "body": body })));
         }
-        let cut = (0..=text.len().min(BODY_TAIL)).rev().find(|index| text.is_char_boundary(*index)).unwrap_or(0);
-        let message = format!("plugin `{name}`: the server answered {status}: {}", &text[..cut]);
+        let text = tokio::select! {
+            text = bounded::read_prefix(response, ERROR_BODY_LIMIT) => String::from_utf8_lossy(&text).into_owned(),
+            () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
+        };
+        // A server that echoes the request must not put the plugin's secret headers into the report.
+        let text = bounded::scrub(&text, secrets.iter().map(String::as_str), BODY_TAIL);
+        let message = format!("plugin `{name}`: the server answered {status}: {text}");
         if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
             Err(StageError::transient(ErrorCode::HttpStatus, message).with_retry_after(retry_after))
         } else {

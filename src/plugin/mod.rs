@@ -469,7 +469,7 @@ impl Plugin {
         minijinja::Value::from_serialize(serde_json::json!({ "params": params, "job": &*ctx.job, "env": env }))
     }
 
-    /// Renders one template string of the plugin to text.
+    /// Renders one template string of the plugin to text, synchronously (fuel and size limits still apply).
     ///
     /// # Errors
     /// A permanent [`StageError`] naming the template.
@@ -482,12 +482,37 @@ impl Plugin {
     ) -> Result<String, StageError> {
         let value = serde_json::Value::String(template.to_string());
         let location = format!("{}: {location}", self.file.display());
-        match renderer.render(&value, context, &location) {
-            Ok(serde_json::Value::String(text)) => Ok(text),
-            Ok(serde_json::Value::Null) => Ok(String::new()),
-            Ok(other) => Ok(other.to_string()),
-            Err(error) => Err(StageError::permanent(ErrorCode::Template, error.to_string())),
+        text_of(renderer.render(&value, context, &location))
+    }
+
+    /// Renders one template string of the plugin to text off the async threads, giving up when `cancel` fires
+    /// (the stage's timeout or the job's cancellation).
+    ///
+    /// # Errors
+    /// A permanent [`StageError`] naming the template; [`StageError::cancelled`] when `cancel` fired.
+    pub async fn render_text_async(
+        &self,
+        renderer: &Renderer,
+        template: &str,
+        context: &minijinja::Value,
+        location: &str,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<String, StageError> {
+        let value = serde_json::Value::String(template.to_string());
+        let location = format!("{}: {location}", self.file.display());
+        match renderer.render_async(&value, context, &location, cancel).await {
+            Some(rendered) => text_of(rendered),
+            None => Err(StageError::cancelled()),
         }
+    }
+}
+
+fn text_of(rendered: Result<serde_json::Value, template::RenderError>) -> Result<String, StageError> {
+    match rendered {
+        Ok(serde_json::Value::String(text)) => Ok(text),
+        Ok(serde_json::Value::Null) => Ok(String::new()),
+        Ok(other) => Ok(other.to_string()),
+        Err(error) => Err(StageError::permanent(ErrorCode::Template, error.to_string())),
     }
 }
 

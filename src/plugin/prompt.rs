@@ -62,7 +62,14 @@ impl Stage for PromptStage {
         let provider = self.providers.get(section.provider.as_deref())?;
         let params = self.plugin.params(&ctx.params)?;
         let context = self.plugin.template_context(&ctx, &params);
-        let system = self.plugin.render_text(&self.renderer, &section.system, &context, "prompt.system")?;
+        let system = self
+            .plugin
+            .render_text_async(&self.renderer, &section.system, &context, "prompt.system", &ctx.cancel)
+            .await?;
+        // The user template is rendered once here, off the async threads and within the stage's timeout, so one
+        // that runs out of fuel or grows too large fails before anything is sent; the renders for the parts of a
+        // long transcript below are synchronous, of smaller inputs, under the same fuel.
+        self.plugin.render_text_async(&self.renderer, &section.user, &context, "prompt.user", &ctx.cancel).await?;
         let schema_name: String = self
             .plugin
             .name

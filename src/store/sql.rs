@@ -74,9 +74,15 @@ impl SqlStore {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Dialect::Postgres, url.to_string())
         } else {
+            // The value may be a keyword string (`host=… password=…`) or hold a password anywhere, so the message
+            // names at most its URL scheme, never the value.
+            let got = match reqwest::Url::parse(url) {
+                Ok(parsed) if !parsed.cannot_be_a_base() => format!("a `{}://` URL", parsed.scheme()),
+                _ if url.contains('=') => "a keyword string (`host=… password=…`), which is not supported".into(),
+                _ => "a value that is not such a URL; it is not shown, since it may hold a password".into(),
+            };
             return Err(StoreError::Config(format!(
-                "DATABASE_URL must start with sqlite: or postgres:// (got `{}`)",
-                url.split(':').next().unwrap_or_default()
+                "DATABASE_URL must be a URL starting with sqlite: or postgres:// (got {got})"
             )));
         };
         if !valid_table(table, dialect) {

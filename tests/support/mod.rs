@@ -4,6 +4,7 @@
 
 pub mod fake_ai;
 pub mod media;
+pub mod raw_http;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -203,7 +204,12 @@ impl Bench {
     pub fn with_settings(adjust: impl FnOnce(&mut EngineSettings)) -> Self {
         let lab = Arc::new(Lab::default());
         let plugins = fixture_plugins();
-        let mut registry = StageRegistry::with_plugins(plugins.plugins.values(), reqwest::Client::new(), None);
+        let mut registry = StageRegistry::with_plugins(
+            plugins.plugins.values(),
+            reqwest::Client::new(),
+            None,
+            echo_worker::config::DEFAULT_MAX_RESPONSE_SIZE,
+        );
         for kind in KINDS {
             registry.register(kind, Arc::new(TestStage { kind, lab: lab.clone() }));
         }

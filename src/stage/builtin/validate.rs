@@ -29,7 +29,8 @@ use crate::units::{ByteSize, HumanDuration};
 pub struct ValidateParams {
     /// Largest accepted source (default: the `MAX_FILE_SIZE_MB` setting, 500 MB).
     pub max_size: Option<ByteSize>,
-    /// Longest accepted recording (default: no limit).
+    /// Longest accepted recording, by the duration the file declares (default: the `limits.max_duration`
+    /// setting, 8h).
     pub max_duration: Option<HumanDuration>,
     /// Accepted MIME types, sniffed from the bytes; `*` matches any subtype (default `["audio/*", "video/*"]`).
     pub accept: Option<Vec<String>>,
@@ -40,6 +41,7 @@ pub struct ValidateParams {
 pub struct ValidateStage {
     fetcher: Fetcher,
     default_max_size: ByteSize,
+    default_max_duration: HumanDuration,
 }
 
 /// Seconds decoded near the announced end to prove the file is whole.
@@ -48,8 +50,16 @@ const TAIL_CHECK: f64 = 1.0;
 impl ValidateStage {
     /// A validate stage reading sources through `fetcher`, refusing files over `default_max_size` unless a
     /// pipeline sets its own `max_size`.
+    /// Recordings declaring more than the `limits.max_duration` default (8h) are refused.
     pub fn new(fetcher: Fetcher, default_max_size: ByteSize) -> Self {
-        Self { fetcher, default_max_size }
+        Self { fetcher, default_max_size, default_max_duration: crate::config::DEFAULT_MAX_DURATION }
+    }
+
+    /// Refuses recordings declaring more than `max_duration` unless a pipeline sets its own `max_duration`.
+    #[must_use]
+    pub fn with_max_duration(mut self, max_duration: HumanDuration) -> Self {
+        self.default_max_duration = max_duration;
+        self
     }
 }
 
@@ -197,10 +207,13 @@ impl Stage for ValidateStage {
             return Err(refuse(ErrorCode::NoAudio, format!("the file has no audio to transcribe: {what}")));
         };
         let duration = probed.duration.unwrap_or(0.0);
-        if let Some(limit) = params.max_duration
-            && duration > limit.0.as_secs_f64()
-        {
-            let length = HumanDuration(std::time::Duration::from_secs_f64(duration.round()));
+        // Judged by what the header declares, before anything is downloaded, decoded or sent to be transcribed
+        // (a 94 KB file can declare 100 hours).
+        let limit = params.max_duration.unwrap_or(self.default_max_duration);
+        if duration > limit.0.as_secs_f64() {
+            // A crafted header can declare more seconds than a `Duration` holds.
+            let length = std::time::Duration::try_from_secs_f64(duration.round()).unwrap_or(std::time::Duration::MAX);
+            let length = HumanDuration(length);
             return Err(refuse(ErrorCode::TooLong, format!("the recording lasts {length}, over the limit of {limit}")));
         }
         ctx.progress.report(0.6, "checking that the audio decodes to the end");
