@@ -133,7 +133,8 @@ pub struct AiSettings {
 /// Rules for fetching sources.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DownloadSettings {
-    /// Internal addresses or CIDR ranges that sources may point at (comma-separated in the environment).
+    /// Internal addresses or CIDR ranges, optionally with a port (`127.0.0.1:9000`), that sources and http
+    /// plugins may reach (comma-separated in the environment).
     #[serde(deserialize_with = "comma_list")]
     pub allow_private: Vec<String>,
     /// Redirects followed per request.
@@ -298,7 +299,7 @@ impl Settings {
     /// The rules for reaching sources.
     ///
     /// # Errors
-    /// A message naming an `allow_private` entry that is not an address or CIDR range.
+    /// A message naming an `allow_private` entry that is not an address or CIDR range (with an optional port).
     pub fn source_policy(&self) -> Result<crate::source::SourcePolicy, String> {
         Ok(crate::source::SourcePolicy {
             storage_root: self.paths.storage_root.clone(),

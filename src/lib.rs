@@ -10,7 +10,8 @@
 //! - [`defaults`]: the shipped pipelines and plugins, embedded for running with no files around.
 //! - [`stage`]: the `Stage` trait, the registry, and the builtin kinds (`validate` … `persist`).
 //! - [`engine`]: runs one job's stage DAG: retries, timeouts, cancellation, checkpoints, progress.
-//! - [`source`]: where media comes from, and the rules for reaching it (storage root, internal addresses).
+//! - [`source`]: where media comes from, and the rules for reaching it (storage root, Supabase).
+//! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
 //! - [`media`]: ffprobe and ffmpeg as child processes; [`child`]: process groups that die with their job.
 //! - [`ai`]: the Azure / OpenAI-compatible client, request limits and structured replies.
 //! - [`store`]: recordings, status and results in SQLite or PostgreSQL.
@@ -28,6 +29,7 @@ pub mod defaults;
 pub mod engine;
 pub mod local;
 pub mod media;
+pub mod net;
 pub mod pipeline;
 pub mod plugin;
 pub mod schema;

@@ -1,4 +1,4 @@
-//! ffprobe: duration and streams of a file or URL, from its JSON output.
+//! ffprobe: duration and streams of a file or relayed source, from its JSON output.
 
 use std::process::Stdio;
 
@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use super::input::MediaInput;
 use super::{MediaError, printable};
 
 /// What ffprobe found.
@@ -106,18 +107,19 @@ pub fn parse(json: &[u8], input: &str) -> Result<Probe, MediaError> {
     })
 }
 
-/// Runs ffprobe on a path or URL. URLs are read without following redirects (the caller resolved them).
+/// Runs ffprobe on `input` (see [`MediaInput`]: a relay or a file this process wrote).
 ///
 /// # Errors
 /// [`MediaError::Failed`] with ffprobe's reason when it cannot read the input (not media, truncated, refused),
 /// [`MediaError::Cancelled`] when `cancel` fires.
-pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, MediaError> {
+pub async fn probe(input: &MediaInput, cancel: &CancellationToken) -> Result<Probe, MediaError> {
     let mut command = Command::new("ffprobe");
-    command.args(["-v", "error", "-show_format", "-show_streams", "-of", "json"]);
-    if input.starts_with("http://") || input.starts_with("https://") {
-        command.args(["-max_redirects", "0", "-rw_timeout", "30000000"]);
+    command.args(["-v", "error", "-show_format", "-show_streams", "-of", "json"]).args(input.args());
+    // A proxy named in the environment, or a `no_proxy` exception, would let ffprobe around the relay.
+    for name in super::PROXY_VARIABLES {
+        command.env_remove(name);
     }
-    command.arg(input).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let child = command.spawn().map_err(|source| MediaError::Spawn { program: "ffprobe", source })?;
     let output = tokio::select! {
         output = child.wait_with_output() => output.map_err(|source| MediaError::Spawn { program: "ffprobe", source })?,
@@ -128,11 +130,11 @@ pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, Med
         let stderr = stderr.lines().rfind(|line| !line.trim().is_empty()).unwrap_or("no reason given");
         return Err(MediaError::Failed {
             program: "ffprobe",
-            input: printable(input),
-            stderr: stderr.replace(input, &printable(input)),
+            input: input.shown().to_string(),
+            stderr: input.clean(stderr),
         });
     }
-    parse(&output.stdout, input)
+    parse(&output.stdout, input.shown())
 }
 
 #[cfg(test)]

@@ -1,15 +1,18 @@
 //! The `http` plugin kind: one HTTP request built from templates; 5xx, 429, 408 and connection failures are
-//! retried (honouring `Retry-After`), other 4xx are not.
+//! retried (honouring `Retry-After`), other 4xx are not. The request goes through the checked client of
+//! [`crate::net`]: internal addresses refused unless allow-listed, every redirect checked, the plugin's
+//! headers kept from other origins, no `Referer`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use indexmap::IndexMap;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Plugin, PluginAction};
+use crate::net::{HttpClient, NetError, Outgoing};
 use crate::pipeline::template::Renderer;
 use crate::stage::{Stage, StageContext, StageError, StageOutput};
 
@@ -62,7 +65,7 @@ impl HttpMethod {
 #[derive(Debug)]
 pub struct HttpStage {
     plugin: Arc<Plugin>,
-    client: reqwest::Client,
+    client: HttpClient,
     renderer: Renderer,
 }
 
@@ -70,8 +73,8 @@ pub struct HttpStage {
 const BODY_TAIL: usize = 500;
 
 impl HttpStage {
-    /// Wraps the plugin with a shared HTTP client.
-    pub fn new(plugin: Arc<Plugin>, client: reqwest::Client) -> Self {
+    /// Wraps the plugin with the shared checked HTTP client.
+    pub fn new(plugin: Arc<Plugin>, client: HttpClient) -> Self {
         Self { plugin, client, renderer: Renderer::default() }
     }
 }
@@ -99,22 +102,36 @@ impl Stage for HttpStage {
             value.set_sensitive(true);
             headers.insert(header, value);
         }
-        let mut request = self.client.request(section.method.as_reqwest(), &url).headers(headers);
-        if let Some(body) = &section.json {
-            let body = self
-                .renderer
-                .render(body, &context, "http.json")
-                .map_err(|error| StageError::permanent("template", error.to_string()))?;
-            request = request.json(&body);
-        }
-        // Dropping the request future on cancel aborts the connection.
-        let response = tokio::select! {
-            response = request.send() => response,
-            () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
-        };
         // The URL may carry a token in its query, so messages name the plugin, not the URL.
-        let response = response.map_err(|error| {
-            StageError::transient("http_connect", format!("plugin `{name}`: request failed: {}", error.without_url()))
+        let url = reqwest::Url::parse(&url).map_err(|error| {
+            StageError::permanent(
+                "invalid_request",
+                format!("plugin `{name}`: the URL template gave no valid URL: {error}"),
+            )
+        })?;
+        let mut body = None;
+        if let Some(json) = &section.json {
+            let json = self
+                .renderer
+                .render(json, &context, "http.json")
+                .map_err(|error| StageError::permanent("template", error.to_string()))?;
+            let bytes = serde_json::to_vec(&json)
+                .map_err(|error| StageError::permanent("template", format!("plugin `{name}`: {error}")))?;
+            if !headers.contains_key(CONTENT_TYPE) {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            body = Some(bytes);
+        }
+        let request = Outgoing { method: section.method.as_reqwest(), url, headers, body };
+        // Dropping the request future on cancel aborts the connection.
+        let (response, _) = self.client.send(request, &ctx.cancel).await.map_err(|error| match error {
+            NetError::Refused { reason, .. } => {
+                StageError::permanent("address_refused", format!("plugin `{name}`: request refused: {reason}"))
+            }
+            NetError::Network { message, .. } => {
+                StageError::transient("http_connect", format!("plugin `{name}`: request failed: {message}"))
+            }
+            NetError::Cancelled => StageError::cancelled(),
         })?;
         let status = response.status();
         let retry_after = retry_after(response.headers());

@@ -33,7 +33,7 @@ impl StageRegistry {
     /// an AI provider is configured.
     pub fn with_plugins<'a>(
         plugins: impl IntoIterator<Item = &'a Plugin>,
-        http: reqwest::Client,
+        http: crate::net::HttpClient,
         providers: Option<Arc<crate::ai::Providers>>,
     ) -> Self {
         let mut registry = Self::new();

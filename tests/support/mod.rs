@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use echo_worker::engine::checkpoint::{Checkpoints, MemoryCheckpoints};
 use echo_worker::engine::progress::{ProgressSink, ProgressUpdate};
 use echo_worker::engine::{Engine, EngineSettings, JobReport, JobSpec};
+use echo_worker::net::{AddressPolicy, HttpClient};
 use echo_worker::pipeline::Pipeline;
 use echo_worker::pipeline::compile::compile;
 use echo_worker::pipeline::document::Document;
@@ -166,7 +167,9 @@ impl Bench {
     pub fn with_settings(adjust: impl FnOnce(&mut EngineSettings)) -> Self {
         let lab = Arc::new(Lab::default());
         let plugins = fixture_plugins();
-        let mut registry = StageRegistry::with_plugins(plugins.plugins.values(), reqwest::Client::new(), None);
+        // The http plugin tests talk to servers on loopback, which the checked client refuses by default.
+        let http = HttpClient::new(AddressPolicy::allowing(["127.0.0.1"]).unwrap(), 5).unwrap();
+        let mut registry = StageRegistry::with_plugins(plugins.plugins.values(), http, None);
         for kind in KINDS {
             registry.register(kind, Arc::new(TestStage { kind, lab: lab.clone() }));
         }
