@@ -137,17 +137,17 @@ fn internal_v4(v4: Ipv4Addr) -> bool {
 fn internal_v6(v6: Ipv6Addr) -> bool {
     let s = v6.segments();
     let v4 = |high: u16, low: u16| Ipv4Addr::from((u32::from(high) << 16) | u32::from(low));
-    // Forms that carry an IPv4 address are judged by it.
-    let embedded = if s[..5] == [0; 5] && s[5] == 0xFFFF {
-        Some(v4(s[6], s[7])) // ::ffff:a.b.c.d, IPv4-mapped
-    } else if s[..6] == [0; 6] {
-        Some(v4(s[6], s[7])) // ::a.b.c.d, IPv4-compatible (also :: and ::1, as 0.0.0.0 and 0.0.0.1)
-    } else if s[..4] == [0; 4] && s[4] == 0xFFFF && s[5] == 0 {
-        Some(v4(s[6], s[7])) // ::ffff:0:a.b.c.d, IPv4-translated (SIIT)
-    } else if s[0] == 0x64 && s[1] == 0xFF9B && s[2..6] == [0; 4] {
-        Some(v4(s[6], s[7])) // 64:ff9b::a.b.c.d, NAT64
+    // Forms that carry an IPv4 address in their last 32 bits are judged by it: IPv4-mapped (::ffff:a.b.c.d),
+    // IPv4-compatible (::a.b.c.d, which takes in :: and ::1 as 0.0.0.0 and 0.0.0.1), IPv4-translated
+    // (::ffff:0:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d). 6to4 (2002:aabb:ccdd::/48) carries it in bits 16-48.
+    let in_low_bits = (s[..5] == [0; 5] && s[5] == 0xFFFF)
+        || s[..6] == [0; 6]
+        || (s[..4] == [0; 4] && s[4] == 0xFFFF && s[5] == 0)
+        || (s[0] == 0x64 && s[1] == 0xFF9B && s[2..6] == [0; 4]);
+    let embedded = if in_low_bits {
+        Some(v4(s[6], s[7]))
     } else if s[0] == 0x2002 {
-        Some(v4(s[1], s[2])) // 2002:aabb:ccdd::/48, 6to4
+        Some(v4(s[1], s[2]))
     } else {
         None
     };

@@ -127,29 +127,43 @@ async fn an_mp3_url_serving_a_playlist_does_not_make_ffprobe_fetch_its_segments(
     );
 }
 
-#[tokio::test]
-async fn a_downloaded_playlist_does_not_make_transcode_or_validate_fetch_its_segments() {
-    let (segments, _dir) = segment_server().await;
+/// Runs transcode and validate on a local playlist whose one segment is `segment`; both must fail.
+async fn refuse_local_playlist(segment: &str) -> Vec<echo_worker::stage::StageError> {
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("source-list.m3u8");
-    std::fs::write(&list, playlist(&format!("{}/seg.mp3", segments.base))).unwrap();
-
+    std::fs::write(&list, playlist(segment)).unwrap();
     let work = tempfile::tempdir().unwrap();
     let inputs = BTreeMap::from([("download".to_string(), json!({ "path": list, "bytes": 1 }))]);
-    let error = run_stage(&TranscodeStage, job("unused", true), json!({}), inputs, work.path())
-        .await
-        .expect_err("a playlist is not transcoded");
-    assert_eq!(segments.hits(), 0, "ffmpeg never contacted the playlist's host");
-    assert_eq!(error.code, "not_media", "{}", error.message);
-    assert!(error.message.contains("points at other resources"), "{}", error.message);
-
+    let transcoded = run_stage(&TranscodeStage, job("unused", true), json!({}), inputs, work.path()).await;
     let policy = SourcePolicy { max_redirects: 5, ..Default::default() };
     let validator = ValidateStage::new(Fetcher::new(policy).unwrap(), ByteSize(100 << 20));
-    let error = run_stage(&validator, job(list.to_str().unwrap(), true), json!({}), BTreeMap::new(), work.path())
-        .await
-        .expect_err("a local playlist is refused");
-    assert_eq!(segments.hits(), 0, "ffprobe never contacted the playlist's host");
-    assert_eq!(error.code, "not_media", "{}", error.message);
+    let validated =
+        run_stage(&validator, job(list.to_str().unwrap(), true), json!({}), BTreeMap::new(), work.path()).await;
+    vec![
+        transcoded.map(|o| o.value).expect_err("transcode refuses a playlist"),
+        validated.map(|o| o.value).expect_err("validate refuses a playlist"),
+    ]
+}
+
+#[tokio::test]
+async fn a_downloaded_playlist_does_not_make_ffmpeg_read_another_recording_or_host() {
+    // Someone else's recording on the same machine, named by absolute path in the playlist.
+    let other = tempfile::tempdir().unwrap();
+    let secret = tone(other.path(), "someone-elses.mp3", 3);
+    for error in refuse_local_playlist(secret.to_str().unwrap()).await {
+        assert_eq!(error.code, "not_media", "{}", error.message);
+        assert!(!error.retryable);
+        assert!(
+            error.message.contains(&format!("points at other resources (such as {})", secret.display())),
+            "{}",
+            error.message
+        );
+    }
+    let (segments, _dir) = segment_server().await;
+    for error in refuse_local_playlist(&format!("{}/seg.mp3", segments.base)).await {
+        assert_eq!(error.code, "not_media", "{}", error.message);
+    }
+    assert_eq!(segments.hits(), 0, "ffprobe/ffmpeg never contacted the playlist's host");
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -240,8 +240,10 @@ impl Server {
         let request = Request::parse(&head);
         let own = [self.path.clone(), format!("http://{}{}", self.address, self.path)];
         if !own.contains(&request.target) {
+            // A path relative to the input comes as `http://RELAY/path`: name it by its path.
+            let target = request.target.strip_prefix(&format!("http://{}", self.address)).unwrap_or(&request.target);
             if let Ok(mut refused) = self.log.refused.lock() {
-                refused.push(printable(&request.target).chars().take(300).collect());
+                refused.push(printable(target).chars().take(300).collect());
             }
             let _ = stream.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
             return;

@@ -127,7 +127,10 @@ pub async fn probe(input: &MediaInput, cancel: &CancellationToken) -> Result<Pro
     };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let stderr = stderr.lines().rfind(|line| !line.trim().is_empty()).unwrap_or("no reason given");
+        // The last line is the reason, unless ffprobe was refused another resource the input points at.
+        let mut lines = stderr.lines().filter(|line| !line.trim().is_empty());
+        let refused = lines.clone().find(|line| line.contains("not on whitelist"));
+        let stderr = refused.or_else(|| lines.next_back()).unwrap_or("no reason given");
         return Err(MediaError::Failed {
             program: "ffprobe",
             input: input.shown().to_string(),
