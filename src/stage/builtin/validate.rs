@@ -148,6 +148,9 @@ impl ValidateStage {
     }
 }
 
+/// Bytes the relay reads and drops to reach a position when the server ignores `Range`.
+const MAX_SKIP: u64 = 16 << 20;
+
 /// A source read in byte ranges through the fetcher, for the relay.
 struct HttpOrigin {
     fetcher: Fetcher,
@@ -202,6 +205,9 @@ impl Origin for HttpOrigin {
         };
         if first > start {
             return Err(format!("{} answered a range starting at {first} for one starting at {start}", url.path()));
+        }
+        if start - first > MAX_SKIP {
+            return Err(format!("{} ignores Range requests, so it cannot be read from the middle", url.path()));
         }
         Ok(Opened { total, body: Box::new(ResponseBody { response, skip: start - first }) })
     }
