@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use crate::ai::Providers;
 use crate::config::Settings;
 use crate::engine::StageRegistry;
+use crate::net::{AddressPolicy, HttpClient};
 use crate::plugin::Plugin;
 use crate::source::Fetcher;
 use crate::stage::builtin::{
@@ -53,8 +54,11 @@ pub async fn registry<'a>(
     store: Arc<dyn Store>,
 ) -> anyhow::Result<StageRegistry> {
     let policy = settings.source_policy().map_err(anyhow::Error::msg).context("reading download.allow_private")?;
+    // Plugins get the same allow-list (and redirect limit) as sources, without the Supabase trust.
+    let plugin_addresses = AddressPolicy { allow: policy.allow_private.clone(), trusted: Vec::new() };
+    let http =
+        HttpClient::new(plugin_addresses, policy.max_redirects).context("building the HTTP client for plugins")?;
     let fetcher = Fetcher::new(policy).context("building the HTTP client for sources")?;
-    let http = reqwest::Client::builder().build().context("building the HTTP client for plugins")?;
     let (providers, default) = settings.providers();
     let redis = match &settings.redis.url {
         Some(url) => Some((redis_connection(url).await?, settings.redis.prefix.clone())),

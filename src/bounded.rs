@@ -7,6 +7,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::units::ByteSize;
 
+/// Default of `limits.max_response_size`: far above any real webhook answer or AI reply (a 20-minute
+/// transcription in `verbose_json` is about 100 KB), far below what hurts a worker.
+pub const DEFAULT_MAX_RESPONSE_SIZE: crate::units::ByteSize = crate::units::ByteSize(8 << 20);
+
 /// What replaces a scrubbed secret.
 const REDACTED: &str = "[redacted]";
 

@@ -131,7 +131,8 @@ pub struct AiSettings {
 /// Rules for fetching sources.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DownloadSettings {
-    /// Internal addresses or CIDR ranges that sources may point at (comma-separated in the environment).
+    /// Internal addresses or CIDR ranges, optionally with a port (`127.0.0.1:9000`), that sources and http
+    /// plugins may reach (comma-separated in the environment).
     #[serde(deserialize_with = "comma_list")]
     pub allow_private: Vec<String>,
     /// Redirects followed per request.
@@ -207,12 +208,8 @@ pub struct LimitSettings {
     pub max_duration: crate::units::HumanDuration,
 }
 
-/// Default of `limits.max_response_size`: far above any real webhook answer or AI reply (a 20-minute
-/// transcription in `verbose_json` is about 100 KB), far below what hurts a worker.
-pub const DEFAULT_MAX_RESPONSE_SIZE: crate::units::ByteSize = crate::units::ByteSize(8 << 20);
-/// Default of `limits.max_duration`: a working day of recording.
-pub const DEFAULT_MAX_DURATION: crate::units::HumanDuration =
-    crate::units::HumanDuration(std::time::Duration::from_secs(8 * 3600));
+pub use crate::bounded::DEFAULT_MAX_RESPONSE_SIZE;
+pub use crate::stage::builtin::validate::DEFAULT_MAX_DURATION;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -316,7 +313,7 @@ impl Settings {
     /// The rules for reaching sources.
     ///
     /// # Errors
-    /// A message naming an `allow_private` entry that is not an address or CIDR range.
+    /// A message naming an `allow_private` entry that is not an address or CIDR range (with an optional port).
     pub fn source_policy(&self) -> Result<crate::source::SourcePolicy, String> {
         Ok(crate::source::SourcePolicy {
             storage_root: self.paths.storage_root.clone(),

@@ -135,6 +135,10 @@ error_codes! {
     Refused = "refused",
     /// The model's reply, or a plugin's output, does not fit the output schema.
     InvalidOutput = "invalid_output",
+    /// The loopback relay that media tools read through could not be started.
+    Relay = "relay",
+    /// The address of a URL (or a redirect's) is internal and not allowed.
+    AddressRefused = "address_refused",
     /// A reply or answer from outside is larger than `limits.max_response_size`.
     ResponseTooLarge = "response_too_large",
     /// A plugin that declares a JSON output printed nothing.

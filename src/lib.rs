@@ -18,6 +18,7 @@
 //!   [`schema`]: the JSON Schemas of both formats.
 //! - [`engine`]: runs one job's stage DAG: retries, timeouts, cancellation, checkpoints, progress.
 //! - [`queue`]: jobs waiting and running across processes, with leases (Redis, or memory).
+//! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
 //! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
 //! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`.
 
@@ -34,6 +35,7 @@ pub mod error;
 pub mod job;
 pub mod local;
 pub mod media;
+pub mod net;
 pub mod pipeline;
 pub mod plugin;
 pub mod queue;

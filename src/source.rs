@@ -6,23 +6,24 @@
 //! or the queue must stay under the storage root: `..` and symlinks out of it are refused. A path typed on
 //! the `process` command line belongs to the user and is always allowed.
 //!
-//! HTTP requests follow redirects by hand, at most `max_redirects` of them, and refuse any host that resolves
-//! to a private, loopback, link-local or otherwise internal address unless it is allow-listed, so a URL from
-//! the outside cannot make the worker read internal services. The configured Supabase origin is trusted.
-//! (The address is checked when resolved; a DNS answer that changes between the check and the connection is
-//! not caught.)
+//! HTTP requests go through the checked client of [`crate::net`]: redirects by hand, at most `max_redirects`
+//! of them, and any host that resolves to a private, loopback, link-local or otherwise internal address is
+//! refused unless it is allow-listed (optionally for one port), so a URL from the outside cannot make the
+//! worker read internal services. Names are resolved once and the connection goes to the checked address.
+//! The configured Supabase origin is trusted.
 
-use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, LOCATION};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{Method, Response, StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ErrorCode;
 use crate::job::StageError;
+use crate::net::{AddressPolicy, HttpClient, NetError, Outgoing};
+pub use crate::net::{AllowEntry, IpRange, is_internal};
 use crate::secret::Secret;
 
 /// Where media may come from.
@@ -30,8 +31,8 @@ use crate::secret::Secret;
 pub struct SourcePolicy {
     /// Local paths from the API or queue must be under this folder.
     pub storage_root: PathBuf,
-    /// Internal addresses that may be fetched anyway.
-    pub allow_private: Vec<IpRange>,
+    /// Internal addresses (optionally with a port) that may be fetched anyway.
+    pub allow_private: Vec<AllowEntry>,
     /// The Supabase project URL, for `supabase://` sources.
     pub supabase_url: Option<String>,
     /// The Supabase service role key.
@@ -165,95 +166,25 @@ impl Source {
     }
 }
 
-/// An inclusive range of addresses, written `10.0.0.0/8`, `127.0.0.1` or `fd00::/8`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpRange {
-    network: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for IpRange {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (address, prefix) = text.trim().split_once('/').map_or((text.trim(), None), |(a, p)| (a, Some(p)));
-        let network: IpAddr = address.parse().map_err(|_| format!("`{text}` is not an IP address or CIDR range"))?;
-        let bits = if network.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(prefix) => {
-                prefix.parse().ok().filter(|p| *p <= bits).ok_or_else(|| format!("bad prefix in `{text}`"))?
-            }
-            None => bits,
-        };
-        Ok(Self { network, prefix })
-    }
-}
-
-impl IpRange {
-    /// Whether `address` is inside the range.
-    pub fn contains(&self, address: IpAddr) -> bool {
-        let (network, address, bits) = match (self.network, canonical(address)) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => (u128::from(n.to_bits()), u128::from(a.to_bits()), 32),
-            (IpAddr::V6(n), IpAddr::V6(a)) => (n.to_bits(), a.to_bits(), 128),
-            _ => return false,
-        };
-        let shift = bits - u32::from(self.prefix);
-        shift >= bits || (network >> shift) == (address >> shift)
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
-fn canonical(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// Addresses that belong to this machine or an internal network.
-pub fn is_internal(address: IpAddr) -> bool {
-    match canonical(address) {
-        IpAddr::V4(v4) => {
-            v4.is_private()
-                || v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.octets()[0] == 0
-                || (v4.octets()[0] == 100 && v4.octets()[1] & 0xC0 == 64)
-        }
-        IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (v6.segments()[0] & 0xFE00) == 0xFC00
-                || (v6.segments()[0] & 0xFFC0) == 0xFE80
-        }
-    }
-}
-
-/// Sends HTTP requests for sources under the [`SourcePolicy`].
+/// Sends HTTP requests for sources under the [`SourcePolicy`], through the checked [`HttpClient`].
 #[derive(Debug, Clone)]
 pub struct Fetcher {
-    client: reqwest::Client,
+    http: HttpClient,
     policy: Arc<SourcePolicy>,
 }
 
-/// Time allowed to connect; a source that does not answer in this long is treated as down and retried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
 impl Fetcher {
-    /// A fetcher that never follows redirects on its own.
+    /// A fetcher for `policy`: its allow-list, its redirect limit, and the Supabase origin trusted.
     ///
     /// # Errors
     /// When the HTTP client cannot be built (TLS setup).
     pub fn new(policy: SourcePolicy) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()?;
-        Ok(Self { client, policy: Arc::new(policy) })
+        let mut addresses = AddressPolicy { allow: policy.allow_private.clone(), trusted: Vec::new() };
+        if let Some(base) = policy.supabase_url.as_deref().and_then(|base| Url::parse(base).ok()) {
+            addresses.trust(&base);
+        }
+        let http = HttpClient::new(addresses, policy.max_redirects)?;
+        Ok(Self { http, policy: Arc::new(policy) })
     }
 
     /// The policy in force.
@@ -295,32 +226,9 @@ impl Fetcher {
         }
     }
 
-    /// A short-lived signed URL for a Supabase object, for tools (ffprobe) that cannot send our headers.
-    ///
-    /// # Errors
-    /// [`SourceError`] when Storage refuses or cannot be reached.
-    pub async fn signed_url(&self, bucket: &str, path: &str, cancel: &CancellationToken) -> Result<Url, SourceError> {
-        let (base, key) = self.supabase(bucket, path)?;
-        let sign = format!("{base}/storage/v1/object/sign/{bucket}/{path}");
-        let request =
-            self.client.post(&sign).headers(supabase_headers(key)).json(&serde_json::json!({ "expiresIn": 300 }));
-        let response = tokio::select! {
-            response = request.send() => response.map_err(|error| network(&sign, error))?,
-            () = cancel.cancelled() => return Err(SourceError::Cancelled),
-        };
-        let response = check_status(response, &sign)?;
-        let body: serde_json::Value = response.json().await.map_err(|error| network(&sign, error))?;
-        let signed = body.get("signedURL").or_else(|| body.get("signedUrl")).and_then(|v| v.as_str());
-        let signed = signed.ok_or_else(|| SourceError::Network {
-            url: printable(&sign),
-            message: "the sign answer has no signedURL".into(),
-        })?;
-        Url::parse(&format!("{base}/storage/v1{signed}"))
-            .map_err(|error| SourceError::Network { url: printable(&sign), message: error.to_string() })
-    }
-
-    /// Sends `method` to `url`, following redirects by hand and refusing internal addresses. Headers are
-    /// dropped when a redirect leaves the original origin. Returns the response and the final URL.
+    /// Sends `method` to `url` through the checked client (see [`crate::net`]): redirects followed by hand,
+    /// internal addresses refused unless allow-listed, headers dropped when a redirect leaves the origin.
+    /// Returns the response and the final URL.
     ///
     /// # Errors
     /// [`SourceError`] for refused hosts, too many redirects, network failures and cancellation. Error
@@ -329,72 +237,20 @@ impl Fetcher {
         &self,
         method: Method,
         url: Url,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         cancel: &CancellationToken,
     ) -> Result<(Response, Url), SourceError> {
-        let origin = url.origin();
-        let mut url = url;
-        let mut method = method;
-        for _ in 0..=self.policy.max_redirects {
-            self.check_host(&url).await?;
-            let request = self.client.request(method.clone(), url.clone()).headers(headers.clone());
-            let response = tokio::select! {
-                response = request.send() => response.map_err(|error| network(url.as_str(), error))?,
-                () = cancel.cancelled() => return Err(SourceError::Cancelled),
-            };
-            if !response.status().is_redirection() {
-                return Ok((response, url));
-            }
-            let location = response.headers().get(LOCATION).and_then(|value| value.to_str().ok()).ok_or_else(|| {
-                SourceError::Network { url: printable(url.as_str()), message: "a redirect without Location".into() }
-            })?;
-            url = url.join(location).map_err(|error| SourceError::Network {
-                url: printable(url.as_str()),
-                message: format!("bad redirect: {error}"),
-            })?;
-            if response.status() == StatusCode::SEE_OTHER && method != Method::HEAD {
-                method = Method::GET;
-            }
-            if url.origin() != origin {
-                headers.remove(AUTHORIZATION);
-                headers.remove("apikey");
-            }
-        }
-        Err(SourceError::Refused {
-            source_text: printable(url.as_str()),
-            reason: format!("more than {} redirects", self.policy.max_redirects),
-        })
+        Ok(self.http.send(Outgoing::new(method, url, headers), cancel).await?)
     }
+}
 
-    async fn check_host(&self, url: &Url) -> Result<(), SourceError> {
-        let refuse = |reason: String| SourceError::Refused { source_text: printable(url.as_str()), reason };
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(refuse(format!("scheme `{}` is not allowed", url.scheme())));
+impl From<NetError> for SourceError {
+    fn from(error: NetError) -> Self {
+        match error {
+            NetError::Refused { url, reason } => SourceError::Refused { source_text: url, reason },
+            NetError::Network { url, message } => SourceError::Network { url, message },
+            NetError::Cancelled => SourceError::Cancelled,
         }
-        let trusted = self.policy.supabase_url.as_deref().and_then(|base| Url::parse(base).ok());
-        if trusted.is_some_and(|base| base.origin() == url.origin()) {
-            return Ok(());
-        }
-        let host = url.host_str().ok_or_else(|| refuse("no host".into()))?;
-        let port = url.port_or_known_default().unwrap_or(443);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
-            Ok(address) => vec![address],
-            Err(_) => tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|error| SourceError::Network {
-                    url: printable(url.as_str()),
-                    message: format!("cannot resolve {host}: {error}"),
-                })?
-                .map(|socket| socket.ip())
-                .collect(),
-        };
-        for address in addresses {
-            if is_internal(address) && !self.policy.allow_private.iter().any(|range| range.contains(address)) {
-                return Err(refuse(format!("{host} is an internal address ({address}) and is not allow-listed")));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -409,12 +265,6 @@ fn supabase_headers(key: &Secret) -> HeaderMap {
         headers.insert("apikey", apikey);
     }
     headers
-}
-
-/// A network failure, named by the URL without its query; the error's own copy of the URL (which may hold a
-/// token) is dropped.
-fn network(url: &str, error: reqwest::Error) -> SourceError {
-    SourceError::Network { url: printable(url), message: error.without_url().to_string() }
 }
 
 /// Turns an error status into a [`SourceError::Status`].
@@ -437,40 +287,6 @@ pub fn check_status(response: Response, url: &str) -> Result<Response, SourceErr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn internal_addresses_are_recognised() {
-        for internal in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "0.0.0.0",
-        ] {
-            assert!(is_internal(internal.parse().unwrap()), "{internal}");
-        }
-        for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
-            assert!(!is_internal(public.parse().unwrap()), "{public}");
-        }
-    }
-
-    #[test]
-    fn ranges_contain_what_they_should() {
-        let range: IpRange = "10.0.0.0/8".parse().unwrap();
-        assert!(range.contains("10.255.0.1".parse().unwrap()));
-        assert!(!range.contains("11.0.0.1".parse().unwrap()));
-        let single: IpRange = "127.0.0.1".parse().unwrap();
-        assert!(single.contains("::ffff:127.0.0.1".parse().unwrap()));
-        assert!(!single.contains("127.0.0.2".parse().unwrap()));
-        assert!("10.0.0.0/40".parse::<IpRange>().is_err());
-        assert!("example.com".parse::<IpRange>().is_err());
-    }
 
     #[test]
     fn sources_parse_and_local_paths_stay_under_the_root() {

@@ -378,7 +378,8 @@ async fn a_plugin_template_looping_a_billion_times_runs_out_of_fuel() {
     assert!(plugins.diagnostics.is_empty(), "{:?}", plugins.diagnostics);
     let registry = echo_worker::engine::StageRegistry::with_plugins(
         plugins.plugins.values(),
-        reqwest::Client::new(),
+        echo_worker::net::HttpClient::new(echo_worker::net::AddressPolicy::allowing(["127.0.0.1"]).unwrap(), 5)
+            .unwrap(),
         None,
         echo_worker::config::DEFAULT_MAX_RESPONSE_SIZE,
     );

@@ -89,7 +89,7 @@ pub struct ProviderSettings {
 }
 
 fn default_max_response_size() -> crate::units::ByteSize {
-    crate::config::DEFAULT_MAX_RESPONSE_SIZE
+    crate::bounded::DEFAULT_MAX_RESPONSE_SIZE
 }
 
 fn default_api_version() -> String {

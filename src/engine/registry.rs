@@ -33,7 +33,7 @@ impl StageRegistry {
     /// an AI provider is configured. `http` plugins read at most `max_response` bytes of an answer.
     pub fn with_plugins<'a>(
         plugins: impl IntoIterator<Item = &'a Plugin>,
-        http: reqwest::Client,
+        http: crate::net::HttpClient,
         providers: Option<Arc<crate::ai::Providers>>,
         max_response: crate::units::ByteSize,
     ) -> Self {

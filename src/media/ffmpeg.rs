@@ -21,7 +21,8 @@ const TERM_GRACE: Duration = Duration::from_millis(300);
 /// Runs `ffmpeg -hide_banner -nostdin -nostats -progress pipe:1 -y ARGS`.
 ///
 /// `duration` (seconds of output expected) turns progress into a fraction for `on_progress`; `on_stderr` sees
-/// every stderr line. `input` only names the input in errors.
+/// every stderr line. `input` only names the input in errors. The input itself is among `args`, from a
+/// [`super::input::MediaInput`].
 ///
 /// # Errors
 /// [`MediaError::Failed`] with the last stderr lines when ffmpeg exits non-zero; [`MediaError::Cancelled`].
@@ -40,6 +41,10 @@ pub async fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // A proxy named in the environment, or a `no_proxy` exception, would let ffmpeg around the relay.
+    for name in super::PROXY_VARIABLES {
+        command.env_remove(name);
+    }
     let (mut process, _group) =
         child::spawn(&mut command).map_err(|source| MediaError::Spawn { program: "ffmpeg", source })?;
     let mut stdout = process.stdout.take().map(LossyLines::new);

@@ -1,5 +1,5 @@
-//! ffprobe and ffmpeg as child processes: probing media ([`probe`]), recognising a file type from its first
-//! bytes ([`sniff`]), running ffmpeg with live progress and prompt cancellation ([`ffmpeg`]), and choosing
+//! ffprobe and ffmpeg as child processes: probing media ([`probe`]), confining what they read ([`input`]),
+//! recognising a file type from its first bytes ([`sniff`]), running ffmpeg with live progress and prompt cancellation ([`ffmpeg`]), and choosing
 //! chunk cut points in silences ([`silence`]).
 //!
 //! Every process runs in its own process group and is killed (with anything it started) when the caller's
@@ -7,6 +7,7 @@
 //! directories the caller names.
 
 pub mod ffmpeg;
+pub mod input;
 pub mod probe;
 pub mod silence;
 pub mod sniff;
@@ -46,6 +47,10 @@ pub enum MediaError {
     #[error("cancelled")]
     Cancelled,
 }
+
+/// Environment variables through which ffmpeg and ffprobe would pick a proxy or skip one; removed from their
+/// environment so that only the relay named on their command line is used (see [`input`]).
+pub const PROXY_VARIABLES: [&str; 4] = ["http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"];
 
 /// A URL without its query string and fragment, safe to print (signed URLs carry tokens there).
 pub fn printable(input: &str) -> String {

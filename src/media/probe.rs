@@ -1,4 +1,4 @@
-//! ffprobe: duration and streams of a file or URL, from its JSON output.
+//! ffprobe: duration and streams of a file or relayed source, from its JSON output.
 
 use std::process::Stdio;
 
@@ -7,6 +7,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use super::input::MediaInput;
 use super::{MediaError, printable};
 use crate::bounded;
 use crate::child;
@@ -115,18 +116,19 @@ pub fn parse(json: &[u8], input: &str) -> Result<Probe, MediaError> {
     })
 }
 
-/// Runs ffprobe on a path or URL. URLs are read without following redirects (the caller resolved them).
+/// Runs ffprobe on `input` (see [`MediaInput`]: a relay or a file this process wrote).
 ///
 /// # Errors
 /// [`MediaError::Failed`] with ffprobe's reason when it cannot read the input (not media, truncated, refused),
 /// [`MediaError::Cancelled`] when `cancel` fires.
-pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, MediaError> {
+pub async fn probe(input: &MediaInput, cancel: &CancellationToken) -> Result<Probe, MediaError> {
     let mut command = Command::new("ffprobe");
-    command.args(["-v", "error", "-show_format", "-show_streams", "-of", "json"]);
-    if input.starts_with("http://") || input.starts_with("https://") {
-        command.args(["-max_redirects", "0", "-rw_timeout", "30000000"]);
+    command.args(["-v", "error", "-show_format", "-show_streams", "-of", "json"]).args(input.args());
+    // A proxy named in the environment, or a `no_proxy` exception, would let ffprobe around the relay.
+    for name in super::PROXY_VARIABLES {
+        command.env_remove(name);
     }
-    command.arg(input).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     // Its own process group, like every child: a cancel or the worker's death stops it and all it started.
     let (mut child, _group) =
         child::spawn(&mut command).map_err(|source| MediaError::Spawn { program: "ffprobe", source })?;
@@ -164,7 +166,7 @@ pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, Med
     if stdout.len() > MAX_OUTPUT {
         return Err(MediaError::Output {
             program: "ffprobe",
-            input: printable(input),
+            input: input.shown().to_string(),
             reason: format!(
                 "it printed more than {} of JSON, where a real file's is a few kilobytes (huge tags, or too many streams)",
                 ByteSize(MAX_OUTPUT as u64)
@@ -174,14 +176,17 @@ pub async fn probe(input: &str, cancel: &CancellationToken) -> Result<Probe, Med
     let output = std::process::Output { status, stdout, stderr };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let stderr = stderr.lines().rfind(|line| !line.trim().is_empty()).unwrap_or("no reason given");
+        // The last line is the reason, unless ffprobe was refused another resource the input points at.
+        let mut lines = stderr.lines().filter(|line| !line.trim().is_empty());
+        let refused = lines.clone().find(|line| line.contains("not on whitelist"));
+        let stderr = refused.or_else(|| lines.next_back()).unwrap_or("no reason given");
         return Err(MediaError::Failed {
             program: "ffprobe",
-            input: printable(input),
-            stderr: stderr.replace(input, &printable(input)),
+            input: input.shown().to_string(),
+            stderr: input.clean(stderr),
         });
     }
-    parse(&output.stdout, input)
+    parse(&output.stdout, input.shown())
 }
 
 #[cfg(test)]

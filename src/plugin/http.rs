@@ -1,11 +1,13 @@
 //! The `http` plugin kind: one HTTP request built from templates; 5xx, 429, 408 and connection failures are
-//! retried (honouring `Retry-After`), other 4xx are not.
+//! retried (honouring `Retry-After`), other 4xx are not. The request goes through the checked client of
+//! [`crate::net`]: internal addresses refused unless allow-listed, every redirect checked, the plugin's
+//! headers kept from other origins, no `Referer`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use indexmap::IndexMap;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +15,7 @@ use super::{Plugin, PluginAction};
 use crate::bounded::{self, BodyError};
 use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
+use crate::net::{HttpClient, NetError, Outgoing};
 use crate::stage::{Stage, StageContext};
 use crate::template::Renderer;
 use crate::units::ByteSize;
@@ -66,7 +69,7 @@ impl HttpMethod {
 #[derive(Debug)]
 pub struct HttpStage {
     plugin: Arc<Plugin>,
-    client: reqwest::Client,
+    client: HttpClient,
     renderer: Renderer,
     max_response: ByteSize,
 }
@@ -77,10 +80,10 @@ const BODY_TAIL: usize = 500;
 const ERROR_BODY_LIMIT: usize = 64 << 10;
 
 impl HttpStage {
-    /// Wraps the plugin with a shared HTTP client; response bodies over `limits.max_response_size`'s default
+    /// Wraps the plugin with a shared checked HTTP client; response bodies over `limits.max_response_size`'s default
     /// fail the stage.
-    pub fn new(plugin: Arc<Plugin>, client: reqwest::Client) -> Self {
-        Self { plugin, client, renderer: Renderer::default(), max_response: crate::config::DEFAULT_MAX_RESPONSE_SIZE }
+    pub fn new(plugin: Arc<Plugin>, client: HttpClient) -> Self {
+        Self { plugin, client, renderer: Renderer::default(), max_response: crate::bounded::DEFAULT_MAX_RESPONSE_SIZE }
     }
 
     /// Sets the largest response body read (`limits.max_response_size`).
@@ -123,27 +126,38 @@ impl Stage for HttpStage {
             value.set_sensitive(true);
             headers.insert(header, value);
         }
-        let mut request = self.client.request(section.method.as_reqwest(), &url).headers(headers);
-        if let Some(body) = &section.json {
-            let body = self
+        // The URL may carry a token in its query, so messages name the plugin, not the URL.
+        let url = reqwest::Url::parse(&url).map_err(|error| {
+            StageError::permanent(
+                ErrorCode::InvalidRequest,
+                format!("plugin `{name}`: the URL template gave no valid URL: {error}"),
+            )
+        })?;
+        let mut body = None;
+        if let Some(json) = &section.json {
+            let json = self
                 .renderer
-                .render_async(body, &context, "http.json", &ctx.cancel)
+                .render_async(json, &context, "http.json", &ctx.cancel)
                 .await
                 .ok_or_else(StageError::cancelled)?
                 .map_err(|error| StageError::permanent(ErrorCode::Template, error.to_string()))?;
-            request = request.json(&body);
+            let bytes = serde_json::to_vec(&json)
+                .map_err(|error| StageError::permanent(ErrorCode::Template, format!("plugin `{name}`: {error}")))?;
+            if !headers.contains_key(CONTENT_TYPE) {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            body = Some(bytes);
         }
+        let request = Outgoing { method: section.method.as_reqwest(), url, headers, body };
         // Dropping the request future on cancel aborts the connection.
-        let response = tokio::select! {
-            response = request.send() => response,
-            () = ctx.cancel.cancelled() => return Err(StageError::cancelled()),
-        };
-        // The URL may carry a token in its query, so messages name the plugin, not the URL.
-        let response = response.map_err(|error| {
-            StageError::transient(
-                ErrorCode::HttpConnect,
-                format!("plugin `{name}`: request failed: {}", error.without_url()),
-            )
+        let (response, _) = self.client.send(request, &ctx.cancel).await.map_err(|error| match error {
+            NetError::Refused { reason, .. } => {
+                StageError::permanent(ErrorCode::AddressRefused, format!("plugin `{name}`: request refused: {reason}"))
+            }
+            NetError::Network { message, .. } => {
+                StageError::transient(ErrorCode::HttpConnect, format!("plugin `{name}`: request failed: {message}"))
+            }
+            NetError::Cancelled => StageError::cancelled(),
         })?;
         let status = response.status();
         let retry_after = retry_after(response.headers());

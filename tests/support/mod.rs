@@ -18,6 +18,7 @@ use echo_worker::job::JobSpec;
 use echo_worker::job::checkpoint::{Checkpoints, MemoryCheckpoints};
 use echo_worker::job::progress::{ProgressSink, ProgressUpdate};
 use echo_worker::job::{StageError, StageOutput};
+use echo_worker::net::{AddressPolicy, HttpClient};
 use echo_worker::pipeline::Pipeline;
 use echo_worker::pipeline::compile::compile;
 use echo_worker::plugin::PluginSet;
@@ -204,9 +205,11 @@ impl Bench {
     pub fn with_settings(adjust: impl FnOnce(&mut EngineSettings)) -> Self {
         let lab = Arc::new(Lab::default());
         let plugins = fixture_plugins();
+        // The http plugin tests talk to servers on loopback, which the checked client refuses by default.
+        let http = HttpClient::new(AddressPolicy::allowing(["127.0.0.1"]).unwrap(), 5).unwrap();
         let mut registry = StageRegistry::with_plugins(
             plugins.plugins.values(),
-            reqwest::Client::new(),
+            http,
             None,
             echo_worker::config::DEFAULT_MAX_RESPONSE_SIZE,
         );

@@ -10,6 +10,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
+use crate::media::input::{FileOrigin, MediaInput, Relay};
 use crate::media::silence::{NoiseLevel, SilenceLog, cut_points};
 use crate::media::{MediaError, ffmpeg, probe};
 use crate::stage::{Stage, StageContext};
@@ -123,6 +125,21 @@ fn media_error(error: MediaError) -> StageError {
     }
 }
 
+/// Fails when ffmpeg asked the relay for anything but the input (the input points at other resources, as an
+/// HLS playlist or a concat list does; they are never fetched), or when the input could not be read.
+fn points_elsewhere(relay: &Relay) -> Result<(), StageError> {
+    if let Some(first) = relay.refused().first() {
+        return Err(StageError::permanent(
+            ErrorCode::NotMedia,
+            format!(
+                "the input is not a recording: it points at other resources (such as {first}), as a playlist does, \
+                 and those are never fetched"
+            ),
+        ));
+    }
+    relay.failure().map_or(Ok(()), |failure| Err(StageError::permanent(ErrorCode::Unreadable, failure)))
+}
+
 /// The input file: `with.input`, or the `path` of the single ancestor output that has one.
 fn input_path(params: &TranscodeParams, ctx: &StageContext) -> Result<PathBuf, StageError> {
     if let Some(input) = &params.input {
@@ -178,7 +195,15 @@ impl Stage for TranscodeStage {
         let max_bytes = params.max_chunk_bytes.unwrap_or(ByteSize(24 << 20));
         let overlap = params.overlap.map_or(0.0, |d| d.0.as_secs_f64());
 
-        let source = probe::probe(&input_text, &ctx.cancel).await.map_err(media_error)?;
+        // ffmpeg reads the input (which came from outside) through a relay, so that nothing it points at is
+        // opened; its own output below it reads directly.
+        let relay = Relay::start(Arc::new(FileOrigin(input.clone())), &input_text, None).await.map_err(|error| {
+            StageError::transient(ErrorCode::Relay, format!("cannot start the loopback relay: {error}"))
+        })?;
+        let source_input = relay.input();
+        let source = probe::probe(&source_input, &ctx.cancel).await;
+        points_elsewhere(&relay)?;
+        let source = source.map_err(|error| media_error(source_input.clean_error(error)))?;
         if source.audio().is_none() {
             return Err(StageError::permanent(ErrorCode::NoAudio, format!("{input_text} has no audio stream")));
         }
@@ -204,7 +229,8 @@ impl Stage for TranscodeStage {
             .map_err(|error| StageError::transient(ErrorCode::Io, format!("creating {}: {error}", dir.display())))?;
         let extension = codec.extension();
         let full = dir.join(format!("full.{extension}"));
-        let mut args = os(&["-i", &input_text, "-map", "0:a:0", "-vn", "-ac", "1", "-ar", &sample_rate.to_string()]);
+        let mut args = source_input.args();
+        args.extend(os(&["-map", "0:a:0", "-vn", "-ac", "1", "-ar", &sample_rate.to_string()]));
         let split = params.split_at_silence.unwrap_or(false);
         if split {
             let threshold = params.silence_threshold.as_ref().map_or_else(|| "-30dB".into(), ToString::to_string);
@@ -220,7 +246,7 @@ impl Stage for TranscodeStage {
         let mut silences = SilenceLog::default();
         let progress = ctx.progress.clone();
         ctx.progress.report(0.0, "transcoding");
-        ffmpeg::run(
+        let transcoded = ffmpeg::run(
             &args,
             &input_text,
             Some(source_duration),
@@ -228,12 +254,15 @@ impl Stage for TranscodeStage {
             |line| silences.feed(line),
             &ctx.cancel,
         )
-        .await
-        .map_err(media_error)?;
+        .await;
+        points_elsewhere(&relay)?;
+        transcoded.map_err(|error| media_error(source_input.clean_error(error)))?;
+        drop(relay);
 
         let full_text = full.display().to_string();
+        let full_input = MediaInput::own_file(&full);
         let duration =
-            probe::probe(&full_text, &ctx.cancel).await.map_err(media_error)?.duration.unwrap_or(source_duration);
+            probe::probe(&full_input, &ctx.cancel).await.map_err(media_error)?.duration.unwrap_or(source_duration);
         let silences = silences.finish(duration);
         // An overlapped chunk also carries `overlap` seconds from before its cut, within the same limit.
         let limit = (max_duration - DURATION_MARGIN - overlap)
@@ -260,12 +289,13 @@ impl Stage for TranscodeStage {
             for (index, pair) in bounds.windows(2).enumerate() {
                 let from = if index == 0 { 0.0 } else { (pair[0] - overlap).max(0.0) };
                 let target = dir.join(format!("chunk_{index:03}.{extension}"));
-                let mut args = os(&["-ss", &format!("{from:.3}"), "-to", &format!("{:.3}", pair[1]), "-i", &full_text]);
+                let mut args = os(&["-ss", &format!("{from:.3}"), "-to", &format!("{:.3}", pair[1])]);
+                args.extend(full_input.args());
                 args.extend(os(&["-map", "0:a"]));
                 args.extend(codec.cut_args(bitrate).iter().map(OsString::from));
                 args.push(target.clone().into());
                 ffmpeg::run(&args, &full_text, None, |_| {}, |_| {}, &ctx.cancel).await.map_err(media_error)?;
-                let probed = probe::probe(&target.display().to_string(), &ctx.cancel).await.map_err(media_error)?;
+                let probed = probe::probe(&MediaInput::own_file(&target), &ctx.cancel).await.map_err(media_error)?;
                 let length = probed.duration.unwrap_or(pair[1] - from);
                 let end = if index + 2 == bounds.len() { duration } else { pair[1] };
                 chunks.push((target, (end - length).max(0.0), end));
@@ -275,7 +305,8 @@ impl Stage for TranscodeStage {
             let times: Vec<String> = cuts.iter().map(|cut| format!("{cut:.3}")).collect();
             let list = dir.join("chunks.csv");
             let pattern = dir.join(format!("chunk_%03d.{extension}"));
-            let mut args = os(&["-i", &full_text, "-map", "0:a"]);
+            let mut args = full_input.args();
+            args.extend(os(&["-map", "0:a"]));
             args.extend(codec.cut_args(bitrate).iter().map(OsString::from));
             args.extend(os(&["-f", "segment", "-segment_times", &times.join(",")]));
             args.extend(os(&["-reset_timestamps", "1", "-segment_list_type", "csv", "-segment_list"]));

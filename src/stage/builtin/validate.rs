@@ -1,27 +1,38 @@
 //! `validate`: checks the source where it lies, before anything is downloaded, so that a 500 MB upload that is
 //! not media is refused at the cost of a few kilobytes. For a URL: a HEAD (size), a ranged read of the first
-//! bytes (type, sniffed from the bytes, never the name) and ffprobe reading the URL (streams, duration); for a
-//! local file: the file itself. Then a short decode near the announced end catches truncated files.
+//! bytes (type, sniffed from the bytes, never the name) and ffprobe reading the source (streams, duration);
+//! for a local file: the file itself. Then a short decode near the announced end catches truncated files.
+//!
+//! ffprobe and ffmpeg read through a loopback relay ([`crate::media::input`]) that fetches byte ranges of the
+//! source through the checked [`Fetcher`], at most `max_size` bytes in all; they never see the URL, and a
+//! file that points at other resources (an HLS playlist named `.mp3`) is refused without fetching them.
 //!
 //! Every refusal is a permanent error naming the reason: empty, over `max_size`, not media (and what it is),
 //! no audio stream, over `max_duration`, truncated, or a type outside `accept`.
 
 use std::ffi::OsString;
+use std::sync::Arc;
 
-use reqwest::Method;
-use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderValue, RANGE};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, HeaderValue, RANGE};
+use reqwest::{Method, Url};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ErrorCode;
 use crate::job::{StageError, StageOutput};
+use crate::media::input::{Body, FileOrigin, MediaInput, Opened, Origin, Relay};
 use crate::media::sniff::{SNIFF_LEN, matches, sniff};
 use crate::media::{MediaError, ffmpeg, probe};
 use crate::source::{Fetcher, Source, check_status};
 use crate::stage::{Stage, StageContext};
 use crate::units::{ByteSize, HumanDuration};
+
+/// Default of `limits.max_duration`: a working day of recording.
+pub const DEFAULT_MAX_DURATION: crate::units::HumanDuration =
+    crate::units::HumanDuration(std::time::Duration::from_secs(8 * 3600));
 
 /// `with` parameters of `validate`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -52,7 +63,7 @@ impl ValidateStage {
     /// pipeline sets its own `max_size`.
     /// Recordings declaring more than the `limits.max_duration` default (8h) are refused.
     pub fn new(fetcher: Fetcher, default_max_size: ByteSize) -> Self {
-        Self { fetcher, default_max_size, default_max_duration: crate::config::DEFAULT_MAX_DURATION }
+        Self { fetcher, default_max_size, default_max_duration: DEFAULT_MAX_DURATION }
     }
 
     /// Refuses recordings declaring more than `max_duration` unless a pipeline sets its own `max_duration`.
@@ -67,11 +78,10 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> StageError {
     StageError::permanent(code, message)
 }
 
-/// What can be learnt without reading the whole source: its size, first bytes and a path or URL for ffprobe.
+/// What can be learnt without reading the whole source: its size and first bytes.
 struct Glance {
     size: Option<u64>,
     head: Vec<u8>,
-    probe_input: String,
 }
 
 impl ValidateStage {
@@ -94,7 +104,7 @@ impl ValidateStage {
                 }
             }
             head.truncate(read);
-            return Ok(Glance { size: Some(metadata.len()), head, probe_input: path.display().to_string() });
+            return Ok(Glance { size: Some(metadata.len()), head });
         }
         let (url, headers) = self.fetcher.locate(source)?;
         let (response, head_url) = self.fetcher.send(Method::HEAD, url.clone(), headers.clone(), &ctx.cancel).await?;
@@ -131,28 +141,125 @@ impl ValidateStage {
             head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_LEN - head.len())]);
         }
         drop(response);
-        let probe_input = match source {
-            Source::Supabase { bucket, path } => self.fetcher.signed_url(bucket, path, &ctx.cancel).await?.to_string(),
-            _ => url.to_string(),
+        Ok(Glance { size, head })
+    }
+
+    /// A relay serving the source to ffprobe and ffmpeg: the local file, or byte ranges fetched through the
+    /// checked fetcher, at most `budget` bytes of them.
+    async fn relay(&self, source: &Source, budget: u64, ctx: &StageContext) -> Result<Relay, StageError> {
+        let (origin, shown, budget): (Arc<dyn Origin>, String, Option<u64>) = match source {
+            Source::Local(path) => (Arc::new(FileOrigin(path.clone())), path.display().to_string(), None),
+            Source::Http(_) | Source::Supabase { .. } => {
+                let (url, headers) = self.fetcher.locate(source)?;
+                let shown = match source {
+                    Source::Supabase { bucket, path } => format!("supabase://{bucket}/{path}"),
+                    _ => crate::net::shown(&url),
+                };
+                let fetcher = self.fetcher.clone();
+                (Arc::new(HttpOrigin { fetcher, url, headers, cancel: ctx.cancel.clone() }), shown, Some(budget))
+            }
         };
-        Ok(Glance { size, head, probe_input })
+        Relay::start(origin, &shown, budget).await.map_err(|error| {
+            StageError::transient(ErrorCode::Relay, format!("cannot start the loopback relay: {error}"))
+        })
     }
 }
 
+/// Bytes the relay reads and drops to reach a position when the server ignores `Range`.
+const MAX_SKIP: u64 = 16 << 20;
+
+/// A source read in byte ranges through the fetcher, for the relay.
+struct HttpOrigin {
+    fetcher: Fetcher,
+    url: Url,
+    headers: HeaderMap,
+    cancel: CancellationToken,
+}
+
+/// A response body for the relay; the first `skip` bytes are dropped (a server that ignored `Range`).
+struct ResponseBody {
+    response: reqwest::Response,
+    skip: u64,
+}
+
+#[async_trait::async_trait]
+impl Body for ResponseBody {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        loop {
+            let Some(chunk) = self.response.chunk().await.map_err(|error| error.without_url().to_string())? else {
+                return Ok(None);
+            };
+            let dropped = self.skip.min(chunk.len() as u64);
+            self.skip -= dropped;
+            if dropped < chunk.len() as u64 {
+                return Ok(Some(chunk[dropped as usize..].to_vec()));
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Origin for HttpOrigin {
+    async fn open(&self, start: u64, end: Option<u64>) -> Result<Opened, String> {
+        let mut headers = self.headers.clone();
+        let range = end.map_or_else(|| format!("bytes={start}-"), |end| format!("bytes={start}-{end}"));
+        headers.insert(RANGE, HeaderValue::from_str(&range).map_err(|error| error.to_string())?);
+        let (response, url) = self
+            .fetcher
+            .send(Method::GET, self.url.clone(), headers, &self.cancel)
+            .await
+            .map_err(|error| error.to_string())?;
+        let response = check_status(response, url.as_str()).map_err(|error| error.to_string())?;
+        let header = |name| response.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+        let (first, total) = if response.status() == reqwest::StatusCode::PARTIAL_CONTENT {
+            // `bytes first-last/total`
+            let range = header(CONTENT_RANGE).and_then(|range| range.strip_prefix("bytes "));
+            let first = range.and_then(|range| range.split('-').next()?.parse::<u64>().ok());
+            let total = range.and_then(|range| range.rsplit('/').next()?.parse::<u64>().ok());
+            (first.unwrap_or(start), total)
+        } else {
+            (0, header(CONTENT_LENGTH).and_then(|length| length.parse().ok()))
+        };
+        if first > start {
+            return Err(format!("{} answered a range starting at {first} for one starting at {start}", url.path()));
+        }
+        if start - first > MAX_SKIP {
+            return Err(format!("{} ignores Range requests, so it cannot be read from the middle", url.path()));
+        }
+        Ok(Opened { total, body: Box::new(ResponseBody { response, skip: start - first }) })
+    }
+}
+
+/// Why the tools' reading went wrong, when the relay knows better than their exit status: a resource other
+/// than the source was asked for (the file points elsewhere), the byte budget ran out, or the source failed.
+fn relay_trouble(relay: &Relay, max_size: ByteSize) -> Option<StageError> {
+    if let Some(first) = relay.refused().first() {
+        return Some(refuse(
+            ErrorCode::NotMedia,
+            format!(
+                "the file is not a recording: it points at other resources (such as {first}), as a playlist does, \
+                 and those are never fetched"
+            ),
+        ));
+    }
+    if relay.served() > max_size.0 {
+        return Some(refuse(ErrorCode::TooLarge, format!("the file is over the limit of {max_size}")));
+    }
+    relay.failure().map(|failure| StageError::transient(ErrorCode::Network, format!("reading the source: {failure}")))
+}
+
 /// Decodes about a second just before the announced end; `false` when nothing decodes there.
-async fn decodes_near_end(input: &str, duration: f64, ctx: &StageContext) -> Result<bool, StageError> {
+async fn decodes_near_end(input: &MediaInput, duration: f64, ctx: &StageContext) -> Result<bool, StageError> {
     let start = (duration - 2.0 * TAIL_CHECK).max(0.0);
     let mut args: Vec<OsString> = vec!["-v".into(), "error".into(), "-ss".into(), format!("{start:.3}").into()];
-    if input.starts_with("http") {
-        args.extend(["-max_redirects".into(), "0".into()]);
-    }
-    args.extend(
-        ["-i", input, "-t", &TAIL_CHECK.to_string(), "-map", "0:a:0", "-f", "null", "-"].iter().map(OsString::from),
-    );
+    args.extend(input.args());
+    args.extend(["-t", &TAIL_CHECK.to_string(), "-map", "0:a:0", "-f", "null", "-"].iter().map(OsString::from));
     let mut decoded: f64 = 0.0;
+    let shown = input.shown();
     let result =
-        ffmpeg::run(&args, input, Some(TAIL_CHECK), |fraction| decoded = decoded.max(fraction), |_| {}, &ctx.cancel)
-            .await;
+        ffmpeg::run(&args, shown, Some(TAIL_CHECK), |fraction| decoded = decoded.max(fraction), |_| {}, &ctx.cancel)
+            .await
+            .map_err(|error| input.clean_error(error));
     match result {
         Ok(()) => Ok(decoded > 0.0),
         Err(MediaError::Cancelled) => Err(StageError::cancelled()),
@@ -190,7 +297,13 @@ impl Stage for ValidateStage {
             return Err(refuse(ErrorCode::NotMedia, format!("the file is not audio or video: its bytes are {mime}")));
         }
         ctx.progress.report(0.3, "probing streams");
-        let probed = match probe::probe(&glance.probe_input, &ctx.cancel).await {
+        let relay = self.relay(&source, max_size.0, &ctx).await?;
+        let input = relay.input();
+        let probed = probe::probe(&input, &ctx.cancel).await;
+        if let Some(trouble) = relay_trouble(&relay, max_size) {
+            return Err(trouble);
+        }
+        let probed = match probed {
             Ok(probed) => probed,
             Err(MediaError::Cancelled) => return Err(StageError::cancelled()),
             Err(error @ MediaError::Spawn { .. }) => {
@@ -217,7 +330,12 @@ impl Stage for ValidateStage {
             return Err(refuse(ErrorCode::TooLong, format!("the recording lasts {length}, over the limit of {limit}")));
         }
         ctx.progress.report(0.6, "checking that the audio decodes to the end");
-        if duration > 0.0 && !decodes_near_end(&glance.probe_input, duration, &ctx).await? {
+        let whole = duration <= 0.0 || decodes_near_end(&input, duration, &ctx).await?;
+        if let Some(trouble) = relay_trouble(&relay, max_size) {
+            return Err(trouble);
+        }
+        drop(relay);
+        if !whole {
             return Err(refuse(
                 ErrorCode::Truncated,
                 format!(
