@@ -491,6 +491,9 @@ struct Wake {
     notify: Notify,
     waiters: AtomicUsize,
     running: AtomicBool,
+    /// The last take found nothing ready and no wake-up has come since: new takes wait for one instead of
+    /// asking Redis, so that an idle process sends the same few commands whatever its concurrency.
+    empty: AtomicBool,
     /// When the next delayed job is due, as the last take script said.
     due: StdMutex<Option<Instant>>,
 }
@@ -554,14 +557,21 @@ async fn run_blocker(inner: Arc<Inner>) {
             .arg(format!("{:.3}", block.as_secs_f64()))
             .query_async(blocking)
             .await;
-        wake.clear_due_before(Instant::now());
+        let now = Instant::now();
+        if wake.due().is_some_and(|due| due <= now) {
+            wake.empty.store(false, Ordering::Release);
+        }
+        wake.clear_due_before(now);
         match reply {
             Ok(Value::Nil) => wake.notify.notify_one(),
             Ok(_) if wake.waiters.load(Ordering::Acquire) == 0 => {
                 // Nobody here wants it any more: put the wake-up back for another process.
                 let _ = inner.script::<Value>(&WAKE, &[&inner.keys.marker, &inner.keys.meta], &[]).await;
             }
-            Ok(_) => wake.notify.notify_one(),
+            Ok(_) => {
+                wake.empty.store(false, Ordering::Release);
+                wake.notify.notify_one();
+            }
             Err(error) => {
                 tracing::debug!(%error, "queue wake-up wait failed");
                 inner.link.failed(&error);
@@ -1058,10 +1068,17 @@ impl Queue for RedisQueue {
         let inner = &self.inner;
         let wake = &inner.wake;
         let deadline = Instant::now() + wait;
-        if wake.waiters.load(Ordering::Acquire) == 0 || wait.is_zero() {
+        // Ask Redis at once unless the last look found nothing and the blocking task is watching for news.
+        if !wake.empty.load(Ordering::Acquire) || !wake.running.load(Ordering::Acquire) || wait.is_zero() {
             match inner.take_once(worker).await? {
-                Took::Job(lease, _) => return Ok(Some(*lease)),
-                Took::Idle(due) => wake.set_due(due),
+                Took::Job(lease, _) => {
+                    wake.empty.store(false, Ordering::Release);
+                    return Ok(Some(*lease));
+                }
+                Took::Idle(due) => {
+                    wake.empty.store(true, Ordering::Release);
+                    wake.set_due(due);
+                }
             }
             if wait.is_zero() {
                 return Ok(None);
@@ -1079,13 +1096,17 @@ impl Queue for RedisQueue {
             }
             match inner.take_once(worker).await? {
                 Took::Job(lease, remaining) => {
+                    wake.empty.store(false, Ordering::Release);
                     let others = wake.waiters.load(Ordering::Acquire).saturating_sub(1);
                     for _ in 0..remaining.min(others as u64) {
                         wake.notify.notify_one();
                     }
                     return Ok(Some(*lease));
                 }
-                Took::Idle(due) => wake.set_due(due),
+                Took::Idle(due) => {
+                    wake.empty.store(true, Ordering::Release);
+                    wake.set_due(due);
+                }
             }
         }
     }
