@@ -28,6 +28,7 @@ use serde_json::Value;
 use crate::job::StageOutput;
 
 pub mod memory;
+pub mod redis;
 
 /// A job's id: a UUID v4 in text form, made at enqueue.
 pub type JobId = String;
