@@ -536,7 +536,6 @@ async fn the_queue_runs_on_a_redis_cluster_from_any_seed_node() {
     let options = RedisOptions::new(&SecretUrl::new(urls.clone()), false, &prefix, "queue");
     assert!(options.cluster, "several URLs mean a cluster");
     let all = RedisQueue::connect(&options, settings()).await.unwrap();
-    touch_every_key(&all).await;
     let me = worker("cluster");
     let id = created(&queues[0], new_job("cluster")).await;
     let lease = queues[1].take(&me, Duration::from_secs(2)).await.unwrap().expect("job through another seed");
@@ -546,6 +545,8 @@ async fn the_queue_runs_on_a_redis_cluster_from_any_seed_node() {
         .await
         .unwrap();
     assert!(matches!(outcome, FailOutcome::Retrying { .. }));
+    assert_eq!(all.get(&id).await.unwrap().unwrap().state, JobState::Delayed);
+    touch_every_key(&all).await;
 
     // Every key in one slot, checked by the cluster itself, on the master that holds it.
     let mut slot = None;
