@@ -1,6 +1,6 @@
 //! The queue contract, written once (`contract`) and run against every backend by `contract_tests!`: the memory
 //! queue here, the Redis queue (single server, and a cluster when `ECHO_TEST_REDIS_CLUSTER` is set) where it is
-//! instantiated. Leases are 300 ms so the suite stays fast, and every wait is bounded. Tests that need the
+//! instantiated (`redis_single`, `redis_cluster`). Leases are 300 ms so the suite stays fast, and every wait is bounded. Tests that need the
 //! memory queue's movable clock (delays of hours, retention of days) are in `memory_clock`.
 
 use std::collections::BTreeMap;
@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use echo_worker::job::StageOutput;
 use echo_worker::queue::memory::MemoryQueue;
+use echo_worker::queue::redis::{RedisOptions, RedisQueue};
 use echo_worker::queue::{
     CancelOutcome, Definition, DefinitionFile, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobState,
     LeaseToken, MAX_PRIORITY, MIN_PRIORITY, NewJob, Progress, Queue, QueueError, QueueSettings, Renewal, WorkerInfo,
 };
+use echo_worker::secret::SecretUrl;
 use serde_json::json;
 
 /// The lease every contract test runs with.
@@ -30,6 +32,11 @@ trait Backend: Send + Sync {
     /// A handle to this test's own queue, made with `settings` on first use. Every call opens the same queue
     /// again (for Redis, a new client on the test's key prefix, as a second process would).
     async fn open(&self, settings: QueueSettings) -> Arc<dyn Queue>;
+
+    /// True when this backend is not available here (and the test says so and passes).
+    fn skip(&self) -> bool {
+        false
+    }
 }
 
 /// One memory queue per test; every `open` shares it.
@@ -95,6 +102,9 @@ macro_rules! contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
                 let backend = super::$factory(stringify!($test));
+                if backend.skip() {
+                    return;
+                }
                 super::contract::$test(&*backend).await;
             }
         )*
@@ -102,6 +112,51 @@ macro_rules! contract_tests {
 }
 
 contract_tests!(memory, memory_backend);
+contract_tests!(redis_single, redis_backend);
+contract_tests!(redis_cluster, redis_cluster_backend);
+
+/// One key prefix per test on a Redis (or Redis Cluster); every `open` is a new client on it, as a second
+/// process would be. `None` skips the test (no cluster configured outside CI).
+struct Redis {
+    urls: Option<String>,
+    cluster: bool,
+    prefix: String,
+}
+
+#[async_trait::async_trait]
+impl Backend for Redis {
+    async fn open(&self, settings: QueueSettings) -> Arc<dyn Queue> {
+        let urls = self.urls.as_deref().expect("a Redis URL");
+        let options = RedisOptions::new(&SecretUrl::new(urls), self.cluster, &self.prefix, "queue");
+        Arc::new(RedisQueue::connect(&options, settings).await.expect("connect to Redis"))
+    }
+
+    fn skip(&self) -> bool {
+        self.urls.is_none()
+    }
+}
+
+/// `ECHO_TEST_REDIS_URL`, or the local Redis.
+fn redis_backend(test: &str) -> Box<dyn Backend> {
+    let url = std::env::var("ECHO_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("echo-test:{test}:{}:", uuid::Uuid::new_v4().simple());
+    Box::new(Redis { urls: Some(url), cluster: false, prefix })
+}
+
+/// `ECHO_TEST_REDIS_CLUSTER` (comma-separated node URLs, set by .ci/run); skipped, saying so, when it is not set
+/// outside CI.
+fn redis_cluster_backend(test: &str) -> Box<dyn Backend> {
+    let urls = match std::env::var("ECHO_TEST_REDIS_CLUSTER") {
+        Ok(urls) if !urls.trim().is_empty() => Some(urls),
+        _ if std::env::var_os("CI").is_some() => panic!("CI must set ECHO_TEST_REDIS_CLUSTER (.ci/run starts a cluster)"),
+        _ => {
+            eprintln!("skipped: ECHO_TEST_REDIS_CLUSTER is not set");
+            None
+        }
+    };
+    let prefix = format!("echo-test:{test}:{}:", uuid::Uuid::new_v4().simple());
+    Box::new(Redis { urls, cluster: true, prefix })
+}
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)

@@ -82,6 +82,7 @@ static HEARTBEAT: LazyLock<Script> = lua!("heartbeat");
 static NOTE: LazyLock<Script> = lua!("note");
 static CHECKPOINT: LazyLock<Script> = lua!("checkpoint");
 static LOG: LazyLock<Script> = lua!("log");
+static LOGS: LazyLock<Script> = lua!("logs");
 static PURGE: LazyLock<Script> = lua!("purge");
 static ENDED: LazyLock<Script> = lua!("ended");
 static GET: LazyLock<Script> = lua!("get");
@@ -794,7 +795,7 @@ impl Inner {
             1 => Ok(()),
             -1 => {
                 tracing::debug!(job = id, "fenced write refused: the job is gone");
-                Err(QueueError::NotFound(id.to_string()))
+                Err(QueueError::LeaseLost(id.to_string()))
             }
             -2 => {
                 tracing::debug!(job = id, "fenced write refused: the job is no longer active");
@@ -1528,25 +1529,27 @@ impl Queue for RedisQueue {
 
     async fn log(&self, id: &str, line: &str) -> Result<(), QueueError> {
         if !valid_id(id) {
-            return Ok(());
+            return Err(QueueError::NotFound(id.to_string()));
         }
         let k = &self.inner.keys;
         let (job, log) = (k.job(id), k.log(id));
         let max = self.inner.settings.max_log_lines.max(1).to_string();
-        let written: i64 = self.inner.script(&LOG, &[&job, &log], &[line, &max]).await?;
+        let written: i64 = self.inner.script(&LOG, &[&job, &log, &k.trash], &[id, line, &max]).await?;
         if written == 0 {
-            tracing::debug!(job = id, "log line for a job that is gone, dropped");
+            return Err(QueueError::NotFound(id.to_string()));
         }
         Ok(())
     }
 
     async fn logs(&self, id: &str) -> Result<Vec<LogLine>, QueueError> {
         if !valid_id(id) {
-            return Ok(Vec::new());
+            return Err(QueueError::NotFound(id.to_string()));
         }
-        let lines: Vec<String> =
-            self.inner.read(::redis::cmd("LRANGE").arg(self.inner.keys.log(id)).arg(0).arg(-1)).await?;
-        Ok(lines
+        let k = &self.inner.keys;
+        let (job, log) = (k.job(id), k.log(id));
+        let reply = array(self.inner.script::<Value>(&LOGS, &[&job, &log, &k.trash], &[id]).await?);
+        let Some(lines) = reply.into_iter().next() else { return Err(QueueError::NotFound(id.to_string())) };
+        Ok(texts(lines)
             .into_iter()
             .map(|entry| match entry.split_once(' ') {
                 Some((at, line)) if at.parse::<u64>().is_ok() => {
@@ -1564,7 +1567,7 @@ impl Queue for RedisQueue {
             return Err(QueueError::Invalid(format!("event id {id:?} is not a stream id like 1700000000000-0")));
         }
         if limit == 0 {
-            return Ok(Vec::new());
+            return Err(QueueError::Invalid("reading events needs a limit of at least 1".into()));
         }
         let from = after.unwrap_or("0-0");
         let reply: Value = self
@@ -1635,8 +1638,19 @@ impl RedisQueue {
     ) -> Result<Vec<(String, Result<(), QueueError>)>, QueueError> {
         let k = &self.inner.keys;
         let job_keys: Vec<String> = ids.iter().flat_map(|id| k.job_keys(id)).collect();
-        let mut keys =
-            vec![k.wait.as_str(), &k.failed, &k.cancelled, &k.events, &k.ikeys, &k.marker, &k.seq, &k.fseq, &k.meta, &k.trash];
+        let mut keys = vec![
+            k.wait.as_str(),
+            &k.failed,
+            &k.cancelled,
+            &k.events,
+            &k.ikeys,
+            &k.marker,
+            &k.seq,
+            &k.fseq,
+            &k.meta,
+            &k.trash,
+            &k.delayed,
+        ];
         keys.extend(job_keys.iter().map(String::as_str));
         let max_events = self.inner.max_events();
         let count = ids.len().to_string();

@@ -1,4 +1,4 @@
--- Finishes a held job with its result.
+-- Finishes a held job with its result. Its checkpoints go: a completed job never runs again.
 -- KEYS: job, checkpoints, log, active, completed, events, ikeys, trash, per-minute completed.
 -- ARGV: id, token, result (JSON), keep_ms, keep_count, max_events.
 -- Returns {1, trash size} or {fencing code}.
@@ -14,6 +14,7 @@ local now = now_ms()
 redis.call('ZREM', active, id)
 redis.call('HSET', job, 'result', result)
 redis.call('HDEL', job, 'cancel')
+redis.call('DEL', cp)
 finish(job, cp, log, ikeys, completed, id, 'completed', now, keep_ms)
 count_minute(metrics, now)
 emit(events, max_events, id, now, state_event('completed'))
