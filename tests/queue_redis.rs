@@ -563,3 +563,23 @@ async fn the_queue_runs_on_a_redis_cluster_from_any_seed_node() {
     }
     assert!(found >= 15, "the queue's keys were not found on any master");
 }
+
+#[tokio::test]
+async fn keys_of_one_hash_tag_get_a_connection_to_their_master_from_any_seed() {
+    let Some(urls) = cluster_urls() else { return };
+    let prefix = fresh_prefix("tag");
+    let key = format!("{prefix}{{ratelimit}}:whisper:transcription");
+    let mut refused_somewhere = false;
+    for node in urls.split(',') {
+        // A plain connection to a node that does not hold the slot is refused with MOVED…
+        let plain: redis::RedisResult<()> = redis::cmd("SET").arg(&key).arg(1).query_async(&mut raw(node).await).await;
+        refused_somewhere |= plain.is_err_and(|error| error.kind() == redis::ErrorKind::Moved);
+        // …while the connection for the key's slot, found through that same node, reaches its master.
+        let options = RedisOptions::new(&SecretUrl::new(node), true, &prefix, "ratelimit");
+        let mut connection =
+            echo_worker::queue::redis::connection_for_key(&options, &format!("{prefix}{{ratelimit}}:")).await.unwrap();
+        let count: i64 = redis::cmd("INCR").arg(&key).query_async(&mut connection).await.expect("no MOVED");
+        assert!(count >= 1);
+    }
+    assert!(refused_somewhere, "every node accepted the key: is this a cluster?");
+}

@@ -257,6 +257,23 @@ struct Link {
 }
 
 impl Link {
+    /// Where `options` point, for the keys in `slot_key`'s slot. Connects on first use.
+    fn new(options: &RedisOptions, slot_key: &str) -> Result<Self, QueueError> {
+        let mut infos = Vec::new();
+        for url in &options.urls {
+            let client = Client::open(url.expose())
+                .map_err(|error| QueueError::Invalid(format!("Redis URL {}: {error}", url.redacted())))?;
+            infos.push(client.get_connection_info().clone());
+        }
+        let mode = if options.cluster {
+            Mode::Cluster { seeds: infos, slot_key: slot_key.to_string() }
+        } else {
+            let info = infos.into_iter().next().ok_or_else(|| QueueError::Invalid("no Redis URL given".into()))?;
+            Mode::Single(Client::open(info).map_err(|error| QueueError::Invalid(error.to_string()))?)
+        };
+        Ok(Self { mode, node: RwLock::new(None), stale: AtomicBool::new(false), generation: AtomicU64::new(0) })
+    }
+
     async fn node(&self) -> Result<Node, QueueError> {
         if !self.stale.load(Ordering::Acquire)
             && let Some(node) = self.node.read().await.clone()
@@ -890,20 +907,8 @@ impl RedisQueue {
                 options.queue, options.prefix
             )));
         }
-        let mut infos = Vec::new();
-        for url in &options.urls {
-            let client = Client::open(url.expose())
-                .map_err(|error| QueueError::Invalid(format!("Redis URL {}: {error}", url.redacted())))?;
-            infos.push(client.get_connection_info().clone());
-        }
         let keys = Keys::new(&options.prefix, &options.queue);
-        let mode = if options.cluster {
-            Mode::Cluster { seeds: infos, slot_key: keys.meta.clone() }
-        } else {
-            let info = infos.into_iter().next().expect("one URL at least");
-            Mode::Single(Client::open(info).map_err(|error| QueueError::Invalid(error.to_string()))?)
-        };
-        let link = Link { mode, node: RwLock::new(None), stale: AtomicBool::new(false), generation: AtomicU64::new(0) };
+        let link = Link::new(options, &keys.meta)?;
         let node = link.node().await.map_err(|error| match error {
             QueueError::Unavailable(message) => {
                 QueueError::Unavailable(format!("Redis at {}: {message}", options.redacted()))
@@ -1001,6 +1006,20 @@ impl RedisQueue {
     fn new_id() -> String {
         uuid::Uuid::new_v4().to_string()
     }
+}
+
+/// A reconnecting connection for keys sharing `key`'s hash slot: the Redis itself, or on a cluster the master
+/// that holds the slot at start (for callers outside the queue, such as the shared AI request windows, whose
+/// keys carry one hash tag).
+///
+/// # Errors
+/// [`QueueError::Invalid`] for an unusable URL; [`QueueError::Unavailable`] when Redis cannot be reached.
+pub async fn connection_for_key(options: &RedisOptions, key: &str) -> Result<ConnectionManager, QueueError> {
+    let link = Link::new(options, key)?;
+    link.node().await.map(|node| node.shared).map_err(|error| match error {
+        QueueError::Unavailable(message) => QueueError::Unavailable(format!("Redis at {}: {message}", options.redacted())),
+        other => other,
+    })
 }
 
 /// Reads `maxmemory-policy`.
