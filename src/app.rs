@@ -61,9 +61,10 @@ pub async fn registry<'a>(
         Some(url) if settings.redis.cluster || url.expose().contains(',') => {
             let options = crate::queue::redis::RedisOptions::new(url, true, &settings.redis.prefix, "ratelimit");
             let key = format!("{}{{ratelimit}}:", settings.redis.prefix);
-            let connection = tokio::time::timeout(REDIS_CONNECT, crate::queue::redis::connection_for_key(&options, &key))
-                .await
-                .map_err(|_| anyhow::anyhow!("Redis Cluster did not answer within {REDIS_CONNECT:?}"))??;
+            let connection =
+                tokio::time::timeout(REDIS_CONNECT, crate::queue::redis::connection_for_key(&options, &key))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("Redis Cluster did not answer within {REDIS_CONNECT:?}"))??;
             Some((connection, settings.redis.prefix.clone()))
         }
         Some(url) => Some((redis_connection(url).await?, settings.redis.prefix.clone())),

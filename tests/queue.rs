@@ -1,7 +1,8 @@
 //! The queue contract, written once (`contract`) and run against every backend by `contract_tests!`: the memory
 //! queue here, the Redis queue (single server, and a cluster when `ECHO_TEST_REDIS_CLUSTER` is set) where it is
-//! instantiated (`redis_single`, `redis_cluster`). Leases are 300 ms so the suite stays fast, and every wait is bounded. Tests that need the
-//! memory queue's movable clock (delays of hours, retention of days) are in `memory_clock`.
+//! instantiated (`redis_single`, `redis_cluster`). Leases are 300 ms so the suite stays fast, and every wait is
+//! bounded. Tests that need the memory queue's movable clock (delays of hours, retention of days) are in
+//! `memory_clock`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -148,7 +149,9 @@ fn redis_backend(test: &str) -> Box<dyn Backend> {
 fn redis_cluster_backend(test: &str) -> Box<dyn Backend> {
     let urls = match std::env::var("ECHO_TEST_REDIS_CLUSTER") {
         Ok(urls) if !urls.trim().is_empty() => Some(urls),
-        _ if std::env::var_os("CI").is_some() => panic!("CI must set ECHO_TEST_REDIS_CLUSTER (.ci/run starts a cluster)"),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CI must set ECHO_TEST_REDIS_CLUSTER (.ci/run starts a cluster)")
+        }
         _ => {
             eprintln!("skipped: ECHO_TEST_REDIS_CLUSTER is not set");
             None

@@ -30,9 +30,9 @@ use tokio::sync::{Notify, RwLock};
 use tokio::time::Instant;
 
 use super::{
-    CancelOutcome, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease,
-    LeaseToken, LogLine, MAX_PRIORITY, MIN_PRIORITY, MinuteCounts, NewJob, Progress, Queue, QueueError,
-    QueueSettings, Renewal, Stats, WorkerInfo,
+    CancelOutcome, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease, LeaseToken,
+    LogLine, MAX_PRIORITY, MIN_PRIORITY, MinuteCounts, NewJob, Progress, Queue, QueueError, QueueSettings, Renewal,
+    Stats, WorkerInfo,
 };
 use crate::job::StageOutput;
 use crate::secret::SecretUrl;
@@ -106,13 +106,8 @@ impl RedisOptions {
     /// The queue named `queue` on the Redis (or the cluster nodes) that `url` names: one URL, or several
     /// separated by commas, which means a cluster.
     pub fn new(url: &SecretUrl, cluster: bool, prefix: &str, queue: &str) -> Self {
-        let urls: Vec<SecretUrl> = url
-            .expose()
-            .split(',')
-            .map(str::trim)
-            .filter(|part| !part.is_empty())
-            .map(SecretUrl::new)
-            .collect();
+        let urls: Vec<SecretUrl> =
+            url.expose().split(',').map(str::trim).filter(|part| !part.is_empty()).map(SecretUrl::new).collect();
         let cluster = cluster || urls.len() > 1;
         Self { urls, cluster, prefix: prefix.to_string(), queue: queue.to_string() }
     }
@@ -323,9 +318,8 @@ impl Link {
     /// A connection of its own, for a blocking command.
     async fn dedicated(&self, response_timeout: Duration) -> Result<(u64, MultiplexedConnection), QueueError> {
         let node = self.node().await?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(CONNECT_TIMEOUT)
-            .set_response_timeout(response_timeout);
+        let config =
+            AsyncConnectionConfig::new().set_connection_timeout(CONNECT_TIMEOUT).set_response_timeout(response_timeout);
         let connection = node.client.get_multiplexed_async_connection_with_config(&config).await.map_err(|error| {
             self.failed(&error);
             unavailable(&error)
@@ -352,9 +346,8 @@ async fn discover(seeds: &[ConnectionInfo], slot_key: &str) -> Result<Client, Qu
 
 async fn discover_from(seed: &ConnectionInfo, slot_key: &str) -> Result<Client, String> {
     let client = Client::open(seed.clone()).map_err(|error| error.to_string())?;
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(CONNECT_TIMEOUT)
-        .set_response_timeout(RESPONSE_TIMEOUT);
+    let config =
+        AsyncConnectionConfig::new().set_connection_timeout(CONNECT_TIMEOUT).set_response_timeout(RESPONSE_TIMEOUT);
     let mut connection =
         client.get_multiplexed_async_connection_with_config(&config).await.map_err(|error| error.to_string())?;
     let slot: i64 = ::redis::cmd("CLUSTER")
@@ -709,17 +702,8 @@ impl Inner {
         for _ in 0..4 {
             let candidates = self.head();
             let job_keys: Vec<String> = candidates.iter().map(|id| k.job(id)).collect();
-            let mut keys = vec![
-                k.meta.as_str(),
-                &k.wait,
-                &k.delayed,
-                &k.active,
-                &k.marker,
-                &k.events,
-                &k.prio,
-                &k.seq,
-                &k.fseq,
-            ];
+            let mut keys =
+                vec![k.meta.as_str(), &k.wait, &k.delayed, &k.active, &k.marker, &k.events, &k.prio, &k.seq, &k.fseq];
             keys.extend(job_keys.iter().map(String::as_str));
             let count = candidates.len().to_string();
             let mut args = vec![lease_ms.as_str(), &worker.id, &token.0, &max_events, &head_size, &count];
@@ -752,9 +736,7 @@ impl Inner {
     async fn purge_trash(&self) -> Result<u64, QueueError> {
         let mut total = 0;
         for _ in 0..10 {
-            let ids: Vec<String> = self
-                .read(::redis::cmd("SRANDMEMBER").arg(&self.keys.trash).arg(JOB_BATCH))
-                .await?;
+            let ids: Vec<String> = self.read(::redis::cmd("SRANDMEMBER").arg(&self.keys.trash).arg(JOB_BATCH)).await?;
             if ids.is_empty() {
                 break;
             }
@@ -826,12 +808,7 @@ impl Inner {
         }
     }
 
-    async fn blocking_events(
-        &self,
-        after: &str,
-        limit: usize,
-        wait: Duration,
-    ) -> Result<Vec<Event>, QueueError> {
+    async fn blocking_events(&self, after: &str, limit: usize, wait: Duration) -> Result<Vec<Event>, QueueError> {
         let reader = {
             let mut readers = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let generation = self.link.generation();
@@ -999,7 +976,15 @@ impl RedisQueue {
         let reply = texts(self.inner.script::<Value>(&ENQUEUE, &keys, &args).await?);
         Ok(reply
             .chunks_exact(2)
-            .map(|pair| if pair[0] == "1" { Enqueued::Created(pair[1].clone()) } else { Enqueued::Existing(pair[1].clone()) })
+            .map(
+                |pair| {
+                    if pair[0] == "1" {
+                        Enqueued::Created(pair[1].clone())
+                    } else {
+                        Enqueued::Existing(pair[1].clone())
+                    }
+                },
+            )
             .collect())
     }
 
@@ -1017,7 +1002,9 @@ impl RedisQueue {
 pub async fn connection_for_key(options: &RedisOptions, key: &str) -> Result<ConnectionManager, QueueError> {
     let link = Link::new(options, key)?;
     link.node().await.map(|node| node.shared).map_err(|error| match error {
-        QueueError::Unavailable(message) => QueueError::Unavailable(format!("Redis at {}: {message}", options.redacted())),
+        QueueError::Unavailable(message) => {
+            QueueError::Unavailable(format!("Redis at {}: {message}", options.redacted()))
+        }
         other => other,
     })
 }
@@ -1201,8 +1188,18 @@ impl Queue for RedisQueue {
         let keep_ms = millis(s.keep_failed_for).to_string();
         let keep = s.keep_failed.to_string();
         let max_events = self.inner.max_events();
-        let args =
-            [id, &token.0, &failure.message, retryable, &retry_after, &backoff, &max_backoff, &keep_ms, &keep, &max_events];
+        let args = [
+            id,
+            &token.0,
+            &failure.message,
+            retryable,
+            &retry_after,
+            &backoff,
+            &max_backoff,
+            &keep_ms,
+            &keep,
+            &max_events,
+        ];
         let reply = array(self.inner.script::<Value>(&FAIL, &keys, &args).await?);
         Inner::fenced(id, first_code(&reply))?;
         let value = reply.get(2).and_then(int).unwrap_or(0);
@@ -1362,7 +1359,8 @@ impl Queue for RedisQueue {
     }
 
     async fn retry_failed(&self, pipeline: Option<&str>) -> Result<Vec<JobId>, QueueError> {
-        let ids: Vec<String> = self.inner.read(::redis::cmd("ZRANGE").arg(&self.inner.keys.failed).arg(0).arg(-1)).await?;
+        let ids: Vec<String> =
+            self.inner.read(::redis::cmd("ZRANGE").arg(&self.inner.keys.failed).arg(0).arg(-1)).await?;
         let mut retried = Vec::new();
         for batch in ids.chunks(JOB_BATCH) {
             for (id, outcome) in self.retry_ids(batch, true, pipeline).await? {
@@ -1380,7 +1378,8 @@ impl Queue for RedisQueue {
         }
         let k = &self.inner.keys;
         let job = k.job(id);
-        let keys = [job.as_str(), &k.wait, &k.delayed, &k.events, &k.marker, &k.prio, &k.seq, &k.fseq, &k.meta, &k.trash];
+        let keys =
+            [job.as_str(), &k.wait, &k.delayed, &k.events, &k.marker, &k.prio, &k.seq, &k.fseq, &k.meta, &k.trash];
         let max_events = self.inner.max_events();
         let reply = array(self.inner.script::<Value>(&PROMOTE, &keys, &[id, &max_events]).await?);
         match first_code(&reply) {
@@ -1416,7 +1415,9 @@ impl Queue for RedisQueue {
         let (score, after) = match cursor {
             None => (String::new(), String::new()),
             Some(cursor) => match cursor.split_once(':') {
-                Some((score, id)) if score.parse::<f64>().is_ok() && valid_id(id) => (score.to_string(), id.to_string()),
+                Some((score, id)) if score.parse::<f64>().is_ok() && valid_id(id) => {
+                    (score.to_string(), id.to_string())
+                }
                 _ => return Err(QueueError::Invalid(format!("cursor {cursor:?} was not made by this queue"))),
             },
         };
@@ -1453,8 +1454,9 @@ impl Queue for RedisQueue {
         let keep_completed = millis(s.keep_completed_for).to_string();
         let keep_failed = millis(s.keep_failed_for).to_string();
         let stale = millis(s.lease.saturating_mul(3)).to_string();
-        let mut reply = array(self.inner.script::<Value>(&STATS, &keys, &[&keep_completed, &keep_failed, &stale]).await?)
-            .into_iter();
+        let mut reply =
+            array(self.inner.script::<Value>(&STATS, &keys, &[&keep_completed, &keep_failed, &stale]).await?)
+                .into_iter();
         let now = reply.next().as_ref().and_then(int).unwrap_or(0);
         let counts: Vec<i64> = array(reply.next().unwrap_or(Value::Nil)).iter().filter_map(int).collect();
         let counts = JobState::ALL
@@ -1509,8 +1511,8 @@ impl Queue for RedisQueue {
         let mut removed = 0;
         while left > 0 {
             let batch = left.min(JOB_BATCH);
-            let mut reply = array(self.inner.script::<Value>(&ENDED, &[&set], &[&older, &batch.to_string()]).await?)
-                .into_iter();
+            let mut reply =
+                array(self.inner.script::<Value>(&ENDED, &[&set], &[&older, &batch.to_string()]).await?).into_iter();
             let cutoff = reply.next().as_ref().and_then(int).unwrap_or(-1);
             let ids = texts(reply.next().unwrap_or(Value::Nil));
             if ids.is_empty() || cutoff < 0 {
@@ -1643,8 +1645,11 @@ impl RedisQueue {
         let k = &self.inner.keys;
         let job = k.job(id);
         let max_events = self.inner.max_events();
-        let reply =
-            array(self.inner.script::<Value>(&NOTE, &[&job, &k.events], &[id, &token.0, event, progress, &max_events]).await?);
+        let reply = array(
+            self.inner
+                .script::<Value>(&NOTE, &[&job, &k.events], &[id, &token.0, event, progress, &max_events])
+                .await?,
+        );
         Inner::fenced(id, first_code(&reply))
     }
 
