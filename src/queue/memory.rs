@@ -807,19 +807,18 @@ impl Queue for MemoryQueue {
     async fn log(&self, id: &str, line: &str) -> Result<(), QueueError> {
         self.with(|state, now| {
             let cap = usize::try_from(state.settings.max_log_lines).unwrap_or(usize::MAX);
-            let entry = state.jobs.get_mut(id).ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
-            entry.logs.push_back(LogLine { at: now, line: line.to_owned() });
-            while entry.logs.len() > cap {
-                entry.logs.pop_front();
+            if let Some(entry) = state.jobs.get_mut(id) {
+                entry.logs.push_back(LogLine { at: now, line: line.to_owned() });
+                while entry.logs.len() > cap {
+                    entry.logs.pop_front();
+                }
             }
-            Ok(())
-        })
+        });
+        Ok(())
     }
 
     async fn logs(&self, id: &str) -> Result<Vec<LogLine>, QueueError> {
-        let queue = self.lock();
-        let entry = queue.jobs.get(id).ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
-        Ok(entry.logs.iter().cloned().collect())
+        Ok(self.lock().jobs.get(id).map(|entry| entry.logs.iter().cloned().collect()).unwrap_or_default())
     }
 
     async fn events(&self, after: Option<&str>, limit: usize, wait: Duration) -> Result<Vec<Event>, QueueError> {

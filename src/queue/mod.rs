@@ -580,16 +580,17 @@ pub trait Queue: Send + Sync {
     /// [`QueueError::LeaseLost`]; [`QueueError::Unavailable`].
     async fn stage_event(&self, id: &str, token: &LeaseToken, stage: &str, status: &str) -> Result<(), QueueError>;
 
-    /// Appends a line to a job's log (capped at `max_log_lines`, oldest dropped).
+    /// Appends a line to a job's log (capped at `max_log_lines`, oldest dropped). A line for a job that does not
+    /// exist (or was cleaned) is dropped.
     ///
     /// # Errors
-    /// [`QueueError::NotFound`]; [`QueueError::Unavailable`].
+    /// [`QueueError::Unavailable`].
     async fn log(&self, id: &str, line: &str) -> Result<(), QueueError>;
 
-    /// A job's log lines, oldest first.
+    /// A job's log lines, oldest first; none for a job that does not exist.
     ///
     /// # Errors
-    /// [`QueueError::NotFound`]; [`QueueError::Unavailable`].
+    /// [`QueueError::Unavailable`].
     async fn logs(&self, id: &str) -> Result<Vec<LogLine>, QueueError>;
 
     /// Events after `after` (from the start of the stream when `None`), at most `limit`, waiting up to `wait`

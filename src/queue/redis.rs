@@ -1550,26 +1550,26 @@ impl Queue for RedisQueue {
 
     async fn log(&self, id: &str, line: &str) -> Result<(), QueueError> {
         if !valid_id(id) {
-            return Err(QueueError::NotFound(id.to_string()));
+            return Ok(());
         }
         let k = &self.inner.keys;
         let (job, log) = (k.job(id), k.log(id));
         let max = self.inner.settings.max_log_lines.max(1).to_string();
         let written: i64 = self.inner.script(&LOG, &[&job, &log, &k.trash], &[id, line, &max]).await?;
         if written == 0 {
-            return Err(QueueError::NotFound(id.to_string()));
+            tracing::debug!(job = id, "log line for a job that does not exist, dropped");
         }
         Ok(())
     }
 
     async fn logs(&self, id: &str) -> Result<Vec<LogLine>, QueueError> {
         if !valid_id(id) {
-            return Err(QueueError::NotFound(id.to_string()));
+            return Ok(Vec::new());
         }
         let k = &self.inner.keys;
         let (job, log) = (k.job(id), k.log(id));
         let reply = array(self.inner.script::<Value>(&LOGS, &[&job, &log, &k.trash], &[id]).await?);
-        let Some(lines) = reply.into_iter().next() else { return Err(QueueError::NotFound(id.to_string())) };
+        let Some(lines) = reply.into_iter().next() else { return Ok(Vec::new()) };
         Ok(texts(lines)
             .into_iter()
             .map(|entry| match entry.split_once(' ') {
