@@ -600,3 +600,29 @@ async fn keys_of_one_hash_tag_get_a_connection_to_their_master_from_any_seed() {
     }
     assert!(refused_somewhere, "every node accepted the key: is this a cluster?");
 }
+
+#[tokio::test]
+async fn an_expired_lease_refuses_writes_even_before_recovery() {
+    let queue =
+        open(&redis_url(), &fresh_prefix("expired"), QueueSettings { lease: Duration::from_millis(300), ..settings() })
+            .await;
+    let me = worker("expired");
+    let id = created(&queue, new_job("expired")).await;
+    let lease = queue.take(&me, Duration::ZERO).await.unwrap().expect("job");
+    queue.save_checkpoint(&id, &lease.token, "early", &json!(1).into()).await.expect("held while the lease runs");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    // Nobody recovered the job yet, but its lease is over: its holder may write nothing more.
+    assert_eq!(queue.get(&id).await.unwrap().unwrap().state, JobState::Active);
+    let late = queue.save_checkpoint(&id, &lease.token, "late", &json!(2).into()).await;
+    assert!(matches!(late, Err(QueueError::LeaseLost(_))), "{late:?}");
+    let late = queue.complete(&id, &lease.token, json!({})).await;
+    assert!(matches!(late, Err(QueueError::LeaseLost(_))), "{late:?}");
+    let progress = Progress { percent: 1, stage: None, message: "late".into() };
+    assert!(matches!(queue.progress(&id, &lease.token, progress).await, Err(QueueError::LeaseLost(_))));
+    let renewed = queue.renew(&[(id.clone(), lease.token.clone())]).await.unwrap();
+    assert_eq!(renewed, vec![echo_worker::queue::Renewal::Lost]);
+    assert_eq!(queue.recover_stalled().await.unwrap(), vec![id.clone()]);
+    let job = queue.get(&id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.stalls, job.attempts), (JobState::Waiting, 1, 0));
+    assert_eq!(queue.checkpoints(&id).await.unwrap().keys().collect::<Vec<_>>(), ["early"]);
+}

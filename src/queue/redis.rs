@@ -623,8 +623,12 @@ struct Inner {
 
 /// What one take script call found.
 enum Took {
+    /// A job, and how many are still waiting.
     Job(Box<Lease>, u64),
+    /// Nothing ready (or paused); the next delayed job is due after this long.
     Idle(Option<Duration>),
+    /// Other takers kept getting the head first: jobs are there, ask again.
+    Busy,
 }
 
 impl Inner {
@@ -728,8 +732,7 @@ impl Inner {
                 }
             }
         }
-        // Others kept taking the head first; the caller waits for the next wake-up.
-        Ok(Took::Idle(None))
+        Ok(Took::Busy)
     }
 
     /// Deletes the keys of jobs that count retention dropped.
@@ -802,6 +805,10 @@ impl Inner {
             }
             -3 => {
                 tracing::debug!(job = id, "fenced write refused: another lease holds the job");
+                Err(QueueError::LeaseLost(id.to_string()))
+            }
+            -4 => {
+                tracing::debug!(job = id, "fenced write refused: the lease expired");
                 Err(QueueError::LeaseLost(id.to_string()))
             }
             other => Err(QueueError::Unavailable(format!("unexpected reply {other} about job {id}"))),
@@ -1086,6 +1093,8 @@ impl Queue for RedisQueue {
                     wake.empty.store(true, Ordering::Release);
                     wake.set_due(due);
                 }
+                // Let the loop below ask again at once.
+                Took::Busy => wake.notify.notify_one(),
             }
             if wait.is_zero() {
                 return Ok(None);
@@ -1114,6 +1123,7 @@ impl Queue for RedisQueue {
                     wake.empty.store(true, Ordering::Release);
                     wake.set_due(due);
                 }
+                Took::Busy => wake.notify.notify_one(),
             }
         }
     }
@@ -1632,7 +1642,8 @@ impl Queue for RedisQueue {
         let k = &self.inner.keys;
         let (job, cp) = (k.job(id), k.checkpoints(id));
         let json = serde_json::to_string(output).map_err(|error| QueueError::Invalid(error.to_string()))?;
-        let reply = array(self.inner.script::<Value>(&CHECKPOINT, &[&job, &cp], &[&token.0, key, &json]).await?);
+        let reply =
+            array(self.inner.script::<Value>(&CHECKPOINT, &[&job, &cp, &k.active], &[id, &token.0, key, &json]).await?);
         Inner::fenced(id, first_code(&reply))
     }
 }
@@ -1647,7 +1658,7 @@ impl RedisQueue {
         let max_events = self.inner.max_events();
         let reply = array(
             self.inner
-                .script::<Value>(&NOTE, &[&job, &k.events], &[id, &token.0, event, progress, &max_events])
+                .script::<Value>(&NOTE, &[&job, &k.events, &k.active], &[id, &token.0, event, progress, &max_events])
                 .await?,
         );
         Inner::fenced(id, first_code(&reply))

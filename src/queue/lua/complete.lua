@@ -6,11 +6,11 @@ local job, cp, log, active, completed, events, ikeys, trash, metrics = KEYS[1], 
   KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local id, token, result = ARGV[1], ARGV[2], ARGV[3]
 local keep_ms, keep_n, max_events = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local held = check_lease(job, token)
+local now = now_ms()
+local held = check_lease(job, active, id, token, now)
 if held ~= 1 then
   return { held }
 end
-local now = now_ms()
 redis.call('ZREM', active, id)
 redis.call('HSET', job, 'result', result)
 redis.call('HDEL', job, 'cancel')
