@@ -626,3 +626,97 @@ async fn an_expired_lease_refuses_writes_even_before_recovery() {
     assert_eq!((job.state, job.stalls, job.attempts), (JobState::Waiting, 1, 0));
     assert_eq!(queue.checkpoints(&id).await.unwrap().keys().collect::<Vec<_>>(), ["early"]);
 }
+
+/// `CLUSTER SLOTS` as (first slot, last slot, master port).
+async fn slot_masters(connection: &mut redis::aio::MultiplexedConnection) -> Vec<(i64, i64, u16)> {
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(connection).await.unwrap();
+    ranges
+        .into_iter()
+        .filter_map(|range| {
+            let redis::Value::Array(range) = range else { return None };
+            let number = |value: &redis::Value| match value {
+                redis::Value::Int(n) => Some(*n),
+                _ => None,
+            };
+            let redis::Value::Array(master) = range.get(2)? else { return None };
+            Some((number(&range[0])?, number(&range[1])?, u16::try_from(number(master.get(1)?)?).ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_follows_its_slot_when_the_cluster_moves_it() {
+    let Some(urls) = cluster_urls() else { return };
+    let nodes: Vec<String> = urls.split(',').map(str::to_string).collect();
+    let queue_name = format!("moving-{}", uuid::Uuid::new_v4().simple());
+    let options = RedisOptions::new(&SecretUrl::new(urls.clone()), true, "echo-test:", &queue_name);
+    let queue = RedisQueue::connect(&options, settings()).await.unwrap();
+    let me = worker("moving");
+    let first = created(&queue, new_job("moving")).await;
+    let lease = queue.take(&me, Duration::ZERO).await.unwrap().expect("a job");
+    queue.complete(&first, &lease.token, json!({"before": "the move"})).await.unwrap();
+    // An idle taker, blocked on the old master when the slot moves.
+    let waiting = {
+        let queue = queue.clone();
+        let me = me.clone();
+        tokio::spawn(async move { queue.take(&me, Duration::from_secs(20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Move the queue's slot to another master, keys and all, as `redis-cli --cluster reshard` would.
+    let mut any = raw(&nodes[0]).await;
+    let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(queue.key_prefix()).query_async(&mut any).await.unwrap();
+    let owner_port = slot_masters(&mut any).await.into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).unwrap().2;
+    let port = |url: &String| url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let owner = nodes.iter().find(|url| port(url) == owner_port).expect("the owner is one of the nodes").clone();
+    let target = nodes.iter().find(|url| port(url) != owner_port).unwrap().clone();
+    let (mut from, mut to) = (raw(&owner).await, raw(&target).await);
+    let from_id: String = redis::cmd("CLUSTER").arg("MYID").query_async(&mut from).await.unwrap();
+    let to_id: String = redis::cmd("CLUSTER").arg("MYID").query_async(&mut to).await.unwrap();
+    let setslot = |state: &str, id: &str| {
+        let mut command = redis::cmd("CLUSTER");
+        command.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        command
+    };
+    let _: () = setslot("IMPORTING", &from_id).query_async(&mut to).await.unwrap();
+    let _: () = setslot("MIGRATING", &to_id).query_async(&mut from).await.unwrap();
+    let mut moved_keys = 0;
+    for _ in 0..100 {
+        let keys: Vec<String> =
+            redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(100).query_async(&mut from).await.unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        moved_keys += keys.len();
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(port(&target))
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async(&mut from)
+            .await
+            .unwrap();
+    }
+    assert!(moved_keys >= 5, "the queue's keys were not on the old master ({moved_keys})");
+    for node in &nodes {
+        let _: () = setslot("NODE", &to_id).query_async(&mut raw(node).await).await.unwrap();
+    }
+
+    // The shared connection is answered MOVED: the queue asks the cluster again and carries on.
+    let done = queue.get(&first).await.expect("get after the slot moved").expect("the job moved with its keys");
+    assert_eq!((done.state, done.result), (JobState::Completed, Some(json!({"before": "the move"}))));
+    let second = created(&queue, new_job("moving")).await;
+    let mut new_master = raw(&target).await;
+    let there: i64 = redis::cmd("EXISTS")
+        .arg(format!("{}job:{second}", queue.key_prefix()))
+        .query_async(&mut new_master)
+        .await
+        .unwrap();
+    assert_eq!(there, 1, "the new job was written on the new master");
+    // The idle taker's blocking connection follows too, and gets the new job.
+    let took = tokio::time::timeout(Duration::from_secs(25), waiting).await.expect("the idle take ended").unwrap();
+    assert_eq!(took.expect("take").expect("the job enqueued after the move").job.id, second);
+}
