@@ -132,6 +132,14 @@ async fn keys_under(connection: &mut redis::aio::MultiplexedConnection, prefix: 
     keys
 }
 
+/// Deletes a passing test's keys from the shared Redis.
+async fn forget(url: &str, prefix: &str) {
+    let mut connection = raw(url).await;
+    for key in keys_under(&mut connection, prefix).await {
+        let _: () = redis::cmd("DEL").arg(&key).query_async(&mut connection).await.unwrap();
+    }
+}
+
 /// Exercises every kind of key a queue writes: jobs in every state, checkpoints, logs, events, workers,
 /// per-minute counters, the idempotency index, the pause flag.
 async fn touch_every_key(queue: &RedisQueue) {
@@ -184,6 +192,7 @@ async fn every_key_of_a_queue_is_in_one_hash_slot() {
     });
     assert_eq!(slots.len(), 1, "keys of one queue in several slots: {slots:?}");
     assert!(keys.iter().all(|key| key.starts_with(queue.key_prefix())), "{keys:?}");
+    forget(&url, &prefix).await;
 }
 
 #[test]
@@ -197,7 +206,8 @@ fn key_slot_matches_redis_cluster() {
 #[tokio::test]
 async fn job_times_come_from_the_redis_server_clock() {
     let url = redis_url();
-    let queue = open(&url, &fresh_prefix("clock"), settings()).await;
+    let prefix = fresh_prefix("clock");
+    let queue = open(&url, &prefix, settings()).await;
     let mut connection = raw(&url).await;
     let before = server_ms(&mut connection).await;
     let mut delayed = new_job("clock");
@@ -228,12 +238,14 @@ async fn job_times_come_from_the_redis_server_clock() {
         .await
         .unwrap();
     assert_eq!(deadline as u64, started + 800, "the lease deadline is the server's take time plus the lease");
+    forget(&url, &prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_take_does_not_hold_up_other_calls() {
     let url = redis_url();
-    let queue = open(&url, &fresh_prefix("blocking"), settings()).await;
+    let prefix = fresh_prefix("blocking");
+    let queue = open(&url, &prefix, settings()).await;
     let me = worker("blocking");
     let waiting = {
         let queue = queue.clone();
@@ -254,6 +266,7 @@ async fn a_waiting_take_does_not_hold_up_other_calls() {
     let id = created(&queue, new_job("blocking")).await;
     let lease = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("take ended").unwrap().unwrap();
     assert_eq!(lease.expect("the waiting take got the new job").job.id, id);
+    forget(&url, &prefix).await;
 }
 
 /// A `redis-server` of the test's own on a free loopback port, stopped on drop.
@@ -519,6 +532,7 @@ async fn count_retention_deletes_the_keys_of_dropped_jobs() {
     let keys = keys_under(&mut connection, &prefix).await;
     let job_keys: Vec<&String> = keys.iter().filter(|key| key.contains(":job:")).collect();
     assert!(job_keys.len() <= 4, "keys of dropped jobs are left: {job_keys:?}");
+    forget(&url, &prefix).await;
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -603,9 +617,8 @@ async fn keys_of_one_hash_tag_get_a_connection_to_their_master_from_any_seed() {
 
 #[tokio::test]
 async fn an_expired_lease_refuses_writes_even_before_recovery() {
-    let queue =
-        open(&redis_url(), &fresh_prefix("expired"), QueueSettings { lease: Duration::from_millis(300), ..settings() })
-            .await;
+    let (url, prefix) = (redis_url(), fresh_prefix("expired"));
+    let queue = open(&url, &prefix, QueueSettings { lease: Duration::from_millis(300), ..settings() }).await;
     let me = worker("expired");
     let id = created(&queue, new_job("expired")).await;
     let lease = queue.take(&me, Duration::ZERO).await.unwrap().expect("job");
@@ -625,6 +638,7 @@ async fn an_expired_lease_refuses_writes_even_before_recovery() {
     let job = queue.get(&id).await.unwrap().unwrap();
     assert_eq!((job.state, job.stalls, job.attempts), (JobState::Waiting, 1, 0));
     assert_eq!(queue.checkpoints(&id).await.unwrap().keys().collect::<Vec<_>>(), ["early"]);
+    forget(&url, &prefix).await;
 }
 
 /// `CLUSTER SLOTS` as (first slot, last slot, master port).
