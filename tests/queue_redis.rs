@@ -132,6 +132,14 @@ async fn keys_under(connection: &mut redis::aio::MultiplexedConnection, prefix: 
     keys
 }
 
+/// Deletes a passing test's keys from the shared Redis.
+async fn forget(url: &str, prefix: &str) {
+    let mut connection = raw(url).await;
+    for key in keys_under(&mut connection, prefix).await {
+        let _: () = redis::cmd("DEL").arg(&key).query_async(&mut connection).await.unwrap();
+    }
+}
+
 /// Exercises every kind of key a queue writes: jobs in every state, checkpoints, logs, events, workers,
 /// per-minute counters, the idempotency index, the pause flag.
 async fn touch_every_key(queue: &RedisQueue) {
@@ -148,6 +156,7 @@ async fn touch_every_key(queue: &RedisQueue) {
     queue.complete(&done.job.id, &done.token, json!({})).await.unwrap();
     created(queue, new_job("slots")).await;
     let failing = queue.take(&me, Duration::ZERO).await.unwrap().expect("a ready job");
+    queue.save_checkpoint(&failing.job.id, &failing.token, "stage", &json!({"ok": true}).into()).await.unwrap();
     let final_failure = Failure { message: "no".into(), retryable: false, retry_after: None };
     queue.fail(&failing.job.id, &failing.token, final_failure).await.unwrap();
     let mut later = new_job("slots");
@@ -183,21 +192,22 @@ async fn every_key_of_a_queue_is_in_one_hash_slot() {
     });
     assert_eq!(slots.len(), 1, "keys of one queue in several slots: {slots:?}");
     assert!(keys.iter().all(|key| key.starts_with(queue.key_prefix())), "{keys:?}");
+    forget(&url, &prefix).await;
 }
 
 #[test]
 fn key_slot_matches_redis_cluster() {
     // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
-    assert_eq!(key_slot("123456789"), 0x31C3 % 16384);
+    assert_eq!(key_slot("123456789"), 0x31C3);
     assert_eq!(key_slot("foo"), 12182);
     assert_eq!(key_slot("a{foo}b"), 12182);
-    assert_eq!(key_slot("{}foo"), key_slot("{}foo"));
 }
 
 #[tokio::test]
 async fn job_times_come_from_the_redis_server_clock() {
     let url = redis_url();
-    let queue = open(&url, &fresh_prefix("clock"), settings()).await;
+    let prefix = fresh_prefix("clock");
+    let queue = open(&url, &prefix, settings()).await;
     let mut connection = raw(&url).await;
     let before = server_ms(&mut connection).await;
     let mut delayed = new_job("clock");
@@ -228,12 +238,14 @@ async fn job_times_come_from_the_redis_server_clock() {
         .await
         .unwrap();
     assert_eq!(deadline as u64, started + 800, "the lease deadline is the server's take time plus the lease");
+    forget(&url, &prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_take_does_not_hold_up_other_calls() {
     let url = redis_url();
-    let queue = open(&url, &fresh_prefix("blocking"), settings()).await;
+    let prefix = fresh_prefix("blocking");
+    let queue = open(&url, &prefix, settings()).await;
     let me = worker("blocking");
     let waiting = {
         let queue = queue.clone();
@@ -254,6 +266,7 @@ async fn a_waiting_take_does_not_hold_up_other_calls() {
     let id = created(&queue, new_job("blocking")).await;
     let lease = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("take ended").unwrap().unwrap();
     assert_eq!(lease.expect("the waiting take got the new job").job.id, id);
+    forget(&url, &prefix).await;
 }
 
 /// A `redis-server` of the test's own on a free loopback port, stopped on drop.
@@ -415,13 +428,17 @@ async fn an_idle_worker_waits_in_redis_and_sends_few_commands() {
     for slot in slots {
         take_calls += tokio::time::timeout(Duration::from_secs(10), slot).await.expect("slot ended").unwrap();
     }
-    let sent: u64 = after
+    let deltas: BTreeMap<&String, u64> = after
         .iter()
         .filter(|(name, _)| name.as_str() != "info")
-        .map(|(name, calls)| calls - before.get(name).copied().unwrap_or(0))
-        .sum();
+        .map(|(name, calls)| (name, calls - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, delta)| *delta > 0)
+        .collect();
+    let sent: u64 = deltas.values().sum();
     let per_second = sent as f64 / measured.as_secs_f64();
-    eprintln!("idle worker, 8 slots: {sent} commands in {measured:?} ({per_second:.2}/s), {take_calls} take calls");
+    eprintln!(
+        "idle worker, 8 slots: {sent} commands in {measured:?} ({per_second:.2}/s: {deltas:?}), {take_calls} take calls"
+    );
     assert!(take_calls >= 8 * 4, "the takes did not return at the end of their waits ({take_calls} calls)");
     assert!(per_second <= 2.0, "an idle worker sent {per_second:.2} commands/s: {before:?} -> {after:?}");
     assert!(
@@ -519,6 +536,7 @@ async fn count_retention_deletes_the_keys_of_dropped_jobs() {
     let keys = keys_under(&mut connection, &prefix).await;
     let job_keys: Vec<&String> = keys.iter().filter(|key| key.contains(":job:")).collect();
     assert!(job_keys.len() <= 4, "keys of dropped jobs are left: {job_keys:?}");
+    forget(&url, &prefix).await;
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -553,7 +571,6 @@ async fn the_queue_runs_on_a_redis_cluster_from_any_seed_node() {
     let options = RedisOptions::new(&SecretUrl::new(urls.clone()), false, &prefix, "queue");
     assert!(options.cluster, "several URLs mean a cluster");
     let all = RedisQueue::connect(&options, settings()).await.unwrap();
-    touch_every_key(&all).await;
     let me = worker("cluster");
     let id = created(&queues[0], new_job("cluster")).await;
     let lease = queues[1].take(&me, Duration::from_secs(2)).await.unwrap().expect("job through another seed");
@@ -563,6 +580,8 @@ async fn the_queue_runs_on_a_redis_cluster_from_any_seed_node() {
         .await
         .unwrap();
     assert!(matches!(outcome, FailOutcome::Retrying { .. }));
+    assert_eq!(all.get(&id).await.unwrap().unwrap().state, JobState::Delayed);
+    touch_every_key(&all).await;
 
     // Every key in one slot, checked by the cluster itself, on the master that holds it.
     let mut slot = None;
@@ -578,4 +597,144 @@ async fn the_queue_runs_on_a_redis_cluster_from_any_seed_node() {
         found += keys.len();
     }
     assert!(found >= 15, "the queue's keys were not found on any master");
+}
+
+#[tokio::test]
+async fn keys_of_one_hash_tag_get_a_connection_to_their_master_from_any_seed() {
+    let Some(urls) = cluster_urls() else { return };
+    let prefix = fresh_prefix("tag");
+    let key = format!("{prefix}{{ratelimit}}:whisper:transcription");
+    let mut refused_somewhere = false;
+    for node in urls.split(',') {
+        // A plain connection to a node that does not hold the slot is refused with MOVED…
+        let plain: redis::RedisResult<()> = redis::cmd("SET").arg(&key).arg(1).query_async(&mut raw(node).await).await;
+        refused_somewhere |= plain.is_err_and(|error| error.kind() == redis::ErrorKind::Moved);
+        // …while the connection for the key's slot, found through that same node, reaches its master.
+        let options = RedisOptions::new(&SecretUrl::new(node), true, &prefix, "ratelimit");
+        let mut connection =
+            echo_worker::queue::redis::connection_for_key(&options, &format!("{prefix}{{ratelimit}}:")).await.unwrap();
+        let count: i64 = redis::cmd("INCR").arg(&key).query_async(&mut connection).await.expect("no MOVED");
+        assert!(count >= 1);
+    }
+    assert!(refused_somewhere, "every node accepted the key: is this a cluster?");
+}
+
+#[tokio::test]
+async fn an_expired_lease_refuses_writes_even_before_recovery() {
+    let (url, prefix) = (redis_url(), fresh_prefix("expired"));
+    let queue = open(&url, &prefix, QueueSettings { lease: Duration::from_millis(300), ..settings() }).await;
+    let me = worker("expired");
+    let id = created(&queue, new_job("expired")).await;
+    let lease = queue.take(&me, Duration::ZERO).await.unwrap().expect("job");
+    queue.save_checkpoint(&id, &lease.token, "early", &json!(1).into()).await.expect("held while the lease runs");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    // Nobody recovered the job yet, but its lease is over: its holder may write nothing more.
+    assert_eq!(queue.get(&id).await.unwrap().unwrap().state, JobState::Active);
+    let late = queue.save_checkpoint(&id, &lease.token, "late", &json!(2).into()).await;
+    assert!(matches!(late, Err(QueueError::LeaseLost(_))), "{late:?}");
+    let late = queue.complete(&id, &lease.token, json!({})).await;
+    assert!(matches!(late, Err(QueueError::LeaseLost(_))), "{late:?}");
+    let progress = Progress { percent: 1, stage: None, message: "late".into() };
+    assert!(matches!(queue.progress(&id, &lease.token, progress).await, Err(QueueError::LeaseLost(_))));
+    let renewed = queue.renew(&[(id.clone(), lease.token.clone())]).await.unwrap();
+    assert_eq!(renewed, vec![echo_worker::queue::Renewal::Lost]);
+    assert_eq!(queue.recover_stalled().await.unwrap(), vec![id.clone()]);
+    let job = queue.get(&id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.stalls, job.attempts), (JobState::Waiting, 1, 0));
+    assert_eq!(queue.checkpoints(&id).await.unwrap().keys().collect::<Vec<_>>(), ["early"]);
+    forget(&url, &prefix).await;
+}
+
+/// `CLUSTER SLOTS` as (first slot, last slot, master port).
+async fn slot_masters(connection: &mut redis::aio::MultiplexedConnection) -> Vec<(i64, i64, u16)> {
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(connection).await.unwrap();
+    ranges
+        .into_iter()
+        .filter_map(|range| {
+            let redis::Value::Array(range) = range else { return None };
+            let number = |value: &redis::Value| match value {
+                redis::Value::Int(n) => Some(*n),
+                _ => None,
+            };
+            let redis::Value::Array(master) = range.get(2)? else { return None };
+            Some((number(&range[0])?, number(&range[1])?, u16::try_from(number(master.get(1)?)?).ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_follows_its_slot_when_the_cluster_moves_it() {
+    let Some(urls) = cluster_urls() else { return };
+    let nodes: Vec<String> = urls.split(',').map(str::to_string).collect();
+    let queue_name = format!("moving-{}", uuid::Uuid::new_v4().simple());
+    let options = RedisOptions::new(&SecretUrl::new(urls.clone()), true, "echo-test:", &queue_name);
+    let queue = RedisQueue::connect(&options, settings()).await.unwrap();
+    let me = worker("moving");
+    let first = created(&queue, new_job("moving")).await;
+    let lease = queue.take(&me, Duration::ZERO).await.unwrap().expect("a job");
+    queue.complete(&first, &lease.token, json!({"before": "the move"})).await.unwrap();
+    // An idle taker, blocked on the old master when the slot moves.
+    let waiting = {
+        let queue = queue.clone();
+        let me = me.clone();
+        tokio::spawn(async move { queue.take(&me, Duration::from_secs(20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Move the queue's slot to another master, keys and all, as `redis-cli --cluster reshard` would.
+    let mut any = raw(&nodes[0]).await;
+    let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(queue.key_prefix()).query_async(&mut any).await.unwrap();
+    let owner_port = slot_masters(&mut any).await.into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).unwrap().2;
+    let port = |url: &String| url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let owner = nodes.iter().find(|url| port(url) == owner_port).expect("the owner is one of the nodes").clone();
+    let target = nodes.iter().find(|url| port(url) != owner_port).unwrap().clone();
+    let (mut from, mut to) = (raw(&owner).await, raw(&target).await);
+    let from_id: String = redis::cmd("CLUSTER").arg("MYID").query_async(&mut from).await.unwrap();
+    let to_id: String = redis::cmd("CLUSTER").arg("MYID").query_async(&mut to).await.unwrap();
+    let setslot = |state: &str, id: &str| {
+        let mut command = redis::cmd("CLUSTER");
+        command.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        command
+    };
+    let _: () = setslot("IMPORTING", &from_id).query_async(&mut to).await.unwrap();
+    let _: () = setslot("MIGRATING", &to_id).query_async(&mut from).await.unwrap();
+    let mut moved_keys = 0;
+    for _ in 0..100 {
+        let keys: Vec<String> =
+            redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(100).query_async(&mut from).await.unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        moved_keys += keys.len();
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(port(&target))
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async(&mut from)
+            .await
+            .unwrap();
+    }
+    assert!(moved_keys >= 5, "the queue's keys were not on the old master ({moved_keys})");
+    for node in &nodes {
+        let _: () = setslot("NODE", &to_id).query_async(&mut raw(node).await).await.unwrap();
+    }
+
+    // The shared connection is answered MOVED: the queue asks the cluster again and carries on.
+    let done = queue.get(&first).await.expect("get after the slot moved").expect("the job moved with its keys");
+    assert_eq!((done.state, done.result), (JobState::Completed, Some(json!({"before": "the move"}))));
+    let second = created(&queue, new_job("moving")).await;
+    let mut new_master = raw(&target).await;
+    let there: i64 = redis::cmd("EXISTS")
+        .arg(format!("{}job:{second}", queue.key_prefix()))
+        .query_async(&mut new_master)
+        .await
+        .unwrap();
+    assert_eq!(there, 1, "the new job was written on the new master");
+    // The idle taker's blocking connection follows too, and gets the new job.
+    let took = tokio::time::timeout(Duration::from_secs(25), waiting).await.expect("the idle take ended").unwrap();
+    assert_eq!(took.expect("take").expect("the job enqueued after the move").job.id, second);
 }

@@ -82,6 +82,7 @@ static HEARTBEAT: LazyLock<Script> = lua!("heartbeat");
 static NOTE: LazyLock<Script> = lua!("note");
 static CHECKPOINT: LazyLock<Script> = lua!("checkpoint");
 static LOG: LazyLock<Script> = lua!("log");
+static LOGS: LazyLock<Script> = lua!("logs");
 static PURGE: LazyLock<Script> = lua!("purge");
 static ENDED: LazyLock<Script> = lua!("ended");
 static GET: LazyLock<Script> = lua!("get");
@@ -251,6 +252,23 @@ struct Link {
 }
 
 impl Link {
+    /// Where `options` point, for the keys in `slot_key`'s slot. Connects on first use.
+    fn new(options: &RedisOptions, slot_key: &str) -> Result<Self, QueueError> {
+        let mut infos = Vec::new();
+        for url in &options.urls {
+            let client = Client::open(url.expose())
+                .map_err(|error| QueueError::Invalid(format!("Redis URL {}: {error}", url.redacted())))?;
+            infos.push(client.get_connection_info().clone());
+        }
+        let mode = if options.cluster {
+            Mode::Cluster { seeds: infos, slot_key: slot_key.to_string() }
+        } else {
+            let info = infos.into_iter().next().ok_or_else(|| QueueError::Invalid("no Redis URL given".into()))?;
+            Mode::Single(Client::open(info).map_err(|error| QueueError::Invalid(error.to_string()))?)
+        };
+        Ok(Self { mode, node: RwLock::new(None), stale: AtomicBool::new(false), generation: AtomicU64::new(0) })
+    }
+
     async fn node(&self) -> Result<Node, QueueError> {
         if !self.stale.load(Ordering::Acquire)
             && let Some(node) = self.node.read().await.clone()
@@ -605,8 +623,12 @@ struct Inner {
 
 /// What one take script call found.
 enum Took {
+    /// A job, and how many are still waiting.
     Job(Box<Lease>, u64),
+    /// Nothing ready (or paused); the next delayed job is due after this long.
     Idle(Option<Duration>),
+    /// Other takers kept getting the head first: jobs are there, ask again.
+    Busy,
 }
 
 impl Inner {
@@ -710,8 +732,7 @@ impl Inner {
                 }
             }
         }
-        // Others kept taking the head first; the caller waits for the next wake-up.
-        Ok(Took::Idle(None))
+        Ok(Took::Busy)
     }
 
     /// Deletes the keys of jobs that count retention dropped.
@@ -776,7 +797,7 @@ impl Inner {
             1 => Ok(()),
             -1 => {
                 tracing::debug!(job = id, "fenced write refused: the job is gone");
-                Err(QueueError::NotFound(id.to_string()))
+                Err(QueueError::LeaseLost(id.to_string()))
             }
             -2 => {
                 tracing::debug!(job = id, "fenced write refused: the job is no longer active");
@@ -784,6 +805,10 @@ impl Inner {
             }
             -3 => {
                 tracing::debug!(job = id, "fenced write refused: another lease holds the job");
+                Err(QueueError::LeaseLost(id.to_string()))
+            }
+            -4 => {
+                tracing::debug!(job = id, "fenced write refused: the lease expired");
                 Err(QueueError::LeaseLost(id.to_string()))
             }
             other => Err(QueueError::Unavailable(format!("unexpected reply {other} about job {id}"))),
@@ -866,20 +891,8 @@ impl RedisQueue {
                 options.queue, options.prefix
             )));
         }
-        let mut infos = Vec::new();
-        for url in &options.urls {
-            let client = Client::open(url.expose())
-                .map_err(|error| QueueError::Invalid(format!("Redis URL {}: {error}", url.redacted())))?;
-            infos.push(client.get_connection_info().clone());
-        }
         let keys = Keys::new(&options.prefix, &options.queue);
-        let mode = if options.cluster {
-            Mode::Cluster { seeds: infos, slot_key: keys.meta.clone() }
-        } else {
-            let info = infos.into_iter().next().expect("one URL at least");
-            Mode::Single(Client::open(info).map_err(|error| QueueError::Invalid(error.to_string()))?)
-        };
-        let link = Link { mode, node: RwLock::new(None), stale: AtomicBool::new(false), generation: AtomicU64::new(0) };
+        let link = Link::new(options, &keys.meta)?;
         let node = link.node().await.map_err(|error| match error {
             QueueError::Unavailable(message) => {
                 QueueError::Unavailable(format!("Redis at {}: {message}", options.redacted()))
@@ -987,6 +1000,22 @@ impl RedisQueue {
     }
 }
 
+/// A reconnecting connection for keys sharing `key`'s hash slot: the Redis itself, or on a cluster the master
+/// that holds the slot at start (for callers outside the queue, such as the shared AI request windows, whose
+/// keys carry one hash tag).
+///
+/// # Errors
+/// [`QueueError::Invalid`] for an unusable URL; [`QueueError::Unavailable`] when Redis cannot be reached.
+pub async fn connection_for_key(options: &RedisOptions, key: &str) -> Result<ConnectionManager, QueueError> {
+    let link = Link::new(options, key)?;
+    link.node().await.map(|node| node.shared).map_err(|error| match error {
+        QueueError::Unavailable(message) => {
+            QueueError::Unavailable(format!("Redis at {}: {message}", options.redacted()))
+        }
+        other => other,
+    })
+}
+
 /// Reads `maxmemory-policy`.
 async fn memory_policy(mut connection: ConnectionManager) -> MemoryPolicy {
     let reply: Result<Value, RedisError> =
@@ -1064,6 +1093,8 @@ impl Queue for RedisQueue {
                     wake.empty.store(true, Ordering::Release);
                     wake.set_due(due);
                 }
+                // Let the loop below ask again at once.
+                Took::Busy => wake.notify.notify_one(),
             }
             if wait.is_zero() {
                 return Ok(None);
@@ -1092,6 +1123,7 @@ impl Queue for RedisQueue {
                     wake.empty.store(true, Ordering::Release);
                     wake.set_due(due);
                 }
+                Took::Busy => wake.notify.notify_one(),
             }
         }
     }
@@ -1533,9 +1565,9 @@ impl Queue for RedisQueue {
         let k = &self.inner.keys;
         let (job, log) = (k.job(id), k.log(id));
         let max = self.inner.settings.max_log_lines.max(1).to_string();
-        let written: i64 = self.inner.script(&LOG, &[&job, &log], &[line, &max]).await?;
+        let written: i64 = self.inner.script(&LOG, &[&job, &log, &k.trash], &[id, line, &max]).await?;
         if written == 0 {
-            tracing::debug!(job = id, "log line for a job that is gone, dropped");
+            tracing::debug!(job = id, "log line for a job that does not exist, dropped");
         }
         Ok(())
     }
@@ -1544,9 +1576,11 @@ impl Queue for RedisQueue {
         if !valid_id(id) {
             return Ok(Vec::new());
         }
-        let lines: Vec<String> =
-            self.inner.read(::redis::cmd("LRANGE").arg(self.inner.keys.log(id)).arg(0).arg(-1)).await?;
-        Ok(lines
+        let k = &self.inner.keys;
+        let (job, log) = (k.job(id), k.log(id));
+        let reply = array(self.inner.script::<Value>(&LOGS, &[&job, &log, &k.trash], &[id]).await?);
+        let Some(lines) = reply.into_iter().next() else { return Ok(Vec::new()) };
+        Ok(texts(lines)
             .into_iter()
             .map(|entry| match entry.split_once(' ') {
                 Some((at, line)) if at.parse::<u64>().is_ok() => {
@@ -1564,7 +1598,7 @@ impl Queue for RedisQueue {
             return Err(QueueError::Invalid(format!("event id {id:?} is not a stream id like 1700000000000-0")));
         }
         if limit == 0 {
-            return Ok(Vec::new());
+            return Err(QueueError::Invalid("reading events needs a limit of at least 1".into()));
         }
         let from = after.unwrap_or("0-0");
         let reply: Value = self
@@ -1608,7 +1642,8 @@ impl Queue for RedisQueue {
         let k = &self.inner.keys;
         let (job, cp) = (k.job(id), k.checkpoints(id));
         let json = serde_json::to_string(output).map_err(|error| QueueError::Invalid(error.to_string()))?;
-        let reply = array(self.inner.script::<Value>(&CHECKPOINT, &[&job, &cp], &[&token.0, key, &json]).await?);
+        let reply =
+            array(self.inner.script::<Value>(&CHECKPOINT, &[&job, &cp, &k.active], &[id, &token.0, key, &json]).await?);
         Inner::fenced(id, first_code(&reply))
     }
 }
@@ -1623,7 +1658,7 @@ impl RedisQueue {
         let max_events = self.inner.max_events();
         let reply = array(
             self.inner
-                .script::<Value>(&NOTE, &[&job, &k.events], &[id, &token.0, event, progress, &max_events])
+                .script::<Value>(&NOTE, &[&job, &k.events, &k.active], &[id, &token.0, event, progress, &max_events])
                 .await?,
         );
         Inner::fenced(id, first_code(&reply))
@@ -1649,6 +1684,7 @@ impl RedisQueue {
             &k.fseq,
             &k.meta,
             &k.trash,
+            &k.delayed,
         ];
         keys.extend(job_keys.iter().map(String::as_str));
         let max_events = self.inner.max_events();

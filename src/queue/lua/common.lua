@@ -50,9 +50,10 @@ local function wake(marker_key, meta_key)
   end
 end
 
--- Fencing: 1 when `token` holds the active job, else a negative code the caller maps to a distinct error:
--- -1 no such job, -2 not active (it ended or went back to waiting), -3 another token holds it.
-local function check_lease(job_key, token)
+-- Fencing: 1 when `token` holds the active job and its lease has not expired, else a negative code the caller
+-- maps to a distinct error: -1 no such job, -2 not active (it ended or went back to waiting), -3 another token
+-- holds it, -4 the lease expired (the job waits for recovery; its old holder may write nothing more).
+local function check_lease(job_key, active_key, id, token, now)
   local fields = redis.call('HMGET', job_key, 'state', 'token')
   if not fields[1] then
     return -1
@@ -62,6 +63,10 @@ local function check_lease(job_key, token)
   end
   if fields[2] ~= token then
     return -3
+  end
+  local deadline = redis.call('ZSCORE', active_key, id)
+  if not deadline or tonumber(deadline) <= now then
+    return -4
   end
   return 1
 end

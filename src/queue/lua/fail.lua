@@ -9,11 +9,11 @@ local job, cp, log, active, delayed, failed, events, ikeys, prio, trash, metrics
 local id, token, message, retryable = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
 local retry_after, backoff, max_backoff = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local keep_ms, keep_n, max_events = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
-local held = check_lease(job, token)
+local now = now_ms()
+local held = check_lease(job, active, id, token, now)
 if held ~= 1 then
   return { held }
 end
-local now = now_ms()
 redis.call('ZREM', active, id)
 redis.call('HSET', job, 'error', message)
 local attempts = tonumber(redis.call('HGET', job, 'attempts') or '0')

@@ -1,13 +1,13 @@
 -- Progress or a stage event of a held job: stored on the job (progress) and appended to the event stream.
--- KEYS: job, events. ARGV: id, token, event (JSON), progress (JSON, '' for a stage event), max_events.
+-- KEYS: job, events, active. ARGV: id, token, event (JSON), progress (JSON, '' for a stage event), max_events.
 -- Returns {1} or {fencing code}.
-local job, events = KEYS[1], KEYS[2]
+local job, events, active = KEYS[1], KEYS[2], KEYS[3]
 local id, token, event, progress, max_events = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local held = check_lease(job, token)
+local now = now_ms()
+local held = check_lease(job, active, id, token, now)
 if held ~= 1 then
   return { held }
 end
-local now = now_ms()
 if progress ~= '' then
   redis.call('HSET', job, 'progress', progress)
 end

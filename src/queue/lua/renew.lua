@@ -8,7 +8,7 @@ local out = {}
 for i = 1, count do
   local id, token = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
   local job = KEYS[1 + i]
-  local held = check_lease(job, token)
+  local held = check_lease(job, active, id, token, now)
   if held == 1 then
     redis.call('ZADD', active, 'XX', int(now + lease), id)
     if redis.call('HGET', job, 'cancel') == '1' then
