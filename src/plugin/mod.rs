@@ -229,6 +229,9 @@ pub struct PluginSet {
     pub broken: BTreeSet<String>,
     /// Every problem found.
     pub diagnostics: Vec<Diagnostic>,
+    /// The text of each valid plugin's file, by path, as it was read: a job carries these texts (see
+    /// `crate::definition`), never a second reading that may differ.
+    pub texts: std::collections::BTreeMap<PathBuf, String>,
 }
 
 impl PluginSet {
@@ -250,6 +253,7 @@ impl PluginSet {
             };
             match Plugin::load(&document) {
                 Ok(plugin) => {
+                    set.texts.insert(file.clone(), document.source.clone());
                     set.plugins.insert(plugin.name.clone(), plugin);
                 }
                 Err(diagnostics) => {
