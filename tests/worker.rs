@@ -1,0 +1,570 @@
+//! The worker in this process, on the memory queue and on the Redis at `ECHO_TEST_REDIS_URL` (a fresh queue name,
+//! so a fresh key hash tag, per test): jobs through real pipelines end to end, retries in the kept work
+//! directory, damaged definitions, cancels, lost leases, and a queue that goes away for a while. Every wait is
+//! bounded.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use echo_worker::catalog::Catalog;
+use echo_worker::config::{SecretUrl, Settings};
+use echo_worker::engine::{Engine, StageRegistry};
+use echo_worker::job::StageOutput;
+use echo_worker::job::checkpoint::MemoryCheckpoints;
+use echo_worker::queue::memory::MemoryQueue;
+use echo_worker::queue::redis::{RedisOptions, RedisQueue};
+use echo_worker::queue::{
+    CancelOutcome, Enqueued, Event, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease, LeaseToken, LogLine,
+    NewJob, Progress, Queue, QueueError, Renewal, Stats, WorkerInfo,
+};
+use echo_worker::store::{NewRecording, RecordingStatus, SqlStore, Store};
+use echo_worker::worker::{Worker, WorkerOptions, WorkerSummary};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// A folder for one test: settings pointing into it (SQLite store, work directories), and its own pipelines.
+struct Lab {
+    dir: tempfile::TempDir,
+    settings: Settings,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.database.url = SecretUrl::new(format!("sqlite://{}", dir.path().join("echo.db").display()));
+        settings.paths.temp_dir = dir.path().join("work");
+        std::fs::create_dir_all(&settings.paths.temp_dir).unwrap();
+        settings.queue.lease = echo_worker::units::HumanDuration(Duration::from_secs(3));
+        settings.worker.shutdown_grace = echo_worker::units::HumanDuration(Duration::from_secs(1));
+        Self { dir, settings }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Work directories left under the temp dir.
+    fn work_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.settings.paths.temp_dir).unwrap().map(|entry| entry.unwrap().path()).collect()
+    }
+
+    /// Writes test pipelines and command plugins into `pipelines/` and `plugins/` and loads them.
+    fn test_catalog(&self) -> (Catalog, PathBuf, PathBuf) {
+        let (pipelines, plugins) = (self.path("pipelines"), self.path("plugins"));
+        std::fs::create_dir_all(&pipelines).unwrap();
+        std::fs::create_dir_all(&plugins).unwrap();
+        let script = |name: &str, body: &str| {
+            let path = plugins.join(name);
+            std::fs::write(&path, body).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        // Writes its pid and its child's pid, leaves a file in its work directory, and sleeps.
+        script(
+            "hold.sh",
+            "#!/bin/sh\n: > scratch.tmp\nsleep \"$2\" &\necho \"$$ $!\" > \"$1\"\nwait\necho '{\"slept\": true}'\n",
+        );
+        // Fails (retryably, exit 75) unless the work directory still holds what its first attempt left there.
+        script(
+            "twice.sh",
+            "#!/bin/sh\nif [ -e first-attempt ]; then echo '{\"kept\": true}'; exit 0; fi\n: > first-attempt\n\
+             echo 'first attempt fails on purpose' >&2\nexit 75\n",
+        );
+        let plugin = |name: &str, program: &str, params: &str, args: &str| {
+            let text = format!(
+                "name = \"{name}\"\nkind = \"command\"\n[params]\n{params}\n[command]\nprogram = \"{program}\"\nargs = {args}\n"
+            );
+            std::fs::write(plugins.join(format!("{name}.toml")), text).unwrap();
+        };
+        plugin(
+            "hold",
+            "hold.sh",
+            "pid_file = { type = \"string\", required = true }\nseconds = { type = \"any\", required = true }",
+            "[\"{{ params.pid_file }}\", \"{{ params.seconds }}\"]",
+        );
+        plugin("twice", "twice.sh", "", "[]");
+        let pipeline = |name: &str, body: &str| {
+            std::fs::write(pipelines.join(format!("{name}.toml")), format!("name = \"{name}\"\n{body}")).unwrap();
+        };
+        pipeline(
+            "hold",
+            "[stages.hold]\nuses = \"hold\"\nretry = { max_attempts = 1 }\nwith = { pid_file = \"{{ job.params.pid_file }}\", \
+             seconds = \"{{ job.params.seconds }}\" }\n",
+        );
+        pipeline("twice", "[stages.twice]\nuses = \"twice\"\nretry = { max_attempts = 1 }\n");
+        let catalog = Catalog::load(&pipelines, &plugins).unwrap();
+        (catalog, pipelines, plugins)
+    }
+
+    async fn store(&self) -> Arc<SqlStore> {
+        echo_worker::app::store(&self.settings).await.unwrap()
+    }
+
+    /// Starts a worker; returns the token that stops it and its task.
+    async fn start(
+        &self,
+        queue: Arc<dyn Queue>,
+        pipelines: &Path,
+        plugins: &Path,
+        concurrency: usize,
+    ) -> (CancellationToken, tokio::task::JoinHandle<WorkerSummary>) {
+        let store = self.store().await;
+        let kinds = echo_worker::app::kinds(&self.settings, store.clone()).await.unwrap();
+        let engine = Engine::new(StageRegistry::new(), Arc::new(MemoryCheckpoints::default()), self.settings.engine());
+        let options = WorkerOptions {
+            concurrency,
+            lease: self.settings.queue.settings().lease,
+            shutdown_grace: self.settings.worker.shutdown_grace.0,
+            pipelines_dir: pipelines.to_path_buf(),
+            plugins_dir: plugins.to_path_buf(),
+        };
+        let worker = Worker::new(queue, store, engine, kinds, options);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(worker.run(stop.clone(), CancellationToken::new()));
+        (stop, task)
+    }
+}
+
+/// A job of `pipeline` from `catalog`, for a recording registered in `store`.
+async fn new_job(catalog: &Catalog, pipeline: &str, store: &dyn Store, source: Option<&Path>, params: Value) -> NewJob {
+    let recording = uuid::Uuid::new_v4().to_string();
+    let new = NewRecording { id: recording.clone(), pipeline: Some(pipeline.into()), ..NewRecording::default() };
+    store.register(&new).await.unwrap();
+    store.set_status(&recording, RecordingStatus::Queued, Some("queued"), None).await.unwrap();
+    NewJob {
+        pipeline: pipeline.into(),
+        definition: echo_worker::definition::of(catalog, pipeline).unwrap(),
+        recording_id: Some(recording),
+        source: source.map(|path| path.display().to_string()),
+        trusted_source: source.is_some(),
+        params: params.as_object().cloned().unwrap_or_default(),
+        priority: 0,
+        max_attempts: 2,
+        delay: None,
+        idempotency_key: None,
+    }
+}
+
+/// Waits (at most `limit`) until the job is in a final state; returns it.
+async fn until_final(queue: &dyn Queue, id: &str, limit: Duration) -> Job {
+    let start = Instant::now();
+    loop {
+        let job = queue.get(id).await.unwrap().expect("the job exists");
+        if job.state.is_final() || start.elapsed() > limit {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (at most 10 s) until `check` holds.
+async fn until(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+fn memory_queue(settings: &Settings) -> Arc<MemoryQueue> {
+    Arc::new(MemoryQueue::new(settings.queue.settings()))
+}
+
+async fn redis_queue(settings: &Settings, test: &str) -> Arc<RedisQueue> {
+    let url = support::redis_url();
+    support::redis_answers(&url).await.unwrap();
+    let queue = format!("{test}-{}", uuid::Uuid::new_v4().simple());
+    let options = RedisOptions::new(&SecretUrl::new(url), false, "echo-test:", &queue);
+    Arc::new(RedisQueue::connect(&options, settings.queue.settings()).await.unwrap())
+}
+
+/// Deletes a test queue's keys from the shared Redis.
+async fn drop_keys(queue: &RedisQueue) {
+    let client = redis::Client::open(support::redis_url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}*", queue.key_prefix())).query_async(&mut connection).await.unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut connection).await.unwrap();
+    }
+}
+
+/// The shipped `audio-qa` pipeline (validate, download, transcode, the `loudness` command plugin, persist) on a
+/// generated tone: the job completes with the engine's report, and the recording row is completed.
+async fn a_real_pipeline_completes(queue: Arc<dyn Queue>, lab: &Lab) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (pipelines, plugins) = (root.join("pipelines"), root.join("plugins"));
+    let catalog = Catalog::load(&pipelines, &plugins).unwrap();
+    let store = lab.store().await;
+    let tone = support::media::tone(lab.dir.path(), "tone.wav", 3);
+    let job = new_job(&catalog, "audio-qa", store.as_ref(), Some(&tone), json!({})).await;
+    let recording = job.recording_id.clone().unwrap();
+    let id = queue.enqueue(job).await.unwrap().id().to_string();
+    let (stop, worker) = lab.start(queue.clone(), &pipelines, &plugins, 2).await;
+    let job = until_final(queue.as_ref(), &id, Duration::from_secs(60)).await;
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Completed, "{job:?}\nlog: {:?}", queue.logs(&id).await.unwrap());
+    let result = job.result.expect("the report is the result");
+    assert_eq!(result["status"], "succeeded");
+    assert_eq!(result["stages"]["loudness"]["status"], "succeeded");
+    assert!(result["stages"]["transcode"]["duration_ms"].as_u64().is_some(), "stages carry their durations");
+    let row = store.get(&recording).await.unwrap().unwrap();
+    assert_eq!(row.status, RecordingStatus::Completed, "{row:?}");
+    assert_eq!(summary, WorkerSummary { completed: 1, ..WorkerSummary::default() });
+    assert!(lab.work_dirs().is_empty(), "the work directory is removed: {:?}", lab.work_dirs());
+    let logs: Vec<String> = queue.logs(&id).await.unwrap().into_iter().map(|line| line.line).collect();
+    assert!(logs.first().is_some_and(|line| line.starts_with("attempt 1 started on worker ")), "{logs:?}");
+    assert!(logs.last().is_some_and(|line| line.starts_with("completed in ")), "{logs:?}");
+}
+
+#[tokio::test]
+async fn a_job_runs_through_a_real_pipeline_on_the_memory_queue() {
+    let lab = Lab::new();
+    a_real_pipeline_completes(memory_queue(&lab.settings), &lab).await;
+}
+
+#[tokio::test]
+async fn a_job_runs_through_a_real_pipeline_on_redis() {
+    let lab = Lab::new();
+    let queue = redis_queue(&lab.settings, "worker-real").await;
+    a_real_pipeline_completes(queue.clone(), &lab).await;
+    drop_keys(&queue).await;
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_retried_in_the_work_directory_it_left_which_is_removed_when_the_job_ends() {
+    let mut lab = Lab::new();
+    lab.settings.queue.backoff = echo_worker::units::HumanDuration(Duration::from_millis(200));
+    let (catalog, pipelines, plugins) = lab.test_catalog();
+    let queue = memory_queue(&lab.settings);
+    let store = lab.store().await;
+    let job = new_job(&catalog, "twice", store.as_ref(), None, json!({})).await;
+    let recording = job.recording_id.clone().unwrap();
+    let id = queue.enqueue(job).await.unwrap().id().to_string();
+    let (stop, worker) = lab.start(queue.clone(), &pipelines, &plugins, 1).await;
+    let job = until_final(queue.as_ref(), &id, Duration::from_secs(30)).await;
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap();
+    let logs: Vec<String> = queue.logs(&id).await.unwrap().into_iter().map(|line| line.line).collect();
+    assert_eq!(job.state, JobState::Completed, "{job:?} {logs:?}");
+    assert_eq!(job.result.unwrap()["stages"]["twice"]["output"], json!({ "kept": true }), "the retry found its files");
+    assert_eq!(job.attempts, 2);
+    assert_eq!(summary, WorkerSummary { completed: 1, retried: 1, ..WorkerSummary::default() });
+    assert!(
+        logs.iter().any(|line| line.starts_with("attempt 1 failed: stage `twice`:") && line.contains("retrying")),
+        "the retry and its reason are in the job's log: {logs:?}"
+    );
+    assert!(logs.iter().any(|line| line.starts_with("stage `twice` failed after 1 attempt(s)")), "{logs:?}");
+    assert_eq!(store.get(&recording).await.unwrap().unwrap().status, RecordingStatus::Completed);
+    assert!(lab.work_dirs().is_empty(), "removed once the job ended: {:?}", lab.work_dirs());
+}
+
+#[tokio::test]
+async fn a_job_that_fails_for_good_fails_its_row_and_a_damaged_definition_is_refused_saying_why() {
+    let lab = Lab::new();
+    let (catalog, pipelines, plugins) = lab.test_catalog();
+    let queue = memory_queue(&lab.settings);
+    let store = lab.store().await;
+    // `twice` fails on its first attempt; with one attempt allowed that is the end.
+    let once = NewJob { max_attempts: 1, ..new_job(&catalog, "twice", store.as_ref(), None, json!({})).await };
+    let failing_row = once.recording_id.clone().unwrap();
+    let failing = queue.enqueue(once).await.unwrap().id().to_string();
+    let mut damaged = new_job(&catalog, "twice", store.as_ref(), None, json!({})).await;
+    damaged.definition.pipeline.text.push_str("\n[oops]\n");
+    let damaged_row = damaged.recording_id.clone().unwrap();
+    let broken = queue.enqueue(damaged).await.unwrap().id().to_string();
+    let (stop, worker) = lab.start(queue.clone(), &pipelines, &plugins, 2).await;
+    let failed = until_final(queue.as_ref(), &failing, Duration::from_secs(30)).await;
+    let refused = until_final(queue.as_ref(), &broken, Duration::from_secs(30)).await;
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(failed.error.as_deref().is_some_and(|e| e.starts_with("stage `twice`:")), "{failed:?}");
+    let row = store.get(&failing_row).await.unwrap().unwrap();
+    assert_eq!(row.status, RecordingStatus::Failed);
+    assert!(row.error.as_deref().is_some_and(|e| e.contains("stage `twice`")), "{row:?}");
+    assert_eq!(refused.state, JobState::Failed, "a damaged definition is not retried: {refused:?}");
+    assert!(refused.error.as_deref().is_some_and(|e| e.contains("does not match its SHA-256")), "{refused:?}");
+    assert_eq!(store.get(&damaged_row).await.unwrap().unwrap().status, RecordingStatus::Failed);
+    assert_eq!(summary.failed, 2);
+    let logs: Vec<String> = queue.logs(&failing).await.unwrap().into_iter().map(|line| line.line).collect();
+    assert!(logs.iter().any(|line| line.starts_with("failed for good: stage `twice`")), "{logs:?}");
+    assert!(lab.work_dirs().is_empty(), "{:?}", lab.work_dirs());
+}
+
+/// The pids `hold.sh` wrote, once it has.
+async fn held_pids(file: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    until(|| {
+        pids = std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .collect();
+        pids.len() == 2
+    })
+    .await;
+    pids
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is dead: its process is gone, only the parent's bookkeeping is left.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+    })
+}
+
+#[tokio::test]
+async fn a_cancelled_job_stops_within_two_seconds_with_its_processes_and_files_and_a_lost_lease_stops_our_copy() {
+    let lab = Lab::new();
+    let (catalog, pipelines, plugins) = lab.test_catalog();
+    let queue = memory_queue(&lab.settings);
+    let store = lab.store().await;
+    let (stop, worker) = lab.start(queue.clone(), &pipelines, &plugins, 1).await;
+
+    // Cancel while it runs.
+    let pid_file = lab.path("cancel.pids");
+    let params = json!({ "pid_file": pid_file.display().to_string(), "seconds": 60 });
+    let job = new_job(&catalog, "hold", store.as_ref(), None, params).await;
+    let recording = job.recording_id.clone().unwrap();
+    let id = queue.enqueue(job).await.unwrap().id().to_string();
+    let pids = held_pids(&pid_file).await;
+    assert_eq!(pids.len(), 2, "the plugin started");
+    assert!(!lab.work_dirs().is_empty(), "the job has a work directory while it runs");
+    let asked = Instant::now();
+    assert_eq!(queue.cancel(&id).await.unwrap(), CancelOutcome::Requested);
+    let job = until_final(queue.as_ref(), &id, Duration::from_secs(10)).await;
+    let took = asked.elapsed();
+    assert_eq!(job.state, JobState::Cancelled);
+    assert!(took < Duration::from_secs(2), "stopped and marked cancelled in {took:?}");
+    assert!(pids.iter().all(|pid| !alive(*pid)), "no process of the job is left: {pids:?}");
+    assert!(until(|| lab.work_dirs().is_empty()).await, "no file of the job is left: {:?}", lab.work_dirs());
+    assert_eq!(store.get(&recording).await.unwrap().unwrap().status, RecordingStatus::Cancelled);
+
+    // Lose the lease while it runs: the lease runs out (the clock moves past it) and the job goes back to waiting.
+    let pid_file = lab.path("lost.pids");
+    let params = json!({ "pid_file": pid_file.display().to_string(), "seconds": 60 });
+    let id =
+        queue.enqueue(new_job(&catalog, "hold", store.as_ref(), None, params).await).await.unwrap().id().to_string();
+    let first = held_pids(&pid_file).await;
+    std::fs::remove_file(&pid_file).unwrap();
+    queue.advance_clock(Duration::from_secs(10));
+    // The worker's own upkeep may recover it first; either way it is recovered once.
+    queue.recover_stalled().await.unwrap();
+    // Our copy stops; the recovered job is taken again (by this worker, the only one) and runs afresh.
+    let second = held_pids(&pid_file).await;
+    assert!(first.iter().all(|pid| !alive(*pid)), "the lost copy was stopped: {first:?}");
+    assert_eq!(second.len(), 2, "the recovered job runs again");
+    let job = queue.get(&id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.stalls), (JobState::Active, 1), "{job:?}");
+    queue.cancel(&id).await.unwrap();
+    until_final(queue.as_ref(), &id, Duration::from_secs(10)).await;
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap();
+    assert_eq!(summary, WorkerSummary { cancelled: 2, lost: 1, ..WorkerSummary::default() });
+}
+
+#[tokio::test]
+async fn shutdown_lets_short_jobs_finish_and_hands_long_ones_back_at_once() {
+    let lab = Lab::new();
+    let (catalog, pipelines, plugins) = lab.test_catalog();
+    let queue = memory_queue(&lab.settings);
+    let store = lab.store().await;
+    let (stop, worker) = lab.start(queue.clone(), &pipelines, &plugins, 2).await;
+    let (short_pids, long_pids) = (lab.path("short.pids"), lab.path("long.pids"));
+    let short =
+        new_job(&catalog, "hold", store.as_ref(), None, json!({ "pid_file": short_pids, "seconds": 0.5 })).await;
+    let long = new_job(&catalog, "hold", store.as_ref(), None, json!({ "pid_file": long_pids, "seconds": 60 })).await;
+    let short = queue.enqueue(short).await.unwrap().id().to_string();
+    let long = queue.enqueue(long).await.unwrap().id().to_string();
+    held_pids(&short_pids).await;
+    let pids = held_pids(&long_pids).await;
+    let signalled = Instant::now();
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(queue.get(&short).await.unwrap().unwrap().state, JobState::Completed, "finished within the grace");
+    let long = queue.get(&long).await.unwrap().unwrap();
+    assert_eq!(long.state, JobState::Waiting, "handed back for another worker: {long:?}");
+    assert_eq!((long.attempts, long.stalls), (0, 0), "a hand-back counts neither an attempt nor a stall");
+    assert!(took < Duration::from_secs(4), "grace 1 s, then stopped and handed back: {took:?}");
+    assert!(pids.iter().all(|pid| !alive(*pid)));
+    assert_eq!(summary, WorkerSummary { completed: 1, released: 1, ..WorkerSummary::default() });
+    assert!(lab.work_dirs().is_empty(), "{:?}", lab.work_dirs());
+}
+
+/// A queue that can be switched off: every call fails as an unreachable Redis does, and is counted.
+struct Outage {
+    inner: MemoryQueue,
+    down: AtomicBool,
+    calls_while_down: AtomicUsize,
+}
+
+impl Outage {
+    fn check(&self) -> Result<(), QueueError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.calls_while_down.fetch_add(1, Ordering::SeqCst);
+            return Err(QueueError::Unavailable("Connection refused (os error 111)".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for Outage {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
+        self.check()?;
+        self.inner.enqueue(job).await
+    }
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Result<Enqueued, QueueError>>, QueueError> {
+        self.check()?;
+        self.inner.enqueue_many(jobs).await
+    }
+    async fn take(&self, worker: &WorkerInfo, wait: Duration) -> Result<Option<Lease>, QueueError> {
+        self.check()?;
+        self.inner.take(worker, wait).await
+    }
+    async fn renew(&self, leases: &[(JobId, LeaseToken)]) -> Result<Vec<Renewal>, QueueError> {
+        self.check()?;
+        self.inner.renew(leases).await
+    }
+    async fn complete(&self, id: &str, token: &LeaseToken, result: Value) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.complete(id, token, result).await
+    }
+    async fn fail(&self, id: &str, token: &LeaseToken, failure: Failure) -> Result<FailOutcome, QueueError> {
+        self.check()?;
+        self.inner.fail(id, token, failure).await
+    }
+    async fn cancelled(&self, id: &str, token: &LeaseToken) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.cancelled(id, token).await
+    }
+    async fn release(&self, id: &str, token: &LeaseToken) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.release(id, token).await
+    }
+    async fn recover_stalled(&self) -> Result<Vec<JobId>, QueueError> {
+        self.check()?;
+        self.inner.recover_stalled().await
+    }
+    async fn cancel(&self, id: &str) -> Result<CancelOutcome, QueueError> {
+        self.check()?;
+        self.inner.cancel(id).await
+    }
+    async fn retry(&self, id: &str) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.retry(id).await
+    }
+    async fn retry_failed(&self, pipeline: Option<&str>) -> Result<Vec<JobId>, QueueError> {
+        self.check()?;
+        self.inner.retry_failed(pipeline).await
+    }
+    async fn promote(&self, id: &str) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.promote(id).await
+    }
+    async fn set_paused(&self, paused: bool) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.set_paused(paused).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<Job>, QueueError> {
+        self.check()?;
+        self.inner.get(id).await
+    }
+    async fn live_job_for(&self, key: &str) -> Result<Option<JobId>, QueueError> {
+        self.check()?;
+        self.inner.live_job_for(key).await
+    }
+    async fn list(&self, state: JobState, cursor: Option<&str>, limit: usize) -> Result<JobPage, QueueError> {
+        self.check()?;
+        self.inner.list(state, cursor, limit).await
+    }
+    async fn stats(&self) -> Result<Stats, QueueError> {
+        self.check()?;
+        self.inner.stats().await
+    }
+    async fn clean(&self, state: JobState, older_than: Duration, limit: usize) -> Result<u64, QueueError> {
+        self.check()?;
+        self.inner.clean(state, older_than, limit).await
+    }
+    async fn heartbeat(&self, worker: &WorkerInfo) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.heartbeat(worker).await
+    }
+    async fn progress(&self, id: &str, token: &LeaseToken, progress: Progress) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.progress(id, token, progress).await
+    }
+    async fn stage_event(&self, id: &str, token: &LeaseToken, stage: &str, status: &str) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.stage_event(id, token, stage, status).await
+    }
+    async fn log(&self, id: &str, line: &str) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.log(id, line).await
+    }
+    async fn logs(&self, id: &str) -> Result<Vec<LogLine>, QueueError> {
+        self.check()?;
+        self.inner.logs(id).await
+    }
+    async fn events(&self, after: Option<&str>, limit: usize, wait: Duration) -> Result<Vec<Event>, QueueError> {
+        self.check()?;
+        self.inner.events(after, limit, wait).await
+    }
+    async fn checkpoints(&self, id: &str) -> Result<BTreeMap<String, StageOutput>, QueueError> {
+        self.check()?;
+        self.inner.checkpoints(id).await
+    }
+    async fn save_checkpoint(
+        &self,
+        id: &str,
+        token: &LeaseToken,
+        key: &str,
+        output: &StageOutput,
+    ) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.save_checkpoint(id, token, key, output).await
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_queue_neither_stops_nor_spins_the_worker_and_loses_no_job() {
+    let mut lab = Lab::new();
+    lab.settings.queue.lease = echo_worker::units::HumanDuration(Duration::from_secs(30));
+    let (catalog, pipelines, plugins) = lab.test_catalog();
+    let queue = Arc::new(Outage {
+        inner: MemoryQueue::new(lab.settings.queue.settings()),
+        down: AtomicBool::new(false),
+        calls_while_down: AtomicUsize::new(0),
+    });
+    let store = lab.store().await;
+    let (stop, worker) = lab.start(queue.clone(), &pipelines, &plugins, 1).await;
+    let pid_file = lab.path("outage.pids");
+    let job = new_job(&catalog, "hold", store.as_ref(), None, json!({ "pid_file": pid_file, "seconds": 3 })).await;
+    let id = queue.enqueue(job).await.unwrap().id().to_string();
+    held_pids(&pid_file).await;
+    // The queue goes away while the job runs and while it ends, for 4 s.
+    queue.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let calls = queue.calls_while_down.load(Ordering::SeqCst);
+    queue.down.store(false, Ordering::SeqCst);
+    assert!(!worker.is_finished(), "the worker is still running");
+    // Renewals twice a second, backed-off takes and finishing calls: a few dozen calls, not a busy loop.
+    assert!(calls < 60, "{calls} calls in 4 s of outage");
+    assert!(calls >= 4, "the worker kept trying: {calls} calls");
+    let job = until_final(queue.as_ref(), &id, Duration::from_secs(20)).await;
+    assert_eq!(job.state, JobState::Completed, "the job finished once the queue answered again: {job:?}");
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap();
+    assert_eq!(summary.completed, 1);
+}
