@@ -143,10 +143,10 @@ fn sources(inputs: &[String]) -> anyhow::Result<Vec<Source>> {
 /// Before anything is enqueued: no `REDIS_URL`, invalid or unknown pipeline, unreadable inputs, an unreachable
 /// store or queue.
 pub async fn enqueue(settings: &Settings, request: EnqueueRequest) -> anyhow::Result<ExitCode> {
+    let queue = app::queue(settings).await?;
     let catalog = Catalog::load(&request.pipelines, &request.plugins)?;
     let definition = crate::definition::of(&catalog, &request.pipeline)?;
     let sources = sources(&request.inputs)?;
-    let queue = app::queue(settings).await?;
     let store = app::store(settings).await?;
     let mut jobs = Vec::with_capacity(sources.len());
     let mut recordings = Vec::with_capacity(sources.len());

@@ -568,3 +568,276 @@ async fn an_unreachable_queue_neither_stops_nor_spins_the_worker_and_loses_no_jo
     let summary = tokio::time::timeout(Duration::from_secs(20), worker).await.unwrap().unwrap();
     assert_eq!(summary.completed, 1);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Worker processes: the `echo-worker` binary, as deployed.
+
+/// `echo-worker` with the lab's settings in its environment, on the Redis queue `queue`.
+fn command(lab: &Lab, queue: &str, pipelines: &Path, plugins: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_echo-worker"));
+    command
+        .current_dir(lab.dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("REDIS_URL", support::redis_url())
+        .env("ECHO_REDIS__PREFIX", "echo-test:")
+        .env("ECHO_QUEUE__NAME", queue)
+        .env("DATABASE_URL", lab.settings.database.url.expose())
+        .env("TEMP_DIR", &lab.settings.paths.temp_dir)
+        .env("ECHO_PATHS__PIPELINES", pipelines)
+        .env("ECHO_PATHS__PLUGINS", plugins)
+        .env("ECHO_QUEUE__LEASE", lab.settings.queue.lease.to_string())
+        .env("ECHO_WORKER__SHUTDOWN_GRACE", lab.settings.worker.shutdown_grace.to_string())
+        .env("LOG_LEVEL", "info");
+    command
+}
+
+/// A worker process, killed when dropped (a failing test leaves nothing running).
+struct Process(std::process::Child);
+
+impl Process {
+    /// Starts `echo-worker worker`.
+    fn spawn(mut command: std::process::Command, log: &Path) -> Self {
+        let log = std::fs::File::create(log).unwrap();
+        command.arg("worker").stdout(std::process::Stdio::null()).stderr(log);
+        Self(command.spawn().unwrap())
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// Waits (at most `limit`) for the process to exit.
+    async fn exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `echo-worker ARGS` to its end; returns (exit code, stdout, stderr).
+async fn run(mut command: std::process::Command, args: &[&str]) -> (i32, String, String) {
+    command.args(args);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
+}
+
+/// The test's view of the queue the processes use.
+async fn process_queue(lab: &Lab, name: &str) -> Arc<RedisQueue> {
+    let url = support::redis_url();
+    support::redis_answers(&url).await.unwrap();
+    let options = RedisOptions::new(&SecretUrl::new(url), false, "echo-test:", name);
+    Arc::new(RedisQueue::connect(&options, lab.settings.queue.settings()).await.unwrap())
+}
+
+/// Enqueues `count` `hold` jobs with the CLI; returns their ids and pid files.
+async fn enqueue_holds(
+    lab: &Lab,
+    queue: &str,
+    pipelines: &Path,
+    plugins: &Path,
+    count: usize,
+) -> Vec<(String, PathBuf)> {
+    let dummy = lab.path("dummy.wav");
+    std::fs::write(&dummy, b"the hold pipeline never reads it").unwrap();
+    let mut jobs = Vec::new();
+    for index in 0..count {
+        let pid_file = lab.path(&format!("hold-{index}.pids"));
+        let param = format!("pid_file={}", pid_file.display());
+        let args = [
+            "enqueue",
+            dummy.to_str().unwrap(),
+            "--pipeline",
+            "hold",
+            "--param",
+            &param,
+            "--param",
+            "seconds=60",
+            "--format",
+            "json",
+        ];
+        let (code, stdout, stderr) = run(command(lab, queue, pipelines, plugins), &args).await;
+        assert_eq!(code, 0, "{stderr}");
+        let listed: Value = serde_json::from_str(&stdout).unwrap();
+        jobs.push((listed[0]["job_id"].as_str().unwrap().to_string(), pid_file));
+    }
+    jobs
+}
+
+#[tokio::test]
+async fn worker_and_queue_commands_refuse_to_start_without_redis_url() {
+    let lab = Lab::new();
+    let (_, pipelines, plugins) = lab.test_catalog();
+    for args in [vec!["worker"], vec!["enqueue", "x.wav", "--pipeline", "hold"], vec!["stats"], vec!["cancel", "x"]] {
+        let mut command = command(&lab, "unused", &pipelines, &plugins);
+        command.env_remove("REDIS_URL");
+        let (code, _, stderr) = run(command, &args).await;
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("no REDIS_URL"), "{args:?} says why: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_job_in_a_worker_process_is_cancelled_from_another_process_within_two_seconds() {
+    let lab = Lab::new();
+    let (_, pipelines, plugins) = lab.test_catalog();
+    let name = format!("worker-cancel-{}", uuid::Uuid::new_v4().simple());
+    let queue = process_queue(&lab, &name).await;
+    let mut worker = Process::spawn(command(&lab, &name, &pipelines, &plugins), &lab.path("worker.log"));
+    let jobs = enqueue_holds(&lab, &name, &pipelines, &plugins, 1).await;
+    let (id, pid_file) = &jobs[0];
+    let pids = held_pids(pid_file).await;
+    assert_eq!(
+        pids.len(),
+        2,
+        "the job runs in the worker process: {}",
+        std::fs::read_to_string(lab.path("worker.log")).unwrap()
+    );
+    assert_eq!(lab.work_dirs().len(), 1, "its work directory exists");
+    let asked = Instant::now();
+    let (code, stdout, stderr) = run(command(&lab, &name, &pipelines, &plugins), &["cancel", id]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("asked to stop it"), "{stdout}");
+    let job = until_final(queue.as_ref(), id, Duration::from_secs(10)).await;
+    let took = asked.elapsed();
+    assert_eq!(job.state, JobState::Cancelled, "{job:?}");
+    assert!(took < Duration::from_secs(2), "stopped within 2 s of the cancel command starting: {took:?}");
+    assert!(pids.iter().all(|pid| !alive(*pid)), "no child process is left: {pids:?}");
+    assert!(until(|| lab.work_dirs().is_empty()).await, "no temporary file is left: {:?}", lab.work_dirs());
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = worker.exit(Duration::from_secs(15)).await.expect("the worker exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    drop_keys(&queue).await;
+}
+
+#[tokio::test]
+async fn sigterm_hands_unfinished_jobs_to_another_worker_within_a_second() {
+    let mut lab = Lab::new();
+    // A lease far longer than the test: jobs that move on quickly were handed back, not recovered.
+    lab.settings.queue.lease = echo_worker::units::HumanDuration(Duration::from_secs(60));
+    let (_, pipelines, plugins) = lab.test_catalog();
+    let name = format!("worker-deploy-{}", uuid::Uuid::new_v4().simple());
+    let queue = process_queue(&lab, &name).await;
+    let mut first = command(&lab, &name, &pipelines, &plugins);
+    first.env("WORKER_CONCURRENCY", "10");
+    let mut first = Process::spawn(first, &lab.path("first.log"));
+    let jobs = enqueue_holds(&lab, &name, &pipelines, &plugins, 10).await;
+    for (_, pid_file) in &jobs {
+        assert_eq!(held_pids(pid_file).await.len(), 2, "{}", std::fs::read_to_string(lab.path("first.log")).unwrap());
+    }
+    let mut second = command(&lab, &name, &pipelines, &plugins);
+    second.env("WORKER_CONCURRENCY", "10");
+    let _second = Process::spawn(second, &lab.path("second.log"));
+    let mut ready = false;
+    for _ in 0..200 {
+        if queue.stats().await.unwrap().workers.len() == 2 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the second worker is up");
+    let holder = queue.get(&jobs[0].0).await.unwrap().unwrap().worker.unwrap();
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = first.exit(Duration::from_secs(20)).await.expect("the first worker exits");
+    assert!(status.success(), "{status:?}");
+    let mut moved = Vec::new();
+    for (id, _) in &jobs {
+        let start = Instant::now();
+        let job = loop {
+            let job = queue.get(id).await.unwrap().unwrap();
+            if (job.state == JobState::Active && job.worker.as_deref() != Some(holder.as_str()))
+                || start.elapsed() > Duration::from_secs(10)
+            {
+                break job;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(job.state, JobState::Active, "{job:?}");
+        assert_ne!(job.worker.as_deref(), Some(holder.as_str()), "taken by the other worker");
+        moved.push(id.clone());
+    }
+    // From the event stream: each job's hand-back and the take that followed it.
+    let events = queue.events(None, 10_000, Duration::ZERO).await.unwrap();
+    for id in &moved {
+        let of_job: Vec<&Event> = events.iter().filter(|event| &event.job_id == id).collect();
+        let released = of_job.iter().find_map(|event| match &event.kind {
+            echo_worker::queue::EventKind::State { state: JobState::Waiting, reason: Some(reason) }
+                if reason.contains("released") =>
+            {
+                Some(event.at)
+            }
+            _ => None,
+        });
+        let released = released.unwrap_or_else(|| panic!("job {id} was handed back: {of_job:?}"));
+        let taken = of_job
+            .iter()
+            .filter(|event| event.at >= released)
+            .find_map(|event| match &event.kind {
+                echo_worker::queue::EventKind::State { state: JobState::Active, .. } => Some(event.at),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("job {id} was taken again: {of_job:?}"));
+        assert!(taken - released <= 1000, "job {id} taken {} ms after its hand-back", taken - released);
+    }
+    for id in &moved {
+        queue.cancel(id).await.unwrap();
+    }
+    for id in &moved {
+        assert_eq!(until_final(queue.as_ref(), id, Duration::from_secs(10)).await.state, JobState::Cancelled);
+    }
+    drop_keys(&queue).await;
+}
+
+#[tokio::test]
+async fn enqueue_wait_follows_the_jobs_and_exits_like_process() {
+    let lab = Lab::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (pipelines, plugins) = (root.join("pipelines"), root.join("plugins"));
+    let name = format!("worker-wait-{}", uuid::Uuid::new_v4().simple());
+    let queue = process_queue(&lab, &name).await;
+    let _worker = Process::spawn(command(&lab, &name, &pipelines, &plugins), &lab.path("worker.log"));
+    let folder = lab.path("inbox");
+    std::fs::create_dir_all(&folder).unwrap();
+    support::media::tone(&folder, "good.wav", 2);
+    std::fs::write(folder.join("notes.txt"), "not media, and not picked up").unwrap();
+    std::fs::write(lab.path("bad.wav"), "this is text, not audio").unwrap();
+    let bad = lab.path("bad.wav");
+    let args = ["enqueue", folder.to_str().unwrap(), bad.to_str().unwrap(), "--pipeline", "audio-qa", "--wait"];
+    let (code, stdout, stderr) =
+        tokio::time::timeout(Duration::from_secs(90), run(command(&lab, &name, &pipelines, &plugins), &args))
+            .await
+            .expect("enqueue --wait ends");
+    assert_eq!(code, 1, "one job failed: {stdout}\n{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "one job per media file, the text file left out: {stdout}");
+    let failed: Vec<&str> = stderr.lines().filter(|line| line.contains(": failed:")).collect();
+    assert_eq!(failed.len(), 1, "{stderr}");
+    assert!(failed[0].contains("bad.wav: failed: stage `validate`:"), "names the file and the stage: {stderr}");
+    let good = stdout.lines().find(|line| line.contains("good.wav")).unwrap();
+    let id = good.split("job ").nth(1).unwrap().split(' ').next().unwrap();
+    let (code, text, stderr) = run(command(&lab, &name, &pipelines, &plugins), &["job", id]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(text.contains(": completed (pipeline audio-qa"), "{text}");
+    assert!(text.contains("loudness") && text.contains("succeeded"), "stages with their states: {text}");
+    assert!(text.contains("completed in "), "log lines: {text}");
+    let (code, json_text, _) = run(command(&lab, &name, &pipelines, &plugins), &["stats", "--format", "json"]).await;
+    assert_eq!(code, 0);
+    let stats: Value = serde_json::from_str(&json_text).unwrap();
+    assert_eq!(stats["counts"]["completed"], 1, "{stats}");
+    assert_eq!(stats["counts"]["failed"], 1, "{stats}");
+    drop_keys(&queue).await;
+}
