@@ -75,7 +75,7 @@ end
 -- deletes with purge.lua (their keys are not this script's to touch). Jobs over the age need nothing more:
 -- their keys expire on their own (finish sets the TTL). Returns the trash size.
 local function retain(zset_key, trash_key, now, keep_ms, keep_n)
-  redis.call('ZREMRANGEBYSCORE', zset_key, '-inf', '(' .. int(now - keep_ms))
+  redis.call('ZREMRANGEBYSCORE', zset_key, '-inf', int(now - keep_ms))
   local extra = redis.call('ZCARD', zset_key) - keep_n
   if extra > 0 then
     if extra > 1000 then

@@ -3,9 +3,9 @@
 -- per-minute failed. ARGV: keep_completed_ms, keep_failed_ms, stale_ms.
 -- Returns {now, {counts in that order}, paused, {worker JSON, last beat, ...}, {minute, n, ...}, {minute, n, ...}}.
 local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. int(now - tonumber(ARGV[1])))
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. int(now - tonumber(ARGV[2])))
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. int(now - tonumber(ARGV[2])))
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', int(now - tonumber(ARGV[1])))
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', int(now - tonumber(ARGV[2])))
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', int(now - tonumber(ARGV[2])))
 local counts = {}
 for i = 1, 6 do
   counts[i] = redis.call('ZCARD', KEYS[i])
