@@ -841,3 +841,158 @@ async fn enqueue_wait_follows_the_jobs_and_exits_like_process() {
     assert_eq!(stats["counts"]["failed"], 1, "{stats}");
     drop_keys(&queue).await;
 }
+
+/// The crash test (issue 9): three `echo-worker worker` processes transcribe jobs against the fake AI server
+/// while one of them, in the middle of a job, is killed with SIGKILL every couple of seconds and replaced. Every
+/// job completes exactly once with one completed row, nothing stays active, every recovery comes within the
+/// lease plus 5 s of its kill, and the chunks sent twice are no more than the requests in flight at the kills.
+/// `ECHO_TEST_CRASH_JOBS` sets the number of jobs (12 by default, 30 in the issue's full run).
+#[tokio::test]
+async fn killed_workers_lose_no_job_complete_none_twice_and_pay_for_no_chunk_twice() {
+    use support::fake_ai::{Fake, KEY, Kind};
+    let mut lab = Lab::new();
+    lab.settings.queue.lease = echo_worker::units::HumanDuration(Duration::from_secs(2));
+    let jobs_wanted: usize = std::env::var("ECHO_TEST_CRASH_JOBS").ok().and_then(|n| n.parse().ok()).unwrap_or(12);
+    let (_, pipelines, plugins) = lab.test_catalog();
+    std::fs::write(
+        pipelines.join("transcribe.toml"),
+        "name = \"transcribe\"\n[stages.transcode]\nuses = \"transcode\"\n\
+         with = { input = \"{{ job.source }}\", max_chunk_duration = \"4s\" }\n\
+         [stages.transcript]\nuses = \"whisper\"\nneeds = [\"transcode\"]\n\
+         [stages.persist]\nuses = \"persist\"\nneeds = [\"transcript\"]\nwith.transcript = \"{{ stages.transcript.text }}\"\n",
+    )
+    .unwrap();
+    let fake = Fake::start().await;
+    *fake.delay.lock().unwrap() = Duration::from_millis(600);
+    let name = format!("worker-crash-{}", uuid::Uuid::new_v4().simple());
+    let queue = process_queue(&lab, &name).await;
+    let spawn_worker = |index: usize| {
+        let mut command = command(&lab, &name, &pipelines, &plugins);
+        command
+            .env("WORKER_CONCURRENCY", "2")
+            .env("ECHO_AI__PROVIDERS__FAKE__STYLE", "openai")
+            .env("ECHO_AI__PROVIDERS__FAKE__ENDPOINT", format!("{}/v1", fake.base))
+            .env("ECHO_AI__PROVIDERS__FAKE__API_KEY", KEY);
+        Process::spawn(command, &lab.path(&format!("worker-{index}.log")))
+    };
+    let mut workers: Vec<Process> = (0..3).map(spawn_worker).collect();
+    let media = lab.path("media");
+    std::fs::create_dir_all(&media).unwrap();
+    for index in 0..jobs_wanted {
+        let path = media.join(format!("tone-{index:02}.wav"));
+        let source = format!("sine=frequency={}:duration=11", 300 + 20 * index);
+        support::media::ffmpeg(&["-f", "lavfi", "-i", &source, "-ac", "1", "-ar", "16000", path.to_str().unwrap()]);
+    }
+    let args = ["enqueue", media.to_str().unwrap(), "--pipeline", "transcribe", "--format", "json"];
+    let (code, stdout, stderr) = run(command(&lab, &name, &pipelines, &plugins), &args).await;
+    assert_eq!(code, 0, "{stderr}");
+    let listed: Vec<Value> = serde_json::from_str(&stdout).unwrap();
+    let ids: Vec<String> = listed.iter().map(|job| job["job_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), jobs_wanted);
+
+    let started = Instant::now();
+    let mut kills: Vec<(u64, usize)> = Vec::new();
+    let mut spawned = 3;
+    let mut last_kill = Instant::now();
+    loop {
+        let states = futures_util::future::join_all(ids.iter().map(|id| queue.get(id))).await;
+        let jobs: Vec<Job> = states.into_iter().map(|job| job.unwrap().unwrap()).collect();
+        if jobs.iter().all(|job| job.state.is_final()) || started.elapsed() > Duration::from_secs(240) {
+            break;
+        }
+        // Every 2 s, kill a worker that holds a job in its whisper stage (chunks in flight), and start another.
+        if last_kill.elapsed() > Duration::from_secs(2) && kills.len() < 6 {
+            // Spread the kills: the worker of the busy job that stalled least, unless one of its jobs has
+            // already stalled twice (more kills would fail it with `max_stalls`, which the queue tests cover).
+            let calm = |worker: &str| {
+                jobs.iter()
+                    .filter(|job| job.state == JobState::Active && job.worker.as_deref() == Some(worker))
+                    .all(|held| held.stalls < 2)
+            };
+            let busy = jobs
+                .iter()
+                .filter(|job| {
+                    job.state == JobState::Active
+                        && job.progress.as_ref().and_then(|p| p.stage.as_deref()) == Some("transcript")
+                })
+                .filter(|job| job.worker.as_deref().is_some_and(calm))
+                .min_by_key(|job| job.stalls);
+            let victim = busy.and_then(|job| job.worker.clone()).and_then(|worker| {
+                workers.iter().position(|process| worker.contains(&format!("-{}-", process.0.id())))
+            });
+            if let Some(victim) = victim {
+                let in_flight = fake.in_flight();
+                workers[victim].signal(nix::sys::signal::Signal::SIGKILL);
+                let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+                kills.push((u64::try_from(at).unwrap(), in_flight));
+                workers[victim].exit(Duration::from_secs(5)).await.expect("a killed worker is gone");
+                workers[victim] = spawn_worker(spawned);
+                spawned += 1;
+                last_kill = Instant::now();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    assert!(!kills.is_empty(), "the test killed workers mid-job");
+
+    // Every job completed exactly once, with one completed row each.
+    let store = lab.store().await;
+    let events = queue.events(None, 10_000, Duration::ZERO).await.unwrap();
+    for id in &ids {
+        let job = queue.get(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Completed, "{job:?}\n{:?}", queue.logs(id).await.unwrap());
+        let completions = events
+            .iter()
+            .filter(|event| &event.job_id == id)
+            .filter(|event| {
+                matches!(event.kind, echo_worker::queue::EventKind::State { state: JobState::Completed, .. })
+            })
+            .count();
+        assert_eq!(completions, 1, "job {id} completed once");
+        let row = store.get(job.spec.recording_id.as_deref().unwrap()).await.unwrap().unwrap();
+        assert_eq!(row.status, RecordingStatus::Completed, "{row:?}");
+        assert_eq!(row.job_id.as_deref(), Some(id.as_str()));
+    }
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(stats.counts[&JobState::Active], 0, "nothing left active");
+    assert_eq!(stats.counts[&JobState::Completed], jobs_wanted as u64);
+    // Every recovery within lease + 5 s of the kill before it.
+    let lease_ms = u64::try_from(lab.settings.queue.lease.0.as_millis()).unwrap();
+    let mut recoveries = 0;
+    for event in &events {
+        if let echo_worker::queue::EventKind::State { state: JobState::Waiting, reason: Some(reason) } = &event.kind
+            && !reason.contains("released")
+            && ids.contains(&event.job_id)
+            && let Some(&(killed, _)) = kills.iter().rev().find(|(at, _)| *at <= event.at)
+        {
+            recoveries += 1;
+            assert!(
+                event.at - killed <= lease_ms + 5000,
+                "recovered {} ms after the kill ({reason})",
+                event.at - killed
+            );
+        }
+    }
+    // Chunks sent more than once: at most the requests that were in flight when workers were killed.
+    let mut sent: BTreeMap<String, usize> = BTreeMap::new();
+    for sha256 in fake.uploads.lock().unwrap().iter() {
+        *sent.entry(sha256.clone()).or_default() += 1;
+    }
+    assert!(fake.seen(Kind::Transcription).iter().all(|seen| seen.status == 200), "no request was refused");
+    let resent: usize = sent.values().map(|count| count - 1).sum();
+    let in_flight: usize = kills.iter().map(|(_, in_flight)| in_flight).sum();
+    eprintln!(
+        "crash test: {jobs_wanted} jobs, {} kills, {recoveries} recoveries, {} chunks, {resent} sent again \
+         (in flight at the kills: {in_flight}), {:.1} s",
+        kills.len(),
+        sent.len(),
+        elapsed.as_secs_f64()
+    );
+    assert!(resent <= in_flight, "{resent} chunks sent again, {in_flight} requests in flight at the kills");
+    for mut worker in workers {
+        worker.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(worker.exit(Duration::from_secs(15)).await.is_some_and(|status| status.success()));
+    }
+    drop_keys(&queue).await;
+}
