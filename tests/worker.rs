@@ -996,3 +996,98 @@ async fn killed_workers_lose_no_job_complete_none_twice_and_pay_for_no_chunk_twi
     }
     drop_keys(&queue).await;
 }
+
+#[tokio::test]
+async fn queue_commands_list_pause_cancel_retry_and_clean_and_refuse_what_cannot_be_done() {
+    let lab = Lab::new();
+    let (_, pipelines, plugins) = lab.test_catalog();
+    let name = format!("worker-commands-{}", uuid::Uuid::new_v4().simple());
+    let queue = process_queue(&lab, &name).await;
+    let cli = || command(&lab, &name, &pipelines, &plugins);
+    // No worker runs: the jobs stay waiting.
+    let jobs = enqueue_holds(&lab, &name, &pipelines, &plugins, 2).await;
+    let (first, second) = (jobs[0].0.as_str(), jobs[1].0.as_str());
+
+    let (code, stdout, _) = run(cli(), &["jobs", "--state", "waiting", "--format", "json"]).await;
+    assert_eq!(code, 0);
+    let listed: Vec<Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed.iter().map(|job| job["id"].as_str().unwrap()).collect::<Vec<_>>(), [first, second]);
+    let (code, stdout, _) = run(cli(), &["jobs"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(stdout.lines().filter(|line| line.contains("waiting")).count(), 2, "{stdout}");
+    let (code, _, stderr) = run(cli(), &["jobs", "--state", "sleeping"]).await;
+    assert_eq!(code, 2, "an unknown state is bad usage");
+    assert!(stderr.contains("unknown state `sleeping`"), "{stderr}");
+
+    let (code, stdout, _) = run(cli(), &["pause", "--format", "json"]).await;
+    assert_eq!((code, stdout.trim()), (0, r#"{"paused":true}"#));
+    assert!(queue.stats().await.unwrap().paused);
+    let (code, _, _) = run(cli(), &["resume"]).await;
+    assert_eq!(code, 0);
+    assert!(!queue.stats().await.unwrap().paused);
+
+    let (code, stdout, _) = run(cli(), &["cancel", first, "--format", "json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["outcome"], "cancelled");
+    let job = queue.get(first).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    let store = lab.store().await;
+    let row = store.get(job.spec.recording_id.as_deref().unwrap()).await.unwrap().unwrap();
+    assert_eq!(row.status, RecordingStatus::Cancelled, "the row of a job cancelled before it ran");
+    let (code, stdout, _) = run(cli(), &["cancel", first]).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("had already ended: cancelled"), "{stdout}");
+    let (code, _, stderr) = run(cli(), &["cancel", "no-such-job"]).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no job with id no-such-job"), "{stderr}");
+
+    let (code, stdout, stderr) = run(cli(), &["retry", first]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&format!("job {first} queued again")), "{stdout}");
+    assert_eq!(queue.get(first).await.unwrap().unwrap().state, JobState::Waiting);
+    assert_eq!(store.get(&row.id).await.unwrap().unwrap().status, RecordingStatus::Queued);
+    let (code, _, stderr) = run(cli(), &["retry", second]).await;
+    assert_eq!(code, 1, "a waiting job cannot be retried");
+    assert!(stderr.contains("is waiting"), "{stderr}");
+    let (code, stdout, _) = run(cli(), &["retry", "--failed", "--pipeline", "hold"]).await;
+    assert_eq!((code, stdout.trim()), (0, "no failed jobs to retry"));
+
+    let (code, stdout, stderr) = run(cli(), &["job", second, "--format", "json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let shown: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((shown["job"]["id"].as_str(), shown["job"]["state"].as_str()), (Some(second), Some("waiting")));
+    let (code, _, stderr) = run(cli(), &["job", "no-such-job"]).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no job with id no-such-job"), "{stderr}");
+
+    queue.cancel(first).await.unwrap();
+    let (code, stdout, stderr) =
+        run(cli(), &["clean", "--state", "cancelled", "--older-than", "0s", "--format", "json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["removed"], 1);
+    assert!(queue.get(first).await.unwrap().is_none(), "cleaned");
+    let (code, _, stderr) = run(cli(), &["clean", "--state", "waiting", "--older-than", "7d"]).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--state must be completed, failed or cancelled"), "{stderr}");
+    let (code, _, stderr) = run(cli(), &["clean", "--state", "completed", "--older-than", "a week"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    drop_keys(&queue).await;
+}
+
+#[tokio::test]
+async fn serve_without_redis_runs_on_the_in_process_queue_and_says_jobs_do_not_survive_a_restart() {
+    let lab = Lab::new();
+    let (_, pipelines, plugins) = lab.test_catalog();
+    let mut serve = command(&lab, "unused", &pipelines, &plugins);
+    serve.env_remove("REDIS_URL").arg("serve");
+    let log = lab.path("serve.log");
+    serve.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    let mut serve = Process(serve.spawn().unwrap());
+    let said = until(|| std::fs::read_to_string(&log).unwrap_or_default().contains("worker started")).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(said, "{text}");
+    assert!(text.contains("jobs will not survive a restart"), "{text}");
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = serve.exit(Duration::from_secs(15)).await.expect("serve exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
