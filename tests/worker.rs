@@ -1091,3 +1091,131 @@ async fn serve_without_redis_runs_on_the_in_process_queue_and_says_jobs_do_not_s
     let status = serve.exit(Duration::from_secs(15)).await.expect("serve exits after SIGTERM");
     assert!(status.success(), "{status:?}");
 }
+
+/// A Redis of the test's own, with AOF on every write, that it can stop and start again on the same port.
+struct OwnRedis {
+    port: u16,
+    dir: PathBuf,
+}
+
+impl OwnRedis {
+    fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let redis = Self { port, dir: dir.to_path_buf() };
+        redis.launch();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&self) {
+        let status = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes"])
+            .args(["--appendfsync", "always", "--save", "", "--daemonize", "yes", "--dir"])
+            .arg(&self.dir)
+            .args(["--pidfile", &self.dir.join("redis.pid").display().to_string()])
+            .args(["--logfile", &self.dir.join("redis.log").display().to_string()])
+            .status()
+            .expect("redis-server is installed (.ci/run installs it)");
+        assert!(status.success());
+        for _ in 0..100 {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the test's Redis did not start on port {}", self.port);
+    }
+
+    fn ping(&self) -> bool {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "ping"])
+            .output()
+            .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "PONG")
+    }
+
+    fn shutdown(&self) {
+        let _ = std::process::Command::new("redis-cli").args(["-p", &self.port.to_string(), "shutdown"]).output();
+        for _ in 0..100 {
+            if !self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string(), "shutdown", "nosave"]).output();
+    }
+}
+
+#[tokio::test]
+async fn a_worker_carries_on_through_a_redis_restart_and_no_job_is_lost() {
+    let mut lab = Lab::new();
+    lab.settings.queue.lease = echo_worker::units::HumanDuration(Duration::from_secs(10));
+    let (_, pipelines, plugins) = lab.test_catalog();
+    let redis = OwnRedis::start(&lab.path(""));
+    let name = "restart";
+    let cli = || {
+        let mut command = command(&lab, name, &pipelines, &plugins);
+        command.env("REDIS_URL", redis.url());
+        command
+    };
+    let mut worker = cli();
+    worker.env("WORKER_CONCURRENCY", "2");
+    let mut worker = Process::spawn(worker, &lab.path("worker.log"));
+    let dummy = lab.path("dummy.wav");
+    std::fs::write(&dummy, b"unused").unwrap();
+    let mut ids = Vec::new();
+    for index in 0..6 {
+        let param = format!("pid_file={}", lab.path(&format!("restart-{index}.pids")).display());
+        let args = [
+            "enqueue",
+            dummy.to_str().unwrap(),
+            "--pipeline",
+            "hold",
+            "--param",
+            &param,
+            "--param",
+            "seconds=2",
+            "--format",
+            "json",
+        ];
+        let (code, stdout, stderr) = run(cli(), &args).await;
+        assert_eq!(code, 0, "{stderr}");
+        let listed: Value = serde_json::from_str(&stdout).unwrap();
+        ids.push(listed[0]["job_id"].as_str().unwrap().to_string());
+    }
+    // Restart Redis while the first two jobs run.
+    held_pids(&lab.path("restart-0.pids")).await;
+    redis.shutdown();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.launch();
+    let options = RedisOptions::new(&SecretUrl::new(redis.url()), false, "echo-test:", name);
+    let queue = RedisQueue::connect(&options, lab.settings.queue.settings()).await.unwrap();
+    let start = Instant::now();
+    let mut states = Vec::new();
+    while start.elapsed() < Duration::from_secs(60) {
+        states = Vec::new();
+        for id in &ids {
+            states.push(queue.get(id).await.ok().flatten().map(|job| job.state));
+        }
+        if states.iter().all(|state| *state == Some(JobState::Completed)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = std::fs::read_to_string(lab.path("worker.log")).unwrap();
+    assert!(states.iter().all(|state| *state == Some(JobState::Completed)), "every job completed: {states:?}\n{log}");
+    assert!(worker.0.try_wait().unwrap().is_none(), "the same worker process carried on");
+    assert!(log.contains("cannot be reached"), "the outage was logged: {log}");
+    assert_eq!(log.matches("cannot be reached").count(), 1, "once per outage: {log}");
+    assert!(log.contains("answers again"), "{log}");
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(worker.exit(Duration::from_secs(15)).await.is_some_and(|status| status.success()));
+}
