@@ -759,9 +759,10 @@ fn one_job_failing_early_in_process_leaves_the_other_to_complete() {
         .await
         .unwrap();
     });
-    let (code, stdout, stderr) = run(echo_worker(&["process", good.to_str().unwrap(), bad.to_str().unwrap()])
-        .args(LOUDNESS_ONLY)
-        .env("DATABASE_URL", &database));
+    let (code, stdout, stderr) =
+        run(echo_worker(&["process", "--format", "json", good.to_str().unwrap(), bad.to_str().unwrap()])
+            .args(LOUDNESS_ONLY)
+            .env("DATABASE_URL", &database));
     let rows = runtime.block_on(async {
         let store = SqlStore::connect(&database, "recordings").await.unwrap();
         let mut rows = Vec::new();
