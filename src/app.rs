@@ -61,6 +61,16 @@ pub async fn registry<'a>(
     let fetcher = Fetcher::new(policy).context("building the HTTP client for sources")?;
     let (providers, default) = settings.providers();
     let redis = match &settings.redis.url {
+        // The windows' keys share the `{ratelimit}` hash tag, so on a cluster one node holds them all.
+        Some(url) if settings.redis.cluster || url.expose().contains(',') => {
+            let options = crate::queue::redis::RedisOptions::new(url, true, &settings.redis.prefix, "ratelimit");
+            let key = format!("{}{{ratelimit}}:", settings.redis.prefix);
+            let connection =
+                tokio::time::timeout(REDIS_CONNECT, crate::queue::redis::connection_for_key(&options, &key))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("Redis Cluster did not answer within {REDIS_CONNECT:?}"))??;
+            Some((connection, settings.redis.prefix.clone()))
+        }
         Some(url) => Some((redis_connection(url).await?, settings.redis.prefix.clone())),
         None => None,
     };

@@ -146,11 +146,14 @@ pub struct RedisSettings {
     pub url: Option<SecretUrl>,
     /// Prefix of every key this deployment writes, so several deployments can share one Redis.
     pub prefix: String,
+    /// `url` names nodes of a Redis Cluster (implied when it lists several, separated by commas).
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self { url: None, prefix: "echo:".into() }
+        Self { url: None, prefix: "echo:".into(), cluster: false }
     }
 }
 

@@ -55,8 +55,12 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `[redacted]`.
+    /// The URL with any password replaced by `[redacted]`; each of a comma-separated list (Redis Cluster nodes).
     pub fn redacted(&self) -> String {
+        if self.0.contains(',') {
+            // Several URLs (the nodes of a Redis Cluster): each one redacted.
+            return self.0.split(',').map(|url| redact_url(url.trim())).collect::<Vec<_>>().join(",");
+        }
         redact_url(&self.0)
     }
 }
@@ -135,6 +139,10 @@ mod tests {
         assert_eq!(SecretUrl::new("redis://host:6379").redacted(), "redis://host:6379");
         assert_eq!(SecretUrl::new("postgres://h/db?password=x").redacted(), "postgres://h/db?[redacted]");
         assert_eq!(SecretUrl::new("nonsense").redacted(), "[redacted]");
+        assert_eq!(
+            SecretUrl::new("redis://:pw1@a:7000,redis://:pw2@b:7001").redacted(),
+            "redis://:[redacted]@a:7000,redis://:[redacted]@b:7001"
+        );
         assert_eq!(format!("{:?}", Secret::new("sk-1")), "[redacted]");
     }
 }

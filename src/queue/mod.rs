@@ -27,6 +27,9 @@ use serde_json::Value;
 
 use crate::job::StageOutput;
 
+pub mod memory;
+pub mod redis;
+
 /// A job's id: a UUID v4 in text form, made at enqueue.
 pub type JobId = String;
 
@@ -153,7 +156,8 @@ pub struct Job {
     /// What was asked.
     #[serde(flatten)]
     pub spec: NewJob,
-    /// Attempts started so far.
+    /// Attempts counted so far: those started, less those that ended in a stall or a release, which do not count
+    /// against `max_attempts`.
     pub attempts: u32,
     /// Times its lease expired while it was active.
     pub stalls: u32,
@@ -480,20 +484,22 @@ pub trait Queue: Send + Sync {
     async fn cancelled(&self, id: &str, token: &LeaseToken) -> Result<(), QueueError>;
 
     /// Hands a held job back to waiting at the front of its priority, without counting an attempt or a stall
-    /// (a worker shutting down).
+    /// (a worker shutting down). A job someone asked to cancel becomes `cancelled` instead.
     ///
     /// # Errors
     /// [`QueueError::LeaseLost`]; [`QueueError::Unavailable`].
     async fn release(&self, id: &str, token: &LeaseToken) -> Result<(), QueueError>;
 
-    /// Sends every active job whose lease has expired back to waiting (or to failed after `max_stalls`), and
-    /// returns their ids. Safe to call from every worker at once: each recovery happens exactly once.
+    /// Sends every active job whose lease has expired back to waiting at the front of its priority (or to failed
+    /// after `max_stalls`, or to cancelled when a cancel was asked), and returns their ids. Safe to call from
+    /// every worker at once: each recovery happens exactly once.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`].
     async fn recover_stalled(&self) -> Result<Vec<JobId>, QueueError>;
 
-    /// Cancels a job in any state: removed from waiting or delayed at once; an active one is asked to stop.
+    /// Cancels a job in any state: removed from waiting or delayed at once; an active one is asked to stop (see
+    /// [`Renewal::CancelRequested`]) and becomes `cancelled` when its worker stops it, hands it back, or dies.
     ///
     /// # Errors
     /// [`QueueError::NotFound`]; [`QueueError::Unavailable`].
@@ -502,10 +508,12 @@ pub trait Queue: Send + Sync {
     /// Sends a failed or cancelled job back to waiting, keeping its checkpoints, with fresh attempts.
     ///
     /// # Errors
-    /// [`QueueError::WrongState`] for other states; [`QueueError::NotFound`]; [`QueueError::Unavailable`].
+    /// [`QueueError::WrongState`] for other states; [`QueueError::Invalid`] when another live job holds its
+    /// idempotency key; [`QueueError::NotFound`]; [`QueueError::Unavailable`].
     async fn retry(&self, id: &str) -> Result<(), QueueError>;
 
-    /// Retries every failed job, or those of one pipeline; returns their ids.
+    /// Retries every failed job, or those of one pipeline; returns their ids. A job whose idempotency key another
+    /// live job holds stays failed.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`].
@@ -538,7 +546,7 @@ pub trait Queue: Send + Sync {
     /// Jobs in one state, a page at a time.
     ///
     /// # Errors
-    /// [`QueueError::Invalid`] for a cursor this backend did not make; [`QueueError::Unavailable`].
+    /// [`QueueError::Invalid`] for a cursor this backend did not make or a zero limit; [`QueueError::Unavailable`].
     async fn list(&self, state: JobState, cursor: Option<&str>, limit: usize) -> Result<JobPage, QueueError>;
 
     /// Counts, workers and per-minute figures.
@@ -572,13 +580,14 @@ pub trait Queue: Send + Sync {
     /// [`QueueError::LeaseLost`]; [`QueueError::Unavailable`].
     async fn stage_event(&self, id: &str, token: &LeaseToken, stage: &str, status: &str) -> Result<(), QueueError>;
 
-    /// Appends a line to a job's log (capped at `max_log_lines`, oldest dropped).
+    /// Appends a line to a job's log (capped at `max_log_lines`, oldest dropped). A line for a job that does not
+    /// exist (or was cleaned) is dropped.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`].
     async fn log(&self, id: &str, line: &str) -> Result<(), QueueError>;
 
-    /// A job's log lines, oldest first.
+    /// A job's log lines, oldest first; none for a job that does not exist.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`].
@@ -588,10 +597,12 @@ pub trait Queue: Send + Sync {
     /// for the first one when there are none yet.
     ///
     /// # Errors
-    /// [`QueueError::Invalid`] for a malformed id; [`QueueError::Unavailable`].
+    /// [`QueueError::Invalid`] for a malformed id or a zero limit; [`QueueError::Unavailable`].
     async fn events(&self, after: Option<&str>, limit: usize, wait: Duration) -> Result<Vec<Event>, QueueError>;
 
-    /// Every checkpoint of a job (stage outputs and chunk transcripts), kept beside the job until it is cleaned.
+    /// Every checkpoint of a job (stage outputs and chunk transcripts), kept beside the job while it may run
+    /// again: dropped when it completes, kept when it fails or is cancelled (a retry resumes from them), removed
+    /// with the job by [`Queue::clean`] and retention. Empty for a job that does not exist.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`]; [`QueueError::Corrupt`].

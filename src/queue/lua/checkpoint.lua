@@ -1,0 +1,8 @@
+-- Saves one checkpoint of a held job. KEYS: job, checkpoints, active. ARGV: id, token, key, output (JSON).
+-- Returns {1} or {fencing code}.
+local held = check_lease(KEYS[1], KEYS[3], ARGV[1], ARGV[2], now_ms())
+if held ~= 1 then
+  return { held }
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return { 1 }
