@@ -156,12 +156,19 @@ async fn process_with(
                 tracing::warn!(job = %job_id, %error, "could not clear the job's checkpoints");
             }
             bar.finish();
-            let recorded = match &report {
-                Ok(report) => settle(store.as_ref(), &recording_id, report).await,
-                Err(error) => fail_row(store.as_ref(), &recording_id, error).await,
+            let report = match report {
+                // A result the store cannot take (too large, refused) fails the file: its row must not stay
+                // `processing` while the command says all went well.
+                Ok(report) => match settle(store.as_ref(), &recording_id, &report).await {
+                    Ok(()) => Ok(report),
+                    Err(error) => Err(anyhow::anyhow!("could not record the result: {error}")),
+                },
+                Err(error) => Err(error),
             };
-            if let Err(error) = recorded {
-                tracing::warn!(recording = %recording_id, %error, "could not record how the job ended");
+            if let Err(error) = &report
+                && let Err(store_error) = fail_row(store.as_ref(), &recording_id, error).await
+            {
+                tracing::warn!(recording = %recording_id, error = %store_error, "could not record how the job ended");
             }
             (index, report.map(|report| (report, began.elapsed())))
         });

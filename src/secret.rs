@@ -58,7 +58,8 @@ impl SecretUrl {
     /// The URL with any password replaced by `[redacted]`; each of a comma-separated list (Redis Cluster nodes).
     pub fn redacted(&self) -> String {
         if self.0.contains(',') {
-            return self.0.split(',').map(|url| Self::new(url.trim()).redacted()).collect::<Vec<_>>().join(",");
+            // Several URLs (the nodes of a Redis Cluster): each one redacted.
+            return self.0.split(',').map(|url| redact_url(url.trim())).collect::<Vec<_>>().join(",");
         }
         redact_url(&self.0)
     }

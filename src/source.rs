@@ -267,7 +267,10 @@ fn supabase_headers(key: &Secret) -> HeaderMap {
     headers
 }
 
-/// Turns an error status into a [`SourceError::Status`].
+/// Longest wait a source's `Retry-After` can ask for.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Turns an error status into a [`SourceError::Status`] (a `Retry-After` capped at [`MAX_RETRY_AFTER`]).
 ///
 /// # Errors
 /// When the status is not a success.
@@ -280,7 +283,8 @@ pub fn check_status(response: Response, url: &str) -> Result<Response, SourceErr
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        // A server may ask for anything; no source is worth waiting more than this between attempts.
+        .map(|seconds| Duration::from_secs(seconds.min(MAX_RETRY_AFTER.as_secs())));
     Err(SourceError::Status { url: printable(url), status: response.status(), retry_after })
 }
 

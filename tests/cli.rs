@@ -739,6 +739,37 @@ fn kill_9_of_process_leaves_no_ffmpeg_running() {
 }
 
 #[test]
+fn a_result_the_store_refuses_fails_the_file_instead_of_leaving_it_processing() {
+    use echo_worker::store::{RecordingStatus, SqlStore, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let file = tone(dir.path());
+    let database = format!("sqlite://{}", dir.path().join("echo.db").display());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The store refuses to mark any row completed, as it refused a 1 GB result in the report that found this.
+    runtime.block_on(async {
+        let store = SqlStore::connect(&database, "recordings").await.unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse_results BEFORE UPDATE ON recordings WHEN NEW.status = 'completed' \
+             BEGIN SELECT RAISE(ABORT, 'the result is too large'); END",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+    });
+    let (code, _, stderr) =
+        run(echo_worker(&["process", file.to_str().unwrap()]).args(LOUDNESS_ONLY).env("DATABASE_URL", &database));
+    assert_eq!(code, 1, "the command says the file failed: {stderr}");
+    assert!(stderr.contains("could not record the result") && stderr.contains("the result is too large"), "{stderr}");
+    let row = runtime.block_on(async {
+        let store = SqlStore::connect(&database, "recordings").await.unwrap();
+        let id: String = sqlx::query_scalar("SELECT id FROM recordings").fetch_one(store.pool()).await.unwrap();
+        store.get(&id).await.unwrap().unwrap()
+    });
+    assert_eq!(row.status, RecordingStatus::Failed, "{row:?}");
+    assert!(row.error.as_deref().unwrap_or_default().contains("could not record the result"), "{row:?}");
+}
+
+#[test]
 fn one_job_failing_early_in_process_leaves_the_other_to_complete() {
     use echo_worker::store::{RecordingStatus, SqlStore, Store};
     let dir = tempfile::tempdir().unwrap();
@@ -759,9 +790,10 @@ fn one_job_failing_early_in_process_leaves_the_other_to_complete() {
         .await
         .unwrap();
     });
-    let (code, stdout, stderr) = run(echo_worker(&["process", good.to_str().unwrap(), bad.to_str().unwrap()])
-        .args(LOUDNESS_ONLY)
-        .env("DATABASE_URL", &database));
+    let (code, stdout, stderr) =
+        run(echo_worker(&["process", "--format", "json", good.to_str().unwrap(), bad.to_str().unwrap()])
+            .args(LOUDNESS_ONLY)
+            .env("DATABASE_URL", &database));
     let rows = runtime.block_on(async {
         let store = SqlStore::connect(&database, "recordings").await.unwrap();
         let mut rows = Vec::new();

@@ -110,6 +110,9 @@ async fn route(
         }
         "missing.bin" => StatusCode::NOT_FOUND.into_response(),
         "busy.bin" => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "2")]).into_response(),
+        "forever.bin" => {
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "18446744073709551615")]).into_response()
+        }
         "to-private" => (StatusCode::FOUND, [(header::LOCATION, "http://10.255.255.1/secret")]).into_response(),
         "to-file" => (StatusCode::FOUND, [(header::LOCATION, "/files/file.bin")]).into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
@@ -240,6 +243,12 @@ async fn error_statuses_are_classified() {
     let busy = busy.unwrap_err();
     assert!(busy.retryable, "503 is worth a retry");
     assert_eq!(busy.retry_after, Some(std::time::Duration::from_secs(2)));
+    let (forever, _w) = download(&base, &format!("{base}/files/forever.bin"), json!({})).await;
+    assert_eq!(
+        forever.unwrap_err().retry_after,
+        Some(echo_worker::source::MAX_RETRY_AFTER),
+        "a huge Retry-After is capped"
+    );
 
     let (large, _w) = download(&base, &format!("{base}/files/file.bin"), json!({ "max_size": "1MB" })).await;
     let large = large.unwrap_err();

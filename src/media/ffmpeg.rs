@@ -114,28 +114,71 @@ struct LossyLines<R> {
     reader: BufReader<R>,
     /// The line read so far; kept here so that a `select!` that drops [`LossyLines::next_line`] loses nothing.
     line: Vec<u8>,
+    /// The current line is longer than [`MAX_LINE`]; the rest of it is being skipped.
+    skipping: bool,
 }
+
+/// Longest line kept from ffmpeg's output: its progress and silencedetect lines are under 200 bytes.
+const MAX_LINE: usize = 64 << 10;
 
 impl<R: AsyncRead + Unpin> LossyLines<R> {
     fn new(pipe: R) -> Self {
-        Self { reader: BufReader::new(pipe), line: Vec::new() }
+        Self { reader: BufReader::new(pipe), line: Vec::new(), skipping: false }
     }
 
-    /// The next line without its line ending; `None` at the end or on a read error.
+    /// The next line without its line ending, cut at [`MAX_LINE`] bytes (the rest of a longer line is skipped,
+    /// so a crafted tag cannot grow a line without end); `None` at the end or on a read error.
     async fn next_line(&mut self) -> Option<String> {
-        match self.reader.read_until(b'\n', &mut self.line).await {
-            Ok(0) if self.line.is_empty() => None,
-            Err(_) => None,
-            Ok(_) => {
-                let mut line = std::mem::take(&mut self.line);
-                if line.ends_with(b"\n") {
-                    line.pop();
+        loop {
+            // `fill_buf` consumes nothing until `consume`, so a `select!` that drops this future loses nothing.
+            let buffer = match self.reader.fill_buf().await {
+                Ok(buffer) => buffer,
+                Err(_) => return None,
+            };
+            if buffer.is_empty() {
+                if self.line.is_empty() && !self.skipping {
+                    return None;
                 }
-                if line.ends_with(b"\r") {
-                    line.pop();
-                }
-                Some(String::from_utf8_lossy(&line).into_owned())
+                return Some(self.take_line());
+            }
+            let (chunk, ends) = match buffer.iter().position(|&byte| byte == b'\n') {
+                Some(at) => (&buffer[..at], at + 1),
+                None => (buffer, buffer.len()),
+            };
+            let room = MAX_LINE.saturating_sub(self.line.len());
+            self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            self.skipping |= chunk.len() > room;
+            let found = ends > chunk.len();
+            self.reader.consume(ends);
+            if found {
+                return Some(self.take_line());
             }
         }
+    }
+
+    fn take_line(&mut self) -> String {
+        let mut line = std::mem::take(&mut self.line);
+        self.skipping = false;
+        if line.ends_with(b"\r") {
+            line.pop();
+        }
+        String::from_utf8_lossy(&line).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_endless_line_is_cut_and_the_next_lines_still_read() {
+        let mut text = vec![b'x'; 3 * MAX_LINE];
+        text.extend_from_slice(b"\r\nsilence_start: 1.5\nlast \xff tag");
+        let mut lines = LossyLines::new(&text[..]);
+        let first = lines.next_line().await.unwrap();
+        assert_eq!(first.len(), MAX_LINE, "the long line is kept up to the cap");
+        assert_eq!(lines.next_line().await.unwrap(), "silence_start: 1.5");
+        assert_eq!(lines.next_line().await.unwrap(), "last \u{fffd} tag", "no line ending at the end, not UTF-8");
+        assert_eq!(lines.next_line().await, None);
     }
 }
