@@ -1075,7 +1075,7 @@ async fn queue_commands_list_pause_cancel_retry_and_clean_and_refuse_what_cannot
 }
 
 #[tokio::test]
-async fn serve_without_redis_runs_on_the_in_process_queue_and_says_jobs_do_not_survive_a_restart() {
+async fn serve_without_redis_runs_on_the_in_process_queue_says_jobs_do_not_survive_a_restart_and_refuses_bad_edits() {
     let lab = Lab::new();
     let (_, pipelines, plugins) = lab.test_catalog();
     let mut serve = command(&lab, "unused", &pipelines, &plugins);
@@ -1087,6 +1087,15 @@ async fn serve_without_redis_runs_on_the_in_process_queue_and_says_jobs_do_not_s
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(said, "{text}");
     assert!(text.contains("jobs will not survive a restart"), "{text}");
+    // It watches its folders: an invalid edit is refused with its problems at file:line:column.
+    let file = pipelines.join("hold.toml");
+    let valid = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{valid}[stages.hold.oops]\n")).unwrap();
+    let refused = until(|| std::fs::read_to_string(&log).unwrap_or_default().contains("refused an invalid edit")).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(refused, "{text}");
+    let position = format!("{}:6:", file.display());
+    assert!(text.contains(&position), "the problem's position is logged ({position}): {text}");
     serve.signal(nix::sys::signal::Signal::SIGTERM);
     let status = serve.exit(Duration::from_secs(15)).await.expect("serve exits after SIGTERM");
     assert!(status.success(), "{status:?}");
