@@ -147,6 +147,14 @@ mod tests {
     fn a_remainder_of_exactly_the_limit_needs_no_further_cut() {
         assert_eq!(cut_points(1200.0, 600.0, Some(&[])), [600.0]);
         assert_eq!(cut_points(1200.0, 600.0, None), [600.0]);
+        // Not even at a silence inside that remainder.
+        assert_eq!(cut_points(1200.0, 600.0, Some(&[Silence { start: 999.0, end: 1001.0 }])), [600.0]);
+    }
+
+    #[test]
+    fn a_remainder_within_the_limit_is_not_cut_again_at_a_silence() {
+        let silences = [Silence { start: 499.0, end: 501.0 }, Silence { start: 849.0, end: 851.0 }];
+        assert_eq!(cut_points(1000.0, 600.0, Some(&silences)), [500.0]);
     }
 
     #[test]
