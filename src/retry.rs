@@ -130,4 +130,34 @@ mod tests {
         let unit = random_unit();
         assert!((0.0..1.0).contains(&unit));
     }
+
+    #[test]
+    fn jitter_draws_stay_in_range_and_vary() {
+        let draws: Vec<f64> = (0..64).map(|_| random_unit()).collect();
+        assert!(draws.iter().all(|unit| (0.0..1.0).contains(unit)), "{draws:?}");
+        // A constant draw would let workers that failed together retry together.
+        assert!(draws.iter().any(|unit| *unit != draws[0]), "{draws:?}");
+    }
+
+    #[test]
+    fn without_retry_after_the_delay_is_the_backoff_less_at_most_a_fifth() {
+        let error = StageError::transient(ErrorCode::Io, "connection reset");
+        for attempt in 1..=4 {
+            let wait = delay(&policy(), attempt, &error);
+            let (least, most) = (backoff(&policy(), attempt, 1.0), backoff(&policy(), attempt, 0.0));
+            assert!(least <= wait && wait <= most, "attempt {attempt}: {wait:?} not in {least:?}..={most:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_jitter_and_cap_hold_at_the_extremes() {
+        assert_eq!(backoff(&policy(), 1, 0.5), Duration::from_secs_f64(1.8));
+        // The cap applies before the jitter, so capped waits still spread out.
+        assert_eq!(backoff(&policy(), 10, 1.0), Duration::from_secs(4));
+        assert_eq!(backoff(&policy(), u32::MAX, 0.0), Duration::from_secs(5));
+        // Attempt 0 is treated as the first; draws outside [0, 1] are clamped.
+        assert_eq!(backoff(&policy(), 0, 0.0), Duration::from_secs(2));
+        assert_eq!(backoff(&policy(), 1, 7.0), backoff(&policy(), 1, 1.0));
+        assert_eq!(backoff(&policy(), 1, -7.0), backoff(&policy(), 1, 0.0));
+    }
 }

@@ -150,9 +150,14 @@ pub fn cut_points(duration: f64, max_chunk: f64, silences: Option<&[Silence]>) -
         let cut = silences
             .iter()
             .map(Silence::middle)
-            .filter(|middle| *middle > earliest && *middle <= limit && *middle < duration)
+            .filter(|middle| *middle >= earliest && *middle <= limit && *middle < duration)
             .fold(None, |best: Option<f64>, middle| Some(best.map_or(middle, |best| best.max(middle))))
             .unwrap_or(limit);
+        // Rounding can put `start + max_chunk` on `duration` itself while `duration - start` is still above the
+        // limit by a hair; a cut there would leave an empty last chunk.
+        if cut >= duration {
+            break;
+        }
         cuts.push(cut);
         start = cut;
     }
@@ -222,5 +227,62 @@ mod tests {
         assert_eq!(cuts, [561.0, 1151.0]);
         // No usable silence: cut at the limit.
         assert_eq!(cut_points(1300.0, 600.0, Some(&[])), [600.0, 1200.0]);
+    }
+
+    #[test]
+    fn every_equal_chunk_cut_is_a_multiple_of_the_chunk_length() {
+        assert_eq!(cut_points(3000.0, 599.0, None), [500.0, 1000.0, 1500.0, 2000.0, 2500.0]);
+    }
+
+    #[test]
+    fn endless_unknown_or_non_positive_lengths_give_no_cuts() {
+        // Each of these would otherwise ask for an endless list of cuts.
+        assert!(cut_points(f64::INFINITY, 600.0, None).is_empty());
+        assert!(cut_points(100.0, 0.0, None).is_empty());
+        assert!(cut_points(f64::INFINITY, 600.0, Some(&[])).is_empty());
+        assert!(cut_points(100.0, -5.0, Some(&[])).is_empty());
+        assert!(cut_points(f64::NAN, 600.0, None).is_empty());
+        assert!(cut_points(100.0, f64::NAN, Some(&[])).is_empty());
+        assert!(cut_points(100.0, f64::INFINITY, None).is_empty());
+    }
+
+    #[test]
+    fn a_remainder_of_exactly_the_limit_needs_no_further_cut() {
+        assert_eq!(cut_points(1200.0, 600.0, Some(&[])), [600.0]);
+        assert_eq!(cut_points(1200.0, 600.0, None), [600.0]);
+        // Not even at a silence inside that remainder.
+        assert_eq!(cut_points(1200.0, 600.0, Some(&[Silence { start: 999.0, end: 1001.0 }])), [600.0]);
+    }
+
+    #[test]
+    fn a_remainder_within_the_limit_is_not_cut_again_at_a_silence() {
+        let silences = [Silence { start: 499.0, end: 501.0 }, Silence { start: 849.0, end: 851.0 }];
+        assert_eq!(cut_points(1000.0, 600.0, Some(&silences)), [500.0]);
+    }
+
+    #[test]
+    fn a_silence_before_half_the_limit_is_passed_over() {
+        let early = [Silence { start: 100.0, end: 102.0 }];
+        assert_eq!(cut_points(1000.0, 600.0, Some(&early)), [600.0]);
+    }
+
+    #[test]
+    fn a_silence_at_exactly_half_the_limit_is_a_cut() {
+        // The contract: a chunk at least half of `max_chunk` long.
+        let half = [Silence { start: 299.0, end: 301.0 }];
+        assert_eq!(cut_points(1000.0, 600.0, Some(&half)), [300.0, 900.0]);
+    }
+
+    #[test]
+    fn no_cut_falls_on_the_end_when_rounding_puts_the_limit_there() {
+        // 1100 - first is a hair above 600, yet first + 600 rounds to exactly 1100.
+        let first = 500.0 - 2f64.powi(-43);
+        assert!(1100.0 - first > 600.0 && first + 600.0 == 1100.0);
+        let at_first = Silence { start: first, end: first };
+        assert_eq!(cut_points(1100.0, 600.0, Some(&[at_first])), [first]);
+        // A silence whose middle is the very end is no cut either; the latest one before it is.
+        let inner = Silence { start: 899.0, end: 901.0 };
+        let at_end = Silence { start: 1099.0, end: 1101.0 };
+        assert_eq!(cut_points(1100.0, 600.0, Some(&[at_first, inner, at_end])), [first, 900.0]);
     }
 }
