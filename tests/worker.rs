@@ -748,6 +748,132 @@ async fn a_job_in_a_worker_process_is_cancelled_from_another_process_within_two_
     drop_keys(&queue).await;
 }
 
+/// Pids of the living (not zombie) descendants of `pid`, from `/proc`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let mut fields = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace()).into_iter().flatten();
+        let (state, parent) = (fields.next(), fields.next().and_then(|ppid| ppid.parse::<u32>().ok()));
+        if let (Some(state), Some(parent)) = (state, parent)
+            && state != "Z"
+        {
+            parents.push((child, parent));
+        }
+    }
+    let mut found = vec![pid];
+    let mut index = 0;
+    while index < found.len() {
+        let parent = found[index];
+        found.extend(parents.iter().filter(|(_, of)| *of == parent).map(|(child, _)| *child));
+        index += 1;
+    }
+    found.split_off(1)
+}
+
+/// The cancel test of issue 9 with a job inside `whisper`: the fake AI server holds the transcription request
+/// (it has read the upload and never answers), `echo-worker cancel` from another process stops the job within
+/// 2 s, the worker process keeps no child, the job's work directory is removed and the upload is dropped.
+#[tokio::test]
+async fn a_job_transcribing_in_a_worker_process_is_cancelled_from_another_process_within_two_seconds() {
+    use support::fake_ai::{Fake, Fault, KEY, Kind};
+    let lab = Lab::new();
+    let (_, pipelines, plugins) = lab.test_catalog();
+    std::fs::write(
+        pipelines.join("transcribe.toml"),
+        "name = \"transcribe\"\n[stages.transcode]\nuses = \"transcode\"\nwith = { input = \"{{ job.source }}\" }\n\
+         [stages.transcript]\nuses = \"whisper\"\nneeds = [\"transcode\"]\n\
+         [stages.persist]\nuses = \"persist\"\nneeds = [\"transcript\"]\nwith.transcript = \"{{ stages.transcript.text }}\"\n",
+    )
+    .unwrap();
+    let fake = Fake::start().await;
+    // Every transcription request hangs once its upload has arrived (one would do; the rest cover a retry).
+    for _ in 0..4 {
+        fake.fault(Kind::Transcription, Fault::Hang);
+    }
+    let name = format!("worker-cancel-whisper-{}", uuid::Uuid::new_v4().simple());
+    let queue = process_queue(&lab, &name).await;
+    let mut worker = command(&lab, &name, &pipelines, &plugins);
+    worker
+        .env("ECHO_AI__PROVIDERS__FAKE__STYLE", "openai")
+        .env("ECHO_AI__PROVIDERS__FAKE__ENDPOINT", format!("{}/v1", fake.base))
+        .env("ECHO_AI__PROVIDERS__FAKE__API_KEY", KEY);
+    let mut worker = Process::spawn(worker, &lab.path("worker.log"));
+    let worker_pid = worker.0.id();
+    let recording = support::media::tone(lab.dir.path(), "tone.wav", 5);
+    let args = ["enqueue", recording.to_str().unwrap(), "--pipeline", "transcribe", "--format", "json"];
+    let (code, stdout, stderr) = run(command(&lab, &name, &pipelines, &plugins), &args).await;
+    assert_eq!(code, 0, "{stderr}");
+    let listed: Value = serde_json::from_str(&stdout).unwrap();
+    let id = listed[0]["job_id"].as_str().unwrap().to_string();
+
+    // Bounded wait until the job is certainly inside `whisper`: its stage event says so, the fake has read the
+    // upload and the request is still open.
+    let start = Instant::now();
+    let mut job = queue.get(&id).await.unwrap().unwrap();
+    while start.elapsed() < Duration::from_secs(60) {
+        job = queue.get(&id).await.unwrap().unwrap();
+        let stage = job.progress.as_ref().and_then(|progress| progress.stage.as_deref());
+        if stage == Some("transcript") && !fake.seen(Kind::Transcription).is_empty() && fake.in_flight() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = || std::fs::read_to_string(lab.path("worker.log")).unwrap();
+    assert_eq!(job.state, JobState::Active, "{job:?}\n{}", log());
+    assert_eq!(
+        job.progress.as_ref().and_then(|progress| progress.stage.as_deref()),
+        Some("transcript"),
+        "the job is in its whisper stage: {job:?}\n{}",
+        log()
+    );
+    assert_eq!(fake.seen(Kind::Transcription).len(), 1, "the fake read one upload: {}", log());
+    assert_eq!(fake.in_flight(), 1, "and holds its request open");
+    assert_eq!(lab.work_dirs().len(), 1, "its work directory exists");
+    // The worker's child watchdog (src/child.rs: a `/bin/sh` started with its first child, living as long as the
+    // worker) is the worker's, not the job's; every other descendant is the job's.
+    let is_watchdog = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|line| line.contains("kill -KILL -"))
+    };
+    let (watchdog_before, of_job_before): (Vec<u32>, Vec<u32>) =
+        descendants(worker_pid).into_iter().partition(is_watchdog);
+
+    let asked = Instant::now();
+    let (code, stdout, stderr) = run(command(&lab, &name, &pipelines, &plugins), &["cancel", &id]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("asked to stop it"), "{stdout}");
+    let job = until_final(queue.as_ref(), &id, Duration::from_secs(10)).await;
+    let took = asked.elapsed();
+    assert_eq!(job.state, JobState::Cancelled, "{job:?}");
+    assert!(took < Duration::from_secs(2), "stopped within 2 s of the cancel command starting: {took:?}");
+    let (watchdog, left): (Vec<u32>, Vec<u32>) = descendants(worker_pid).into_iter().partition(is_watchdog);
+    assert!(left.is_empty(), "no child of the job is left: {left:?} (before the cancel: {of_job_before:?})");
+    assert_eq!(watchdog, watchdog_before, "only the worker's own watchdog lives on");
+    assert!(until(|| lab.work_dirs().is_empty()).await, "no temporary file is left: {:?}", lab.work_dirs());
+    let files_gone = asked.elapsed();
+    assert!(until(|| fake.in_flight() == 0).await, "the fake saw the upload's connection closed");
+    let dropped = asked.elapsed();
+    assert!(files_gone < Duration::from_secs(2), "work directory removed within 2 s: {files_gone:?}");
+    assert!(dropped < Duration::from_secs(2), "upload dropped within 2 s: {dropped:?}");
+    assert_eq!(fake.seen(Kind::Transcription).len(), 1, "the chunk was not sent again");
+    let store = lab.store().await;
+    let row = store.get(job.spec.recording_id.as_deref().unwrap()).await.unwrap().unwrap();
+    assert_eq!(row.status, RecordingStatus::Cancelled, "{row:?}");
+    eprintln!(
+        "cancel test (whisper): marked cancelled {} ms, work directory gone {} ms, upload dropped {} ms after \
+         `echo-worker cancel` started ({} child processes of the job before it)",
+        took.as_millis(),
+        files_gone.as_millis(),
+        dropped.as_millis(),
+        of_job_before.len()
+    );
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = worker.exit(Duration::from_secs(15)).await.expect("the worker exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    drop_keys(&queue).await;
+}
+
 #[tokio::test]
 async fn sigterm_hands_unfinished_jobs_to_another_worker_within_a_second() {
     let mut lab = Lab::new();
