@@ -7,7 +7,7 @@ use anyhow::Context as _;
 
 use crate::ai::Providers;
 use crate::config::Settings;
-use crate::engine::StageRegistry;
+use crate::engine::{Kinds, StageRegistry};
 use crate::net::{AddressPolicy, HttpClient};
 use crate::plugin::Plugin;
 use crate::source::Fetcher;
@@ -53,6 +53,15 @@ pub async fn registry<'a>(
     plugins: impl IntoIterator<Item = &'a Plugin>,
     store: Arc<dyn Store>,
 ) -> anyhow::Result<StageRegistry> {
+    Ok(kinds(settings, store).await?.registry(plugins))
+}
+
+/// The builtin stage kinds and what plugins need to run, for registries made per job (a worker runs the plugin
+/// files each job carries).
+///
+/// # Errors
+/// As [`registry`].
+pub async fn kinds(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<Kinds> {
     let policy = settings.source_policy().map_err(anyhow::Error::msg).context("reading download.allow_private")?;
     // Plugins get the same allow-list (and redirect limit) as sources, without the Supabase trust.
     let plugin_addresses = AddressPolicy { allow: policy.allow_private.clone(), trusted: Vec::new() };
@@ -76,18 +85,18 @@ pub async fn registry<'a>(
     };
     let providers = Arc::new(Providers::new(providers, default, redis).map_err(anyhow::Error::msg)?);
     let ai = (!providers.is_empty()).then(|| providers.clone());
-    let mut registry = StageRegistry::with_plugins(plugins, http, ai.clone(), settings.limits.max_response_size);
+    let mut registry = StageRegistry::new();
     let max = settings.max_file_size();
     let validate = ValidateStage::new(fetcher.clone(), max).with_max_duration(settings.limits.max_duration);
     registry.register(BuiltinKind::Validate.name(), Arc::new(validate));
     registry.register(BuiltinKind::Download.name(), Arc::new(DownloadStage::new(fetcher, max)));
     registry.register(BuiltinKind::Transcode.name(), Arc::new(TranscodeStage));
     registry.register(BuiltinKind::Persist.name(), Arc::new(PersistStage::new(store)));
-    if let Some(providers) = ai {
+    if let Some(providers) = &ai {
         registry.register(BuiltinKind::Whisper.name(), Arc::new(WhisperStage::new(providers.clone())));
-        registry.register(BuiltinKind::Analyze.name(), Arc::new(AnalyzeStage::new(providers)));
+        registry.register(BuiltinKind::Analyze.name(), Arc::new(AnalyzeStage::new(providers.clone())));
     }
-    Ok(registry)
+    Ok(Kinds::new(registry, http, ai, settings.limits.max_response_size))
 }
 
 /// Settings a pipeline needs before it can run: an AI provider for `whisper`, `analyze` and `prompt` plugins.
@@ -120,4 +129,29 @@ pub fn check_requirements(
         );
     }
     Ok(())
+}
+
+/// Where the Redis queue lives, from `REDIS_URL`, `redis.cluster`, `redis.prefix` and `queue.name`; `None`
+/// without `REDIS_URL`.
+pub fn queue_options(settings: &Settings) -> Option<crate::queue::redis::RedisOptions> {
+    let url = settings.redis.url.as_ref()?;
+    Some(crate::queue::redis::RedisOptions::new(url, settings.redis.cluster, &settings.redis.prefix, &settings.queue.name))
+}
+
+/// The Redis queue that workers read, for the commands that enqueue and inspect jobs.
+///
+/// # Errors
+/// Without `REDIS_URL` (the in-process queue of another process cannot be reached), or when Redis does not
+/// answer.
+pub async fn queue(settings: &Settings) -> anyhow::Result<Arc<crate::queue::redis::RedisQueue>> {
+    let Some(options) = queue_options(settings) else {
+        anyhow::bail!(
+            "no REDIS_URL: this command works on the Redis queue that workers read; set REDIS_URL (e.g. \
+             redis://127.0.0.1:6379) to the same Redis as the workers"
+        );
+    };
+    let queue = crate::queue::redis::RedisQueue::connect(&options, settings.queue.settings())
+        .await
+        .with_context(|| format!("connecting to the queue at {}", settings.redis.url.as_ref().map(|u| u.redacted()).unwrap_or_default()))?;
+    Ok(Arc::new(queue))
 }

@@ -1,7 +1,8 @@
 //! The catalog: every pipeline and plugin a deployment has, loaded and checked together, because a pipeline
 //! can only be checked against the plugins that exist. A server refuses to start on an invalid catalog.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 
@@ -33,6 +34,8 @@ pub struct Catalog {
     pub pipelines: IndexMap<String, Pipeline>,
     /// Plugins by name, in file-name order.
     pub plugins: IndexMap<String, Plugin>,
+    /// The text of every loaded file, by path, as it was read and checked: what a job's definition carries.
+    pub texts: BTreeMap<PathBuf, String>,
 }
 
 impl Catalog {
@@ -72,6 +75,7 @@ impl Catalog {
         };
         let plugins = PluginSet::load_dir(plugins_dir).map_err(read_error(plugins_dir))?;
         let mut diagnostics = plugins.diagnostics.clone();
+        let mut texts = plugins.texts.clone();
         let mut pipelines = IndexMap::new();
         for file in toml_files(pipelines_dir).map_err(read_error(pipelines_dir))? {
             let document = match Document::open(&file).map_err(read_error(&file))? {
@@ -83,13 +87,14 @@ impl Catalog {
             };
             match compile(&document, &plugins, custom_kinds) {
                 Ok(pipeline) => {
+                    texts.insert(file.clone(), document.source.clone());
                     pipelines.insert(pipeline.name.clone(), pipeline);
                 }
                 Err(found) => diagnostics.extend(found),
             }
         }
         if diagnostics.is_empty() {
-            Ok(Self { pipelines, plugins: plugins.plugins })
+            Ok(Self { pipelines, plugins: plugins.plugins, texts })
         } else {
             Err(LoadError::Invalid(diagnostics))
         }

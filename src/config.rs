@@ -71,6 +71,8 @@ pub struct Settings {
     pub azure_openai: AzureOpenAiSettings,
     /// Job processing.
     pub worker: WorkerSettings,
+    /// The job queue: leases, stalls, retries and retention.
+    pub queue: QueueConfig,
     /// Input limits.
     pub limits: LimitSettings,
     /// Where recordings and results are stored.
@@ -197,6 +199,84 @@ pub struct WorkerSettings {
     pub processing_timeout_ms: u64,
     /// Stages of one job that may run at once.
     pub max_parallel_stages: usize,
+    /// After SIGTERM or SIGINT, how long running jobs may go on before they are stopped and handed back to the
+    /// queue for another worker.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: crate::units::HumanDuration,
+}
+
+/// Thirty seconds: most stages finish or reach a checkpoint within it, and orchestrators (Kubernetes, systemd)
+/// wait about that long between SIGTERM and SIGKILL.
+fn default_shutdown_grace() -> crate::units::HumanDuration {
+    crate::units::HumanDuration(std::time::Duration::from_secs(30))
+}
+
+/// The job queue (`queue.*`); defaults from [`crate::queue::QueueSettings::default`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueConfig {
+    /// The queue's name: its Redis keys are `<redis.prefix>{<name>}:…`, so it is also their hash tag.
+    pub name: String,
+    /// A lease lasts this long unless renewed; a dead worker's job is taken again within about this long.
+    pub lease: crate::units::HumanDuration,
+    /// Times a job's lease may expire before the job fails.
+    pub max_stalls: u32,
+    /// Attempts of a job in all (`enqueue`), the first included.
+    pub max_attempts: u32,
+    /// First retry backoff, doubled per attempt.
+    pub backoff: crate::units::HumanDuration,
+    /// Longest retry backoff.
+    pub max_backoff: crate::units::HumanDuration,
+    /// Completed jobs are kept this long…
+    pub keep_completed_for: crate::units::HumanDuration,
+    /// …and at most this many.
+    pub keep_completed: u64,
+    /// Failed and cancelled jobs are kept this long…
+    pub keep_failed_for: crate::units::HumanDuration,
+    /// …and at most this many.
+    pub keep_failed: u64,
+    /// Events kept in the stream (approximately).
+    pub max_events: u64,
+    /// Log lines kept per job.
+    pub max_log_lines: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        let queue = crate::queue::QueueSettings::default();
+        let human = crate::units::HumanDuration;
+        Self {
+            name: "jobs".into(),
+            lease: human(queue.lease),
+            max_stalls: queue.max_stalls,
+            max_attempts: 3,
+            backoff: human(queue.backoff),
+            max_backoff: human(queue.max_backoff),
+            keep_completed_for: human(queue.keep_completed_for),
+            keep_completed: queue.keep_completed,
+            keep_failed_for: human(queue.keep_failed_for),
+            keep_failed: queue.keep_failed,
+            max_events: queue.max_events,
+            max_log_lines: queue.max_log_lines,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The settings the queue backends take.
+    pub fn settings(&self) -> crate::queue::QueueSettings {
+        crate::queue::QueueSettings {
+            lease: self.lease.0.max(std::time::Duration::from_millis(100)),
+            max_stalls: self.max_stalls,
+            backoff: self.backoff.0,
+            max_backoff: self.max_backoff.0,
+            keep_completed_for: self.keep_completed_for.0,
+            keep_completed: self.keep_completed,
+            keep_failed_for: self.keep_failed_for.0,
+            keep_failed: self.keep_failed,
+            max_events: self.max_events,
+            max_log_lines: self.max_log_lines,
+        }
+    }
 }
 
 /// Input limits.
@@ -239,7 +319,13 @@ impl Default for Settings {
                 chat_deployment: "gpt-4o-mini".into(),
             },
             // Three jobs at once keeps a 2-core machine busy without starving ffmpeg.
-            worker: WorkerSettings { concurrency: 3, processing_timeout_ms: 3_600_000, max_parallel_stages: 4 },
+            worker: WorkerSettings {
+                concurrency: 3,
+                processing_timeout_ms: 3_600_000,
+                max_parallel_stages: 4,
+                shutdown_grace: default_shutdown_grace(),
+            },
+            queue: QueueConfig::default(),
             limits: LimitSettings {
                 max_file_size_mb: 500,
                 max_response_size: DEFAULT_MAX_RESPONSE_SIZE,

@@ -17,10 +17,14 @@
 //! - [`pipeline`]: pipeline files compiled into a checked DAG; [`catalog`]: all of them loaded together;
 //!   [`schema`]: the JSON Schemas of both formats.
 //! - [`engine`]: runs one job's stage DAG: retries, timeouts, cancellation, checkpoints, progress.
-//! - [`queue`]: jobs waiting and running across processes, with leases (Redis, or memory).
+//! - [`queue`]: jobs waiting and running across processes, with leases (Redis, or memory);
+//!   [`definition`]: the pipeline and plugin files a job carries, made from the catalog and compiled back on a
+//!   worker; [`watcher`]: the catalog reloaded when its folders change.
+//! - [`worker`]: takes jobs from a queue and runs them through the engine, with leases, cancels and shutdown.
 //! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
 //! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
-//! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`.
+//! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`; [`service`]:
+//!   `worker` and `serve`; [`control`]: `enqueue` and the other queue commands.
 
 pub mod ai;
 pub mod app;
@@ -28,7 +32,9 @@ pub mod bounded;
 pub mod catalog;
 pub mod child;
 pub mod config;
+pub mod control;
 pub mod defaults;
+pub mod definition;
 pub mod document;
 pub mod engine;
 pub mod error;
@@ -42,9 +48,12 @@ pub mod queue;
 pub mod retry;
 pub mod schema;
 pub mod secret;
+pub mod service;
 pub mod source;
 pub mod stage;
 pub mod store;
 pub mod template;
 pub mod terminal;
 pub mod units;
+pub mod watcher;
+pub mod worker;

@@ -29,6 +29,7 @@ use crate::job::checkpoint::{Checkpoints, MemoryCheckpoints};
 use crate::job::progress::{ProgressSink, ProgressUpdate, Tee};
 use crate::store::{NewRecording, RecordingStatus, Store, StoreError, StoreSink};
 use crate::terminal::{self, escape};
+use crate::worker::settle;
 
 /// What `echo-worker process` was asked to do.
 #[derive(Debug, Clone)]
@@ -233,34 +234,6 @@ async fn process_with(
 /// Marks the row of a job that could not start or run as failed, with the reason.
 async fn fail_row(store: &dyn Store, id: &str, error: &anyhow::Error) -> Result<(), StoreError> {
     store.set_status(id, RecordingStatus::Failed, Some("failed"), Some(&format!("{error:#}"))).await.map(drop)
-}
-
-/// Records how the job ended in its recording row.
-async fn settle(store: &dyn Store, id: &str, report: &JobReport) -> Result<(), StoreError> {
-    match report.status {
-        JobStatus::Succeeded => {
-            let completed = store.get(id).await?.is_some_and(|r| r.status == RecordingStatus::Completed);
-            if !completed {
-                let outputs = serde_json::to_value(report.outputs()).unwrap_or_default();
-                store.persist(id, None, &outputs).await?;
-            }
-        }
-        JobStatus::Failed => {
-            let failure = report.failure.as_ref();
-            let reason = failure.map_or_else(
-                || "failed".to_string(),
-                |f| match &f.stage {
-                    Some(stage) => format!("stage `{stage}`: {}", f.message),
-                    None => f.message.clone(),
-                },
-            );
-            store.set_status(id, RecordingStatus::Failed, Some("failed"), Some(&reason)).await?;
-        }
-        JobStatus::Cancelled => {
-            store.set_status(id, RecordingStatus::Cancelled, Some("cancelled"), None).await?;
-        }
-    }
-    Ok(())
 }
 
 /// One report per file: `<stem>.json` in `out` when given, and on stdout when `stdout` (an object for one file,

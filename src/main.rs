@@ -10,6 +10,7 @@ use echo_worker::catalog::Catalog;
 use echo_worker::config::Settings;
 use echo_worker::document::{Diagnostic, LoadError};
 use echo_worker::pipeline::Pipeline;
+use echo_worker::service::Role;
 use echo_worker::{schema, terminal};
 use serde_json::json;
 
@@ -75,6 +76,117 @@ enum Command {
         #[command(flatten)]
         folders: Folders,
     },
+    /// Run a worker on the Redis queue (REDIS_URL) until SIGTERM or SIGINT: WORKER_CONCURRENCY jobs at once; on
+    /// the signal, running jobs get `worker.shutdown_grace` to finish, then are handed back to the queue.
+    Worker {
+        #[command(flatten)]
+        folders: Folders,
+    },
+    /// Run the service: a worker (and, from the next release, the API) in one process; without REDIS_URL the
+    /// queue is in-process and jobs do not survive a restart.
+    Serve {
+        #[command(flatten)]
+        folders: Folders,
+    },
+    /// Queue files, folders (their media files) or URLs for the workers; with --wait, follow them to the end and
+    /// exit like `process` (0, 1 when any failed, 130 on Ctrl-C, which leaves the jobs running).
+    Enqueue {
+        /// Media files, folders of media files, or URLs.
+        #[arg(required = true, value_name = "FILE_OR_URL_OR_DIR")]
+        inputs: Vec<String>,
+        /// The pipeline to run.
+        #[arg(long)]
+        pipeline: String,
+        /// Lower runs sooner; jobs of one priority run in enqueue order.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// A job parameter, `key=value` (repeatable); the value is read as JSON when it parses.
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = echo_worker::local::parse_param)]
+        params: Vec<(String, serde_json::Value)>,
+        /// Follow every job with a progress bar until it ends.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[command(flatten)]
+        folders: Folders,
+    },
+    /// List jobs, in one state or in all of them.
+    Jobs {
+        /// waiting, delayed, active, completed, failed or cancelled.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<echo_worker::queue::JobState>,
+        /// Jobs shown per state.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Show one job: its state, stages (state, attempts, duration) and log lines.
+    Job {
+        /// The job id.
+        id: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Cancel a job: a waiting or delayed one at once; a running one is stopped by its worker within 2 s.
+    Cancel {
+        /// The job id.
+        id: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Run a failed or cancelled job again from its checkpoints, or every failed job with --failed.
+    Retry {
+        /// The job id.
+        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        id: Option<String>,
+        /// Retry every failed job (of --pipeline only, when given).
+        #[arg(long)]
+        failed: bool,
+        /// With --failed: only this pipeline's jobs.
+        #[arg(long, requires = "failed")]
+        pipeline: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Stop workers from taking jobs (running ones finish); kept in Redis until `resume`.
+    Pause {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Let workers take jobs again after `pause`.
+    Resume {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Counts per state, live workers and completed/failed in the last hour.
+    Stats {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Remove ended jobs (with their checkpoints and logs) older than an age.
+    Clean {
+        /// completed, failed or cancelled.
+        #[arg(long, value_parser = parse_state)]
+        state: echo_worker::queue::JobState,
+        /// Age, such as `7d` or `12h`.
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        older_than: std::time::Duration,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+fn parse_state(text: &str) -> Result<echo_worker::queue::JobState, String> {
+    echo_worker::queue::JobState::from_name(text).ok_or_else(|| {
+        let names: Vec<&str> = echo_worker::queue::JobState::ALL.iter().map(|state| state.name()).collect();
+        format!("unknown state `{text}` (known: {})", names.join(", "))
+    })
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    echo_worker::units::HumanDuration::parse(text).map(|age| age.0).map_err(|error| error.to_string())
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,7 +261,60 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(echo_worker::local::process(&settings, request))
         }
+        Command::Worker { folders: args } => serve(&settings, Role::Worker, &args),
+        Command::Serve { folders: args } => serve(&settings, Role::Serve, &args),
+        Command::Enqueue { inputs, pipeline, priority, params, wait, format, folders: args } => {
+            let located = folders(&settings, &args)?;
+            let request = echo_worker::control::EnqueueRequest {
+                inputs,
+                pipeline,
+                priority,
+                params: params.into_iter().collect(),
+                wait,
+                json: matches!(format, Format::Json),
+                pipelines: located.pipelines.clone(),
+                plugins: located.plugins.clone(),
+            };
+            runtime()?.block_on(echo_worker::control::enqueue(&settings, request))
+        }
+        Command::Jobs { state, limit, format } => {
+            runtime()?.block_on(echo_worker::control::jobs(&settings, state, limit, json(format)))
+        }
+        Command::Job { id, format } => runtime()?.block_on(echo_worker::control::job(&settings, &id, json(format))),
+        Command::Cancel { id, format } => {
+            runtime()?.block_on(echo_worker::control::cancel(&settings, &id, json(format)))
+        }
+        Command::Retry { id, failed, pipeline, format } => runtime()?.block_on(echo_worker::control::retry(
+            &settings,
+            id.as_deref(),
+            failed,
+            pipeline.as_deref(),
+            json(format),
+        )),
+        Command::Pause { format } => runtime()?.block_on(echo_worker::control::pause(&settings, true, json(format))),
+        Command::Resume { format } => runtime()?.block_on(echo_worker::control::pause(&settings, false, json(format))),
+        Command::Stats { format } => runtime()?.block_on(echo_worker::control::stats(&settings, json(format))),
+        Command::Clean { state, older_than, format } => {
+            runtime()?.block_on(echo_worker::control::clean(&settings, state, older_than, json(format)))
+        }
     }
+}
+
+/// `worker` and `serve`; the embedded files, when used, live as long as the service.
+fn serve(settings: &Settings, role: Role, args: &Folders) -> anyhow::Result<ExitCode> {
+    let located = folders(settings, args)?;
+    let (pipelines, plugins) = (located.pipelines.clone(), located.plugins.clone());
+    let code = runtime()?.block_on(echo_worker::service::run(settings, role, pipelines, plugins));
+    drop(located);
+    code
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
+}
+
+const fn json(format: Format) -> bool {
+    matches!(format, Format::Json)
 }
 
 /// Logs go to stderr so that stdout stays clean for DOT, JSON and TOML output.

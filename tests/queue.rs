@@ -197,6 +197,7 @@ fn new_job(pipeline: &str) -> NewJob {
         definition: definition(pipeline),
         recording_id: None,
         source: Some("/media/meeting.wav".into()),
+        trusted_source: false,
         params: serde_json::Map::new(),
         priority: 0,
         max_attempts: 3,

@@ -52,6 +52,7 @@ fn new_job(pipeline: &str) -> NewJob {
         },
         recording_id: None,
         source: Some("/media/meeting.wav".into()),
+        trusted_source: false,
         params: serde_json::Map::new(),
         priority: 0,
         max_attempts: 2,

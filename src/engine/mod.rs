@@ -33,7 +33,7 @@ use crate::job::{JobSpec, StageError};
 use crate::pipeline::Pipeline;
 use crate::stage::StageKind;
 use crate::template::Renderer;
-pub use registry::StageRegistry;
+pub use registry::{Kinds, StageRegistry};
 
 /// Limits of the engine.
 #[derive(Debug, Clone)]
@@ -103,6 +103,10 @@ pub struct StageReport {
     /// Why it failed or was skipped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// How long it ran in this run, from its first attempt's start to its end (retries included); `None` when
+    /// it did not run (restored, skipped, not run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// Why a job failed: the stage and its error.
@@ -194,6 +198,23 @@ impl Engine {
         Self { registry: Arc::new(registry), checkpoints, settings, renderer: Arc::new(Renderer::default()) }
     }
 
+    /// This engine with another registry of stage kinds: a worker runs each job with the plugins the job carries.
+    #[must_use]
+    pub fn with_registry(&self, registry: Arc<StageRegistry>) -> Self {
+        Self { registry, ..self.clone() }
+    }
+
+    /// This engine with another checkpoint store: a worker gives each job one that writes under its lease.
+    #[must_use]
+    pub fn with_checkpoints(&self, checkpoints: Arc<dyn Checkpoints>) -> Self {
+        Self { checkpoints, ..self.clone() }
+    }
+
+    /// The engine's limits.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
     /// Checks that every stage of `pipeline` has an implementation, before any work starts.
     ///
     /// # Errors
@@ -219,7 +240,24 @@ impl Engine {
         sink: Arc<dyn ProgressSink>,
         cancel: CancellationToken,
     ) -> Result<JobReport, EngineError> {
-        scheduler::run(self, pipeline, job, sink, cancel).await
+        scheduler::run(self, pipeline, job, sink, cancel, None).await
+    }
+
+    /// [`Engine::run`] in a work directory the caller owns and keeps: files that checkpointed stages left there
+    /// are still there when the same job runs again in it (a retry on the same worker), and the caller removes
+    /// it when the job has ended for good.
+    ///
+    /// # Errors
+    /// [`EngineError`] when the job cannot start.
+    pub async fn run_in(
+        &self,
+        pipeline: &Pipeline,
+        job: JobSpec,
+        sink: Arc<dyn ProgressSink>,
+        cancel: CancellationToken,
+        work_dir: &std::path::Path,
+    ) -> Result<JobReport, EngineError> {
+        scheduler::run(self, pipeline, job, sink, cancel, Some(work_dir)).await
     }
 }
 

@@ -38,9 +38,21 @@ impl StageRegistry {
         max_response: crate::units::ByteSize,
     ) -> Self {
         let mut registry = Self::new();
+        registry.add_plugins(plugins, &http, providers.as_ref(), max_response);
+        registry
+    }
+
+    /// Adds the runnable plugins, as [`StageRegistry::with_plugins`] describes.
+    pub fn add_plugins<'a>(
+        &mut self,
+        plugins: impl IntoIterator<Item = &'a Plugin>,
+        http: &crate::net::HttpClient,
+        providers: Option<&Arc<crate::ai::Providers>>,
+        max_response: crate::units::ByteSize,
+    ) {
         for plugin in plugins {
             let plugin = Arc::new(plugin.clone());
-            let stage: Arc<dyn Stage> = match (&plugin.action, &providers) {
+            let stage: Arc<dyn Stage> = match (&plugin.action, providers) {
                 (PluginAction::Command(_), _) => Arc::new(crate::plugin::command::CommandStage::new(plugin.clone())),
                 (PluginAction::Http(_), _) => Arc::new(
                     crate::plugin::http::HttpStage::new(plugin.clone(), http.clone()).with_max_response(max_response),
@@ -50,9 +62,8 @@ impl StageRegistry {
                 }
                 (PluginAction::Prompt(_), None) => continue,
             };
-            registry.register(&plugin.name, stage);
+            self.register(&plugin.name, stage);
         }
-        registry
     }
 
     /// Registers (or replaces) the implementation of `name`.
@@ -73,5 +84,42 @@ impl StageRegistry {
             .filter(|stage| self.get(&stage.uses).is_none())
             .map(|stage| (stage.id.clone(), stage.uses.clone()))
             .collect()
+    }
+}
+
+/// The stage kinds of one process, from which a registry is made for any set of plugins: a worker runs each job
+/// with the plugin files the job carries, so each job (or each distinct definition) gets its own registry.
+#[derive(Clone)]
+pub struct Kinds {
+    builtins: StageRegistry,
+    http: crate::net::HttpClient,
+    providers: Option<Arc<crate::ai::Providers>>,
+    max_response: crate::units::ByteSize,
+}
+
+impl std::fmt::Debug for Kinds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kinds").field("builtins", &self.builtins).finish_non_exhaustive()
+    }
+}
+
+impl Kinds {
+    /// The builtin (and in-code) kinds in `builtins`, and what plugins need to run: the HTTP client of `http`
+    /// plugins, the AI providers of `prompt` plugins (none: prompt plugins cannot run here), and the largest
+    /// answer an `http` plugin reads.
+    pub fn new(
+        builtins: StageRegistry,
+        http: crate::net::HttpClient,
+        providers: Option<Arc<crate::ai::Providers>>,
+        max_response: crate::units::ByteSize,
+    ) -> Self {
+        Self { builtins, http, providers, max_response }
+    }
+
+    /// The builtins plus `plugins`.
+    pub fn registry<'a>(&self, plugins: impl IntoIterator<Item = &'a Plugin>) -> StageRegistry {
+        let mut registry = self.builtins.clone();
+        registry.add_plugins(plugins, &self.http, self.providers.as_ref(), self.max_response);
+        registry
     }
 }

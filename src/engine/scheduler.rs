@@ -14,7 +14,7 @@
 //! abort-on-drop handles, and drop guards cancel the tokens, so dropping the run future stops all of it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,12 +46,22 @@ pub(super) async fn run(
     job: JobSpec,
     sink: Arc<dyn ProgressSink>,
     cancel: CancellationToken,
+    kept: Option<&Path>,
 ) -> Result<JobReport, EngineError> {
     engine.check(pipeline)?;
     let saved = engine.checkpoints.load(&job.id).await?;
     let root = &engine.settings.work_root;
-    let work_dir =
-        WorkDir::create(root, &job.id).map_err(|source| EngineError::WorkDir { root: root.clone(), source })?;
+    // A directory the caller keeps (a worker keeps one while a retry of the job may come back to it) is used as
+    // it is; otherwise the run makes its own, removed when the run ends.
+    let (work_dir, path) = match kept {
+        Some(path) => (None, path.to_path_buf()),
+        None => {
+            let dir = WorkDir::create(root, &job.id)
+                .map_err(|source| EngineError::WorkDir { root: root.clone(), source })?;
+            let path = dir.path().to_path_buf();
+            (Some(dir), path)
+        }
+    };
     let tracker = Arc::new(Tracker::new(pipeline.stages.iter().map(|stage| (stage.id.clone(), stage.weight))));
     // Everything the run starts is tied to it: if the run future is dropped (its caller aborted), the guards
     // stop the emitter, cancel every stage's token and abort every task, so nothing goes on without a job.
@@ -70,7 +80,7 @@ pub(super) async fn run(
         pipeline,
         job: Arc::new(job),
         saved,
-        work_dir: work_dir.path().to_path_buf(),
+        work_dir: path,
         tracker: tracker.clone(),
         stop: cancel.child_token(),
         slots: pipeline.stages.iter().map(|_| Slot::Pending).collect(),
@@ -80,6 +90,7 @@ pub(super) async fn run(
         failure: None,
         tasks: JoinSet::new(),
         task_stage: HashMap::new(),
+        durations: HashMap::new(),
     };
     let _stop_on_drop = run.stop.clone().drop_guard();
     let status = run.drive(&cancel).await;
@@ -116,6 +127,7 @@ struct Finished {
     index: usize,
     result: Result<StageOutput, StageError>,
     attempts: u32,
+    elapsed: Duration,
 }
 
 struct Run<'a> {
@@ -134,6 +146,8 @@ struct Run<'a> {
     failure: Option<JobFailure>,
     tasks: JoinSet<Finished>,
     task_stage: HashMap<tokio::task::Id, usize>,
+    /// How long each stage that ran took, from its first attempt's start to its end.
+    durations: HashMap<usize, Duration>,
 }
 
 impl Run<'_> {
@@ -270,11 +284,13 @@ impl Run<'_> {
                 () = task.stop.cancelled() => None,
             };
             let Some(_permit) = permit else {
-                return Finished { index: task.index, result: Err(StageError::cancelled()), attempts: 0 };
+                let elapsed = Duration::ZERO;
+                return Finished { index: task.index, result: Err(StageError::cancelled()), attempts: 0, elapsed };
             };
             task.tracker.start_stage(task.index);
+            let began = std::time::Instant::now();
             let (result, attempts) = task.clone().run().await;
-            Finished { index: task.index, result, attempts }
+            Finished { index: task.index, result, attempts, elapsed: began.elapsed() }
         });
         self.task_stage.insert(handle.id(), index);
         self.slots[index] = Slot::Running;
@@ -292,7 +308,13 @@ impl Run<'_> {
 
     async fn finish(&mut self, joined: Result<(tokio::task::Id, Finished), JoinError>) {
         let (index, result, attempts) = match joined {
-            Ok((_, finished)) => (finished.index, finished.result, finished.attempts),
+            Ok((_, finished)) => {
+                // A task stopped before its turn made no attempt and has no duration.
+                if finished.attempts > 0 {
+                    self.durations.insert(finished.index, finished.elapsed);
+                }
+                (finished.index, finished.result, finished.attempts)
+            }
             Err(error) => {
                 let Some(&index) = self.task_stage.get(&error.id()) else { return };
                 let message = format!("stage `{}` ended unexpectedly: {error}", self.pipeline.stages[index].id);
@@ -343,7 +365,8 @@ impl Run<'_> {
         } else {
             self.tracker.finish_stage(index);
         }
-        self.slots[index] = Slot::Done { report: StageReport { status, attempts, output, reason }, fresh };
+        let duration_ms = self.durations.get(&index).map(|took| u64::try_from(took.as_millis()).unwrap_or(u64::MAX));
+        self.slots[index] = Slot::Done { report: StageReport { status, attempts, output, reason, duration_ms }, fresh };
     }
 
     fn report(self, status: JobStatus) -> JobReport {
@@ -356,7 +379,8 @@ impl Run<'_> {
                 let report = match slot {
                     Slot::Done { report, .. } => report,
                     Slot::Pending | Slot::Running => {
-                        StageReport { status: StageStatus::NotRun, attempts: 0, output: None, reason: None }
+                        let (output, reason, duration_ms) = (None, None, None);
+                        StageReport { status: StageStatus::NotRun, attempts: 0, output, reason, duration_ms }
                     }
                 };
                 (spec.id.clone(), report)

@@ -34,6 +34,7 @@ impl PluginSet {
             };
             match Plugin::load(&document) {
                 Ok(plugin) => {
+                    set.texts.insert(file.clone(), document.source.clone());
                     set.plugins.insert(plugin.name.clone(), plugin);
                 }
                 Err(diagnostics) => {

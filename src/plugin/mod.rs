@@ -77,4 +77,7 @@ pub struct PluginSet {
     pub broken: BTreeSet<String>,
     /// Every problem found.
     pub diagnostics: Vec<Diagnostic>,
+    /// The text of each valid plugin's file, by path, as it was read: a job carries these texts (see
+    /// `crate::definition`), never a second reading that may differ.
+    pub texts: std::collections::BTreeMap<PathBuf, String>,
 }

@@ -117,6 +117,11 @@ pub struct NewJob {
     pub recording_id: Option<String>,
     /// Where the media is.
     pub source: Option<String>,
+    /// The source is a local path typed by the user on `echo-worker enqueue`'s command line, so it need not be
+    /// under `paths.storage_root` (the worker must be able to read the same path). Never set for jobs from the
+    /// API.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trusted_source: bool,
     /// `job.params`.
     pub params: serde_json::Map<String, Value>,
     /// Lower runs sooner (as in Bull and BullMQ); jobs of one priority run in enqueue order.
