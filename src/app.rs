@@ -135,7 +135,12 @@ pub fn check_requirements(
 /// without `REDIS_URL`.
 pub fn queue_options(settings: &Settings) -> Option<crate::queue::redis::RedisOptions> {
     let url = settings.redis.url.as_ref()?;
-    Some(crate::queue::redis::RedisOptions::new(url, settings.redis.cluster, &settings.redis.prefix, &settings.queue.name))
+    Some(crate::queue::redis::RedisOptions::new(
+        url,
+        settings.redis.cluster,
+        &settings.redis.prefix,
+        &settings.queue.name,
+    ))
 }
 
 /// The Redis queue that workers read, for the commands that enqueue and inspect jobs.
@@ -150,8 +155,12 @@ pub async fn queue(settings: &Settings) -> anyhow::Result<Arc<crate::queue::redi
              redis://127.0.0.1:6379) to the same Redis as the workers"
         );
     };
-    let queue = crate::queue::redis::RedisQueue::connect(&options, settings.queue.settings())
-        .await
-        .with_context(|| format!("connecting to the queue at {}", settings.redis.url.as_ref().map(|u| u.redacted()).unwrap_or_default()))?;
+    let queue =
+        crate::queue::redis::RedisQueue::connect(&options, settings.queue.settings()).await.with_context(|| {
+            format!(
+                "connecting to the queue at {}",
+                settings.redis.url.as_ref().map(|u| u.redacted()).unwrap_or_default()
+            )
+        })?;
     Ok(Arc::new(queue))
 }

@@ -71,7 +71,9 @@ struct Source {
 }
 
 fn is_url(input: &str) -> bool {
-    input.split_once("://").is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+'))
+    input
+        .split_once("://")
+        .is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+'))
 }
 
 fn local(path: &Path, shown: String) -> anyhow::Result<Source> {
@@ -94,7 +96,8 @@ fn sources(inputs: &[String]) -> anyhow::Result<Vec<Source>> {
     let mut found = Vec::new();
     for input in inputs {
         if is_url(input) {
-            let name = input.split(['?', '#']).next().and_then(|path| path.rsplit('/').next()).filter(|n| !n.is_empty());
+            let name =
+                input.split(['?', '#']).next().and_then(|path| path.rsplit('/').next()).filter(|n| !n.is_empty());
             found.push(Source {
                 shown: input.clone(),
                 source: input.clone(),
@@ -140,10 +143,10 @@ fn sources(inputs: &[String]) -> anyhow::Result<Vec<Source>> {
 /// Before anything is enqueued: no `REDIS_URL`, invalid or unknown pipeline, unreadable inputs, an unreachable
 /// store or queue.
 pub async fn enqueue(settings: &Settings, request: EnqueueRequest) -> anyhow::Result<ExitCode> {
+    let queue = app::queue(settings).await?;
     let catalog = Catalog::load(&request.pipelines, &request.plugins)?;
     let definition = crate::definition::of(&catalog, &request.pipeline)?;
     let sources = sources(&request.inputs)?;
-    let queue = app::queue(settings).await?;
     let store = app::store(settings).await?;
     let mut jobs = Vec::with_capacity(sources.len());
     let mut recordings = Vec::with_capacity(sources.len());
@@ -181,10 +184,13 @@ pub async fn enqueue(settings: &Settings, request: EnqueueRequest) -> anyhow::Re
         match result {
             Ok(enqueued) => {
                 let job_id = enqueued.id().to_string();
-                let new = NewRecording { id: recording.clone(), job_id: Some(job_id.clone()), ..NewRecording::default() };
+                let new =
+                    NewRecording { id: recording.clone(), job_id: Some(job_id.clone()), ..NewRecording::default() };
                 store.register(&new).await?;
                 let existing = matches!(enqueued, Enqueued::Existing(_));
-                listed.push(json!({ "file": source.shown, "job_id": job_id, "recording_id": recording, "existing": existing }));
+                listed.push(
+                    json!({ "file": source.shown, "job_id": job_id, "recording_id": recording, "existing": existing }),
+                );
                 if !request.json {
                     terminal::println(escape(&format!("{}: job {job_id} (recording {recording})", source.shown)))?;
                 }
@@ -418,7 +424,8 @@ pub async fn job(settings: &Settings, id: &str, json: bool) -> anyhow::Result<Ex
         for (stage, outcome) in stages {
             let status = outcome["status"].as_str().unwrap_or("?");
             let attempts = outcome["attempts"].as_u64().unwrap_or(0);
-            let took = outcome["duration_ms"].as_u64().map(|ms| format!("  {:.1} s", ms as f64 / 1000.0)).unwrap_or_default();
+            let took =
+                outcome["duration_ms"].as_u64().map(|ms| format!("  {:.1} s", ms as f64 / 1000.0)).unwrap_or_default();
             let reason = outcome["reason"].as_str().map(|r| format!("  {r}")).unwrap_or_default();
             text.push_str(&format!("\n  {stage:<16} {status:<10} {attempts} attempt(s){took}{reason}"));
         }
@@ -576,7 +583,9 @@ pub async fn clean(settings: &Settings, state: JobState, older_than: Duration, j
         }
     }
     if json {
-        terminal::println(json!({ "state": state, "older_than": HumanDuration(older_than).to_string(), "removed": removed }))?;
+        terminal::println(
+            json!({ "state": state, "older_than": HumanDuration(older_than).to_string(), "removed": removed }),
+        )?;
     } else {
         terminal::println(format_args!("removed {removed} {state} jobs older than {}", HumanDuration(older_than)))?;
     }

@@ -69,15 +69,16 @@ pub fn sha256_hex(text: &str) -> String {
     Sha256::digest(text.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// One number for a whole definition (every file's name and hash), so that jobs with the same definition can
-/// share one compiled pipeline.
+/// One number for a whole definition: every file's name, stored hash and the hash of its text as carried, so that
+/// jobs with the same definition can share one compiled pipeline, and a damaged text never matches the digest of
+/// the intact one (it is compiled, and refused, on its own).
 pub fn digest(definition: &Definition) -> String {
     let mut hasher = Sha256::new();
     for file in std::iter::once(&definition.pipeline).chain(definition.plugins.values()) {
-        hasher.update(file.file.as_bytes());
-        hasher.update([0]);
-        hasher.update(file.sha256.as_bytes());
-        hasher.update([0]);
+        for part in [file.file.as_str(), file.sha256.as_str(), &sha256_hex(&file.text)] {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
     }
     hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
 }
@@ -175,7 +176,8 @@ mod tests {
         assert_eq!(definition.pipeline.text, std::fs::read_to_string("pipelines/meeting.toml").unwrap());
         assert_eq!(definition.pipeline.sha256, sha256_hex(&definition.pipeline.text));
         assert_eq!(definition.plugins.keys().collect::<Vec<_>>(), ["action-items", "summary"]);
-        let compiled = compile(&definition, Path::new("/elsewhere/pipelines"), Path::new("/elsewhere/plugins")).unwrap();
+        let compiled =
+            compile(&definition, Path::new("/elsewhere/pipelines"), Path::new("/elsewhere/plugins")).unwrap();
         assert_eq!(compiled.pipeline.name, "meeting");
         assert_eq!(compiled.pipeline.stages.len(), catalog.pipelines["meeting"].stages.len());
         assert_eq!(compiled.plugins["summary"].file, Path::new("/elsewhere/plugins/summary.toml"));
@@ -188,11 +190,17 @@ mod tests {
         let mut definition = of(&catalog, "meeting").unwrap();
         let good = definition.clone();
         definition.pipeline.text.push_str("\n# edited after hashing\n");
-        assert!(matches!(compile(&definition, Path::new("p"), Path::new("q")), Err(DefinitionError::HashMismatch { .. })));
+        assert!(matches!(
+            compile(&definition, Path::new("p"), Path::new("q")),
+            Err(DefinitionError::HashMismatch { .. })
+        ));
 
         let mut definition = good.clone();
         definition.pipeline.file = "../meeting.toml".into();
-        assert!(matches!(compile(&definition, Path::new("p"), Path::new("q")), Err(DefinitionError::BadFileName { .. })));
+        assert!(matches!(
+            compile(&definition, Path::new("p"), Path::new("q")),
+            Err(DefinitionError::BadFileName { .. })
+        ));
 
         let mut definition = good.clone();
         let text = definition.pipeline.text.replace("uses = \"summary\"", "uses = \"sumary\"") + "\n[oops]\n";
@@ -205,6 +213,9 @@ mod tests {
         assert!(problems.iter().all(|problem| problem.file == Path::new("p/meeting.toml") && problem.line > 0));
 
         assert_ne!(digest(&good), digest(&definition), "the digest follows the texts");
+        let mut damaged = good.clone();
+        damaged.pipeline.text.push(' ');
+        assert_ne!(digest(&good), digest(&damaged), "a text changed after hashing has another digest");
         assert_eq!(digest(&good), digest(&good.clone()));
     }
 }

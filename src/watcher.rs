@@ -195,7 +195,8 @@ mod tests {
         assert!(until(|| description(&live.current()) == "Edited while running").await, "the valid edit applied");
         assert_eq!(live.last_reload(), Some(Reload::Applied));
 
-        std::fs::write(pipelines.join("audio-qa.toml"), format!("{edited}\n[stages.broken]\nuses = \"nothing\"\n")).unwrap();
+        std::fs::write(pipelines.join("audio-qa.toml"), format!("{edited}\n[stages.broken]\nuses = \"nothing\"\n"))
+            .unwrap();
         std::fs::write(plugins.join("summary.toml"), "name = \"summary\"\nkind = \"prompt\"\nbogus = 1\n").unwrap();
         let refused_files = || match live.last_reload() {
             Some(Reload::Refused(problems)) => problems

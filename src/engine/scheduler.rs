@@ -56,8 +56,8 @@ pub(super) async fn run(
     let (work_dir, path) = match kept {
         Some(path) => (None, path.to_path_buf()),
         None => {
-            let dir = WorkDir::create(root, &job.id)
-                .map_err(|source| EngineError::WorkDir { root: root.clone(), source })?;
+            let dir =
+                WorkDir::create(root, &job.id).map_err(|source| EngineError::WorkDir { root: root.clone(), source })?;
             let path = dir.path().to_path_buf();
             (Some(dir), path)
         }

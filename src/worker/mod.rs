@@ -187,7 +187,10 @@ impl Shared {
     }
 
     fn keep(&self, id: &str, dir: WorkDir) {
-        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.to_string(), (dir, Instant::now()));
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_string(), (dir, Instant::now()));
     }
 
     /// Adds a line to the job's log; a line that cannot be written is only traced.
@@ -558,7 +561,8 @@ async fn finish(shared: &Shared, job: &Job, held: &Held, ran: Ran, began: Instan
                 stage_events(shared, job, held, report).await;
                 save_report(shared, job, held, report).await;
             }
-            let told = until_told(shared, held, "marking a job cancelled", || shared.queue.cancelled(id, &held.token)).await;
+            let told =
+                until_told(shared, held, "marking a job cancelled", || shared.queue.cancelled(id, &held.token)).await;
             if told.is_ok() || confirmed(shared, id, JobState::Cancelled).await {
                 shared.count(|s| s.cancelled += 1);
                 shared.log(id, &format!("cancelled on request after {took}")).await;
@@ -588,8 +592,9 @@ async fn finish(shared: &Shared, job: &Job, held: &Held, ran: Ran, began: Instan
     match report.status {
         JobStatus::Succeeded => {
             let result = serde_json::to_value(&report).unwrap_or(Value::Null);
-            let told = until_told(shared, held, "completing a job", || shared.queue.complete(id, &held.token, result.clone()))
-                .await;
+            let told =
+                until_told(shared, held, "completing a job", || shared.queue.complete(id, &held.token, result.clone()))
+                    .await;
             if told.is_ok() || confirmed(shared, id, JobState::Completed).await {
                 shared.count(|s| s.completed += 1);
                 shared.log(id, &format!("completed in {took}")).await;
@@ -621,7 +626,14 @@ async fn finish(shared: &Shared, job: &Job, held: &Held, ran: Ran, began: Instan
 }
 
 /// Records a failed attempt: retried after a backoff (the work directory is kept for it), or failed for good.
-async fn fail(shared: &Shared, job: &Job, held: &Held, failure: Failure, dir: Option<WorkDir>, report: Option<&JobReport>) {
+async fn fail(
+    shared: &Shared,
+    job: &Job,
+    held: &Held,
+    failure: Failure,
+    dir: Option<WorkDir>,
+    report: Option<&JobReport>,
+) {
     let id = job.id.as_str();
     let message = failure.message.clone();
     let told = until_told(shared, held, "failing a job", || shared.queue.fail(id, &held.token, failure.clone())).await;

@@ -58,12 +58,17 @@ pub struct Seen {
     pub audio_seconds: f64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// SHA-256 of the uploaded file (transcriptions), lowercase hex: which chunk was sent.
+    pub sha256: Option<String>,
 }
 
 /// The fake's state.
 pub struct Fake {
     pub base: String,
     pub seen: Mutex<Vec<Seen>>,
+    /// SHA-256 of every transcription upload as soon as its body arrived, whether or not the client stayed for the
+    /// answer (a request whose client died is never in `seen`).
+    pub uploads: Mutex<Vec<String>>,
     faults: Mutex<VecDeque<(Kind, Fault)>>,
     in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
@@ -81,6 +86,7 @@ impl Fake {
         let fake = Arc::new(Self {
             base,
             seen: Mutex::new(Vec::new()),
+            uploads: Mutex::new(Vec::new()),
             faults: Mutex::new(VecDeque::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
@@ -96,6 +102,11 @@ impl Fake {
             .with_state(fake.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         fake
+    }
+
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Scripts a fault for the next request of `kind`.
@@ -214,7 +225,14 @@ async fn transcription(fake: Arc<Fake>, mut form: Multipart, needs_model: bool) 
         audio_seconds: 0.0,
         prompt_tokens: 0,
         completion_tokens: 0,
+        sha256: file.as_ref().map(|bytes| {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
+        }),
     };
+    if let Some(sha256) = &seen.sha256 {
+        fake.uploads.lock().unwrap().push(sha256.clone());
+    }
     let window_full = {
         let limit = *fake.limit.lock().unwrap();
         limit.is_some_and(|(count, window)| {
@@ -375,6 +393,7 @@ fn chat(fake: Arc<Fake>, body: Value, needs_model: bool) -> Response {
         audio_seconds: 0.0,
         prompt_tokens: 0,
         completion_tokens: 0,
+        sha256: None,
     };
     let format = &body["response_format"];
     let name_ok = format["json_schema"]["name"].as_str().is_some_and(|name| {
