@@ -752,22 +752,31 @@ impl Run {
         options
     }
 
-    async fn throughput_pair(&mut self, jobs: usize, concurrency: usize, reports: u32, marks: &[u64]) -> (Throughput, Option<Throughput>, String) {
-        let load = load_average();
-        let (ours_prefix, theirs_prefix) = self.prefixes();
+    /// Our worker process draining `jobs` jobs.
+    async fn ours(&mut self, jobs: usize, concurrency: usize, reports: u32, marks: &[u64]) -> Throughput {
+        let (prefix, _) = self.prefixes();
         eprintln!("… {jobs} jobs, concurrency {concurrency}, {reports} progress updates each: echo-worker");
-        let ours = ours_throughput(&self.redis, &ours_prefix, jobs, concurrency, reports, marks).await;
-        clean(&self.redis, &ours_prefix);
-        let theirs = if self.bullmq {
-            eprintln!("… the same on BullMQ");
-            let options = self.options(
-                &theirs_prefix,
-                json!({ "jobs": jobs, "concurrency": concurrency, "progress": reports, "marks": marks }),
-            );
-            Some(throughput_of(&bullmq("throughput", options).await))
-        } else {
-            None
-        };
+        let ours = ours_throughput(&self.redis, &prefix, jobs, concurrency, reports, marks).await;
+        clean(&self.redis, &prefix);
+        ours
+    }
+
+    /// BullMQ's worker process draining `jobs` jobs, unless BullMQ's side cannot run.
+    async fn theirs(&mut self, jobs: usize, concurrency: usize, reports: u32, marks: &[u64]) -> Option<Throughput> {
+        let (_, prefix) = self.prefixes();
+        if !self.bullmq {
+            return None;
+        }
+        eprintln!("… {jobs} jobs, concurrency {concurrency}, {reports} progress updates each: BullMQ");
+        let options =
+            self.options(&prefix, json!({ "jobs": jobs, "concurrency": concurrency, "progress": reports, "marks": marks }));
+        Some(throughput_of(&bullmq("throughput", options).await))
+    }
+
+    async fn throughput_pair(&mut self, jobs: usize, concurrency: usize, reports: u32) -> (Throughput, Option<Throughput>, String) {
+        let load = load_average();
+        let ours = self.ours(jobs, concurrency, reports, &[]).await;
+        let theirs = self.theirs(jobs, concurrency, reports, &[]).await;
         (ours, theirs, load)
     }
 }
@@ -796,14 +805,14 @@ fn main() {
     let started_load = load_average();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let mut empty_rate: (Option<f64>, Option<f64>) = (None, None);
+        let mut bullmq_wide: Option<f64> = None;
         let mut rss: (Option<u64>, Option<u64>) = (None, None);
         for (scenario, reports, target_times) in [(1u32, 0u32, 2.5f64), (2, 10, 5.0)] {
             if !scenarios.contains(&scenario) {
                 continue;
             }
             for concurrency in [1usize, 10, 50] {
-                let (ours, theirs, load) = run.throughput_pair(jobs, concurrency, reports, &[]).await;
+                let (ours, theirs, load) = run.throughput_pair(jobs, concurrency, reports).await;
                 let theirs_rate = theirs.as_ref().map_or(f64::NAN, |t| t.rate);
                 let (target, met) = if concurrency == 50 {
                     (format!("≥ {target_times}× BullMQ"), theirs.as_ref().map(|t| ours.rate >= target_times * t.rate))
@@ -818,7 +827,7 @@ fn main() {
                 let target = if target.is_empty() { String::new() } else { format!("{target}: {}", verdict(met)) };
                 run.rows.push(row(&label, rate(ours.rate), rate(theirs_rate), times(ours.rate, theirs_rate), &target, &load));
                 if concurrency == WIDE && reports == 0 {
-                    empty_rate = (Some(ours.rate), theirs.as_ref().map(|t| t.rate));
+                    bullmq_wide = theirs.as_ref().map(|t| t.rate);
                     rss = (Some(ours.rss_kib), theirs.as_ref().map(|t| t.rss_kib));
                 }
                 let per_job = |t: &Throughput| {
@@ -840,7 +849,7 @@ fn main() {
                 eprintln!("… {jobs} jobs through the Queue trait alone (take → complete), {WIDE} tasks: echo-worker");
                 let alone = ours_queue_only(&redis, &prefix, jobs, WIDE).await;
                 clean(&redis, &prefix);
-                let theirs = empty_rate.1.unwrap_or(f64::NAN);
+                let theirs = bullmq_wide.unwrap_or(f64::NAN);
                 run.rows.push(row(
                     &format!(
                         "1. diagnostic: our queue alone, no worker (take → complete, {WIDE} tasks), vs BullMQ's worker at concurrency {WIDE} (jobs/s)"
@@ -898,29 +907,40 @@ fn main() {
             ));
         }
         if scenarios.contains(&5) {
+            // Each system drains `jobs` jobs alone, then a backlog five times as large, back to back, so that
+            // the machine's load is about the same for both figures of one system.
+            let load = load_average();
             let mark = jobs as u64;
-            let (ours, theirs, load) = run.throughput_pair(backlog, WIDE, 0, &[mark]).await;
+            let ours_alone = run.ours(jobs, WIDE, 0, &[]).await;
+            let ours = run.ours(backlog, WIDE, 0, &[mark]).await;
+            let theirs_alone = run.theirs(jobs, WIDE, 0, &[]).await;
+            let theirs = run.theirs(backlog, WIDE, 0, &[mark]).await;
             let first = |t: &Throughput| t.marks.first().map_or(f64::NAN, |(n, s)| *n as f64 / s);
-            let theirs_first = theirs.as_ref().map_or(f64::NAN, first);
-            let theirs_rate = theirs.as_ref().map_or(f64::NAN, |t| t.rate);
+            let theirs_rate = |t: &Option<Throughput>, f: &dyn Fn(&Throughput) -> f64| t.as_ref().map_or(f64::NAN, f);
+            let (alone, theirs_alone) = (ours_alone.rate, theirs_rate(&theirs_alone, &|t| t.rate));
+            let (backlog_first, theirs_first) = (first(&ours), theirs_rate(&theirs, &first));
+            let (backlog_all, theirs_all) = (ours.rate, theirs_rate(&theirs, &|t| t.rate));
             run.rows.push(row(
-                &format!("5. draining {backlog} due jobs, concurrency {WIDE}: first {jobs} (jobs/s)"),
-                rate(first(&ours)), rate(theirs_first), times(first(&ours), theirs_first), "", &load,
+                &format!("5. {jobs} jobs alone, concurrency {WIDE}, just before the backlog (jobs/s)"),
+                rate(alone), rate(theirs_alone), times(alone, theirs_alone), "", &load,
             ));
             run.rows.push(row(
-                &format!("5. draining {backlog} due jobs, concurrency {WIDE}: all (jobs/s)"),
-                rate(ours.rate), rate(theirs_rate), times(ours.rate, theirs_rate), "", &load,
+                &format!("5. draining {backlog} due jobs, concurrency {WIDE}: the first {jobs} (jobs/s)"),
+                rate(backlog_first), rate(theirs_first), times(backlog_first, theirs_first), "", &load,
             ));
-            let ratio = |backlog: f64, empty: Option<f64>| empty.map_or(f64::NAN, |e| backlog / e);
-            let (ours_ratio, theirs_ratio) = (ratio(first(&ours), empty_rate.0), ratio(theirs_first, empty_rate.1));
-            let pct = |v: f64| if v.is_finite() { format!("{:.0} %", v * 100.0) } else { "— (run scenario 1)".into() };
             run.rows.push(row(
-                &format!("5. first {jobs} of the backlog ÷ {jobs} jobs alone (scenario 1, concurrency {WIDE})"),
+                &format!("5. draining {backlog} due jobs, concurrency {WIDE}: all of them (jobs/s)"),
+                rate(backlog_all), rate(theirs_all), times(backlog_all, theirs_all), "", &load,
+            ));
+            let (ours_ratio, theirs_ratio) = (backlog_first / alone, theirs_first / theirs_alone);
+            let pct = |v: f64| if v.is_finite() { format!("{:.0} %", v * 100.0) } else { "—".into() };
+            run.rows.push(row(
+                &format!("5. the first {jobs} of the backlog ÷ {jobs} jobs alone"),
                 pct(ours_ratio), pct(theirs_ratio), String::new(),
                 &format!("> 80 %: {}", verdict(ours_ratio.is_finite().then_some(ours_ratio > 0.8))), &load,
             ));
             run.notes.push(format!(
-                "backlog: filled in {:.1} s (echo-worker) and {:.1} s (BullMQ)",
+                "backlog of {backlog}: filled in {:.1} s (echo-worker, {BATCH} per call) and {:.1} s (BullMQ)",
                 ours.fill_seconds, theirs.as_ref().map_or(f64::NAN, |t| t.fill_seconds)
             ));
         }
