@@ -25,9 +25,7 @@ use echo_worker::job::checkpoint::MemoryCheckpoints;
 use echo_worker::job::{StageError, StageOutput};
 use echo_worker::net::{AddressPolicy, HttpClient};
 use echo_worker::queue::redis::{RedisOptions, RedisQueue};
-use echo_worker::queue::{
-    Definition, DefinitionFile, EventKind, JobState, NewJob, Queue, QueueSettings, WorkerInfo,
-};
+use echo_worker::queue::{Definition, DefinitionFile, EventKind, JobState, NewJob, Queue, QueueSettings, WorkerInfo};
 use echo_worker::secret::SecretUrl;
 use echo_worker::stage::{Stage, StageContext};
 use echo_worker::store::SqlStore;
@@ -75,13 +73,15 @@ fn file(name: &str, text: String) -> DefinitionFile {
 /// configured a worker does not register prompt plugins, and the worker's kinds here map `noop` to [`Noop`]
 /// (registered in code), so that is what runs: no AI, no I/O.
 fn definition(reports: u32) -> Definition {
-    let pipeline =
-        format!("name = \"bench\"\n\n[stages.work]\nuses = \"noop\"\nwith = {{ reports = {reports} }}\n");
+    let pipeline = format!("name = \"bench\"\n\n[stages.work]\nuses = \"noop\"\nwith = {{ reports = {reports} }}\n");
     let plugin = "name = \"noop\"\nkind = \"prompt\"\ndescription = \"Runs the bench's in-code no-op stage\"\n\n\
                   [params]\nreports = { type = \"integer\", default = 0, description = \"Progress reports\" }\n\n\
                   [prompt]\nsystem = \"unused\"\nuser = \"unused\"\n"
         .to_string();
-    Definition { pipeline: file("bench.toml", pipeline), plugins: BTreeMap::from([("noop".into(), file("noop.toml", plugin))]) }
+    Definition {
+        pipeline: file("bench.toml", pipeline),
+        plugins: BTreeMap::from([("noop".into(), file("noop.toml", plugin))]),
+    }
 }
 
 fn new_job(definition: &Definition, index: usize) -> NewJob {
@@ -126,7 +126,9 @@ fn peak_rss_kib(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
-            status.lines().find_map(|line| line.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").parse().ok()))
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").parse().ok()))
         })
         .flatten()
         .unwrap_or(0)
@@ -390,7 +392,9 @@ async fn ours_queue_only(redis: &str, prefix: &str, jobs: usize, tasks: usize) -
         let (queue, done, worker) = (queue.clone(), done.clone(), worker.clone());
         running.spawn(async move {
             while done.load(Ordering::Acquire) < jobs && Instant::now() < deadline {
-                let Some(lease) = queue.take(&worker, Duration::from_millis(100)).await.expect("take") else { continue };
+                let Some(lease) = queue.take(&worker, Duration::from_millis(100)).await.expect("take") else {
+                    continue;
+                };
                 queue.complete(&lease.job.id, &lease.token, json!({ "ok": true })).await.expect("complete");
                 done.fetch_add(1, Ordering::AcqRel);
             }
@@ -412,10 +416,7 @@ fn throughput_of(value: &Value) -> Throughput {
         marks: value["marks"]
             .as_array()
             .map(|marks| {
-                marks
-                    .iter()
-                    .map(|m| (m["jobs"].as_u64().unwrap_or(0), m["seconds"].as_f64().unwrap_or(0.0)))
-                    .collect()
+                marks.iter().map(|m| (m["jobs"].as_u64().unwrap_or(0), m["seconds"].as_f64().unwrap_or(0.0))).collect()
             })
             .unwrap_or_default(),
         rss_kib: value["rss_kib"].as_u64().unwrap_or(0),
@@ -566,7 +567,9 @@ fn redis_ports(pid: u32, redis_port: u16) -> BTreeSet<u16> {
 
 /// The Redis server's CPU time so far (`INFO cpu`: used_cpu_user + used_cpu_sys), ms.
 fn redis_cpu_ms(redis_url: &str) -> u64 {
-    let Ok(mut connection) = redis::Client::open(redis_url).and_then(|client| client.get_connection()) else { return 0 };
+    let Ok(mut connection) = redis::Client::open(redis_url).and_then(|client| client.get_connection()) else {
+        return 0;
+    };
     let info: String = redis::cmd("INFO").arg("cpu").query(&mut connection).unwrap_or_default();
     let seconds: f64 = info
         .lines()
@@ -717,7 +720,11 @@ fn rate(value: f64) -> String {
 }
 
 fn times(ours: f64, theirs: f64) -> String {
-    if ours.is_finite() && theirs.is_finite() && theirs > 0.0 { format!("{:.2}×", ours / theirs) } else { "—".into() }
+    if ours.is_finite() && theirs.is_finite() && theirs > 0.0 {
+        format!("{:.2}×", ours / theirs)
+    } else {
+        "—".into()
+    }
 }
 
 fn verdict(met: Option<bool>) -> &'static str {
@@ -741,7 +748,10 @@ impl Run {
     /// A fresh key prefix (ours) and the matching one for BullMQ.
     fn prefixes(&mut self) -> (String, String) {
         self.counter += 1;
-        (format!("echo-bench-{}-{}:", self.run_id, self.counter), format!("echo-bench-{}-{}-bullmq", self.run_id, self.counter))
+        (
+            format!("echo-bench-{}-{}:", self.run_id, self.counter),
+            format!("echo-bench-{}-{}-bullmq", self.run_id, self.counter),
+        )
     }
 
     fn options(&self, prefix: &str, extra: Value) -> Value {
@@ -768,12 +778,17 @@ impl Run {
             return None;
         }
         eprintln!("… {jobs} jobs, concurrency {concurrency}, {reports} progress updates each: BullMQ");
-        let options =
-            self.options(&prefix, json!({ "jobs": jobs, "concurrency": concurrency, "progress": reports, "marks": marks }));
+        let options = self
+            .options(&prefix, json!({ "jobs": jobs, "concurrency": concurrency, "progress": reports, "marks": marks }));
         Some(throughput_of(&bullmq("throughput", options).await))
     }
 
-    async fn throughput_pair(&mut self, jobs: usize, concurrency: usize, reports: u32) -> (Throughput, Option<Throughput>, String) {
+    async fn throughput_pair(
+        &mut self,
+        jobs: usize,
+        concurrency: usize,
+        reports: u32,
+    ) -> (Throughput, Option<Throughput>, String) {
         let load = load_average();
         let ours = self.ours(jobs, concurrency, reports, &[]).await;
         let theirs = self.theirs(jobs, concurrency, reports, &[]).await;
@@ -801,7 +816,14 @@ fn main() {
         eprintln!("BullMQ's side will not run: {why}");
     }
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let mut run = Run { redis: redis.clone(), run_id: run_id.clone(), counter: 0, bullmq: missing.is_none(), rows: Vec::new(), notes: Vec::new() };
+    let mut run = Run {
+        redis: redis.clone(),
+        run_id: run_id.clone(),
+        counter: 0,
+        bullmq: missing.is_none(),
+        rows: Vec::new(),
+        notes: Vec::new(),
+    };
     let started_load = load_average();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -1017,7 +1039,10 @@ fn print_table(run: &Run, jobs: usize, started_load: &str) {
     println!("| scenario | echo-worker | BullMQ | echo-worker ÷ BullMQ | target | load (1, 5, 15 min) |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for row in &run.rows {
-        println!("| {} | {} | {} | {} | {} | {} |", row.scenario, row.ours, row.bullmq, row.ratio, row.target, row.load);
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            row.scenario, row.ours, row.bullmq, row.ratio, row.target, row.load
+        );
     }
     println!();
     for note in &run.notes {
