@@ -22,12 +22,14 @@
 //!   worker; [`watcher`]: the catalog reloaded when its folders change.
 //! - [`worker`]: takes jobs from a queue and runs them through the engine, with leases, cancels and shutdown.
 //! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
+//! - [`auth`]: who may call the API: service tokens (some read-only) and Supabase user JWTs.
 //! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
 //! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`; [`service`]:
 //!   `worker` and `serve`; [`control`]: `enqueue` and the other queue commands.
 
 pub mod ai;
 pub mod app;
+pub mod auth;
 pub mod bounded;
 pub mod catalog;
 pub mod child;
