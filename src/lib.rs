@@ -24,10 +24,13 @@
 //! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
 //! - [`auth`]: who may call the API: service tokens (some read-only) and Supabase user JWTs.
 //! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
+//! - [`intake`]: a request to process a recording made into a queued job, for the CLI and the API alike.
+//! - [`api`]: the REST API (axum): routes, errors as JSON, callers, CORS and rate limits, OpenAPI.
 //! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`; [`service`]:
 //!   `worker` and `serve`; [`control`]: `enqueue` and the other queue commands.
 
 pub mod ai;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bounded;
@@ -40,6 +43,7 @@ pub mod definition;
 pub mod document;
 pub mod engine;
 pub mod error;
+pub mod intake;
 pub mod job;
 pub mod local;
 pub mod media;
