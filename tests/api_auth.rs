@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use echo_worker::store::Store as _;
 use serde_json::{Value, json};
 use support::app::{Reply, TestApp};
 use support::jwt::{self, JwksServer, SigningKey};
