@@ -160,7 +160,7 @@ async fn a_user_sees_queues_cancels_and_retries_only_their_own_recordings() {
     };
     let other = queue_recording(&app, FULL, "rec-service").await;
     assert_eq!(other.status, 202, "{}", other.text);
-    assert_eq!(listed(&app.get_as(&alice, "/api/jobs").await), [job.clone()]);
+    assert_eq!(listed(&app.get_as(&alice, "/api/jobs").await), vec![job.clone()]);
     assert!(listed(&app.get_as(&bob, "/api/jobs").await).is_empty());
     assert_eq!(listed(&app.get_as(FULL, "/api/jobs").await).len(), 2);
     assert_eq!(app.get_as(&bob, "/api/queue/stats").await.status, 403);
