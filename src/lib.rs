@@ -8,7 +8,8 @@
 //! - [`units`]: duration, size and bitrate literals; [`secret`]: credentials that never print;
 //!   [`error`]: the error codes shared by stage errors, AI errors and job failures;
 //!   [`child`]: process groups that die with their job; [`defaults`]: the shipped files, embedded.
-//! - [`document`]: TOML with positions, every problem at `file:line:column`; [`template`]: minijinja.
+//! - [`document`]: TOML with positions, every problem at `file:line:column`; [`template`]: minijinja;
+//!   [`subtitle`]: SRT and WebVTT from timed transcript segments.
 //! - [`job`]: the contract shared by engine, stages, store and queue (job spec, stage outputs and errors,
 //!   checkpoints, progress); [`retry`]: retry policies and backoff.
 //! - [`media`]: ffprobe and ffmpeg; [`source`]: where media comes from and the rules for reaching it;
@@ -52,6 +53,7 @@ pub mod service;
 pub mod source;
 pub mod stage;
 pub mod store;
+pub mod subtitle;
 pub mod template;
 pub mod terminal;
 pub mod units;
