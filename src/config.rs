@@ -81,6 +81,9 @@ pub struct Settings {
     pub download: DownloadSettings,
     /// AI providers beyond the seed's Azure variables.
     pub ai: AiSettings,
+    /// Calls to a job's `callbackUrl` when it ends.
+    #[serde(default)]
+    pub callback: crate::callback::CallbackSettings,
     /// Adjustments made while loading, to be logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -334,6 +337,7 @@ impl Default for Settings {
             database: DatabaseSettings { url: SecretUrl::new("sqlite://echo.db"), table: "recordings".into() },
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             ai: AiSettings::default(),
+            callback: crate::callback::CallbackSettings::default(),
             warnings: Vec::new(),
         }
     }

@@ -173,6 +173,7 @@ pub async fn enqueue(settings: &Settings, request: EnqueueRequest) -> anyhow::Re
             max_attempts: settings.queue.max_attempts.max(1),
             delay: None,
             idempotency_key: None,
+            callback_url: None,
         });
         recordings.push(recording);
     }

@@ -21,6 +21,7 @@
 //! - [`queue`]: jobs waiting and running across processes, with leases (Redis, or memory);
 //!   [`definition`]: the pipeline and plugin files a job carries, made from the catalog and compiled back on a
 //!   worker; [`watcher`]: the catalog reloaded when its folders change.
+//! - [`callback`]: the signed POST to a job's `callbackUrl` when it ends, retried, under the address rules.
 //! - [`worker`]: takes jobs from a queue and runs them through the engine, with leases, cancels and shutdown.
 //! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
 //! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
@@ -30,6 +31,7 @@
 pub mod ai;
 pub mod app;
 pub mod bounded;
+pub mod callback;
 pub mod catalog;
 pub mod child;
 pub mod config;

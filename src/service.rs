@@ -76,8 +76,10 @@ pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: P
         pipelines_dir: pipelines,
         plugins_dir: plugins,
     };
-    let worker = Worker::new(queue, store, engine, kinds, options);
+    let callbacks = app::callbacks(settings)?;
+    let worker = Worker::new(queue, store, engine, kinds, options).with_callbacks(callbacks.clone());
     let summary = worker.run(shutdown, hurry).await;
+    callbacks.finish(settings.worker.shutdown_grace.0).await;
     drop(catalog);
     tracing::debug!(?summary, "done");
     Ok(ExitCode::SUCCESS)
