@@ -43,8 +43,9 @@ pub const EVENT_HEADER: &str = "x-echo-event";
 /// The delivery header: the same for every attempt of one ending, different for each ending.
 pub const DELIVERY_HEADER: &str = "x-echo-delivery";
 
-/// Time allowed to resolve a callback host at the API: a name that does not resolve in this long is refused.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed to resolve a callback host at the API (as for sources at intake): a name that does not resolve
+/// in this long is let through, and the worker's client resolves and checks it again when it connects.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `callback.*` settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,10 +145,10 @@ pub fn sign(secret: &Secret, timestamp: u64, body: &[u8]) -> String {
     format!("sha256={}", digest.iter().map(|byte| format!("{byte:02x}")).collect::<String>())
 }
 
-/// Checks a `callbackUrl` at the door with the download rules: `http` or `https`, a host, and no internal
-/// address unless `policy` allows it (a host name is resolved and every address checked; one that does not
-/// resolve is refused). The worker's client checks again when it connects, so a name that changes its answer
-/// later is still refused then.
+/// Checks a `callbackUrl` at the door with the download rules (as intake checks `fileUrl`): `http` or `https`,
+/// a host, and no internal address unless `policy` allows it (a host name is resolved and every address
+/// checked; one that does not resolve now is let through). The worker's client resolves and checks again when
+/// it connects, so a name that changes its answer later, or resolves only later, is still refused then.
 ///
 /// # Errors
 /// [`CallbackError::Invalid`] or [`CallbackError::Refused`], naming the URL and the rule.
@@ -171,14 +172,11 @@ pub async fn check_url(text: &str, policy: &AddressPolicy) -> Result<Url, Callba
             let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port))).await;
             match lookup {
                 Ok(Ok(found)) => found.map(|address| address.ip()).collect(),
-                Ok(Err(error)) => return Err(refused(format!("{host} does not resolve ({error})"))),
-                Err(_) => return Err(refused(format!("{host} did not resolve within {RESOLVE_TIMEOUT:?}"))),
+                // Not resolvable now: the worker resolves it again when it calls, and logs why it could not.
+                _ => Vec::new(),
             }
         }
     };
-    if addresses.is_empty() {
-        return Err(refused(format!("{host} has no addresses")));
-    }
     for address in addresses {
         policy.check(&host, address, Some(port)).map_err(|error| refused(error.to_string()))?;
     }
