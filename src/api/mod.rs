@@ -30,8 +30,10 @@ pub mod extract;
 pub mod layers;
 pub mod time;
 
+mod direct;
 mod health;
 mod openapi;
+mod transcript;
 
 use caller::Callers;
 use error::ApiError;
@@ -53,6 +55,8 @@ pub struct ApiState {
     pub callers: Arc<Callers>,
     /// When the server started (for `uptime`).
     pub started_at: Instant,
+    /// What `process-direct` runs with, made by its first request.
+    pub direct: Arc<tokio::sync::OnceCell<direct::Direct>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -172,6 +176,7 @@ pub fn state(settings: &Settings, parts: ApiParts) -> Result<ApiState, StartErro
         intake,
         callers: Arc::new(callers),
         started_at: Instant::now(),
+        direct: Arc::default(),
     })
 }
 
@@ -189,7 +194,11 @@ struct ApiDoc;
 
 /// Every route with its documentation. Each route file adds one `.merge` line.
 fn routes() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(health::routes()).merge(openapi::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::routes())
+        .merge(openapi::routes())
+        .merge(transcript::routes())
+        .merge(direct::routes())
 }
 
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.
