@@ -155,7 +155,7 @@ async fn process_direct(
     let catalog = state.catalog.current();
     let pipeline = catalog.pipeline(&name).map_err(|unknown| ApiError::from(IntakeError::UnknownPipeline(unknown)))?;
     let row = match &request.recording_id {
-        Some(id) => match visible_recording(&state, &caller, id).await {
+        Some(id) => match visible_recording(&state, &caller, id, "recordingId").await {
             Ok(row) => Some(row),
             Err(error) if error.code == "recording_not_found" && request.file_url.is_some() => None,
             Err(error) => return Err(error),

@@ -10,25 +10,17 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Serialize;
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::ApiState;
 use super::caller::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::ApiPath;
+use super::{ApiState, recording_id};
 use crate::store::{Recording, RecordingStatus};
 use crate::subtitle::{self, Cue};
-
-/// The recording named in the path.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Path)]
-pub struct RecordingPath {
-    /// The recording's id.
-    pub id: String,
-}
 
 /// One timed piece of the transcript.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -59,26 +51,18 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new().routes(routes!(srt)).routes(routes!(vtt)).routes(routes!(transcript))
 }
 
-/// Longest recording id taken from a path: ids are UUIDs or the frontend's row ids.
-const MAX_ID_LENGTH: usize = 128;
-
 /// The recording, when it exists and the caller may see it.
 ///
 /// # Errors
-/// 400 `invalid_path` for an id that cannot be one; 404 `recording_not_found`; the store's errors.
-pub(super) async fn visible_recording(state: &ApiState, caller: &Caller, id: &str) -> Result<Recording, ApiError> {
-    let valid = !id.is_empty()
-        && id.len() <= MAX_ID_LENGTH
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
-    if !valid {
-        let shown: String = id.chars().filter(|c| !c.is_control()).take(MAX_ID_LENGTH).collect();
-        return Err(ApiError::bad_request(
-            "invalid_path",
-            format!("`{shown}` is not a recording id: use 1 to {MAX_ID_LENGTH} letters, digits, `-`, `_`, `.` or `:`"),
-        )
-        .with_details(serde_json::json!({ "field": "id" })));
-    }
-    match state.store.get(id).await? {
+/// 400 `invalid_id` for an id that cannot be one; 404 `recording_not_found`; the store's errors.
+pub(super) async fn visible_recording(
+    state: &ApiState,
+    caller: &Caller,
+    id: &str,
+    field: &str,
+) -> Result<Recording, ApiError> {
+    let id = recording_id(id, field)?;
+    match state.store.get(&id).await? {
         Some(recording) if caller.may_see(recording.owner_id.as_deref()) => Ok(recording),
         _ => Err(ApiError::not_found("recording_not_found", format!("no recording with id `{id}`"))),
     }
@@ -86,7 +70,7 @@ pub(super) async fn visible_recording(state: &ApiState, caller: &Caller, id: &st
 
 /// The completed recording's cues (none when it kept no segments).
 async fn completed(state: &ApiState, caller: &Caller, id: &str) -> Result<(Recording, Option<Vec<Cue>>), ApiError> {
-    let recording = visible_recording(state, caller, id).await?;
+    let recording = visible_recording(state, caller, id, "id").await?;
     if recording.status != RecordingStatus::Completed {
         return Err(ApiError::conflict(
             "not_completed",
@@ -126,10 +110,10 @@ fn text_reply(body: String, content_type: &'static str, file_name: Option<String
     get,
     path = "/api/recording/{id}/subtitles.srt",
     tag = "recordings",
-    params(RecordingPath),
+    params(("id" = String, Path, description = "The recording id")),
     responses(
         (status = 200, description = "SubRip subtitles", content_type = "text/plain", body = String),
-        (status = 400, description = "Not a recording id", body = ErrorBody),
+        (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such recording, or it kept no segments", body = ErrorBody),
         (status = 409, description = "The recording has not completed", body = ErrorBody),
     )
@@ -137,11 +121,11 @@ fn text_reply(body: String, content_type: &'static str, file_name: Option<String
 async fn srt(
     State(state): State<ApiState>,
     caller: Caller,
-    ApiPath(path): ApiPath<RecordingPath>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let (_, cues) = completed(&state, &caller, &path.id).await?;
-    let cues = cues.ok_or_else(|| no_segments(&path.id))?;
-    Ok(text_reply(subtitle::srt(&cues), "text/plain; charset=utf-8", Some(format!("{}.srt", path.id))))
+    let (_, cues) = completed(&state, &caller, &id).await?;
+    let cues = cues.ok_or_else(|| no_segments(&id))?;
+    Ok(text_reply(subtitle::srt(&cues), "text/plain; charset=utf-8", Some(format!("{}.srt", id))))
 }
 
 /// The recording's subtitles as WebVTT.
@@ -149,10 +133,10 @@ async fn srt(
     get,
     path = "/api/recording/{id}/subtitles.vtt",
     tag = "recordings",
-    params(RecordingPath),
+    params(("id" = String, Path, description = "The recording id")),
     responses(
         (status = 200, description = "WebVTT subtitles", content_type = "text/vtt", body = String),
-        (status = 400, description = "Not a recording id", body = ErrorBody),
+        (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such recording, or it kept no segments", body = ErrorBody),
         (status = 409, description = "The recording has not completed", body = ErrorBody),
     )
@@ -160,11 +144,11 @@ async fn srt(
 async fn vtt(
     State(state): State<ApiState>,
     caller: Caller,
-    ApiPath(path): ApiPath<RecordingPath>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let (_, cues) = completed(&state, &caller, &path.id).await?;
-    let cues = cues.ok_or_else(|| no_segments(&path.id))?;
-    Ok(text_reply(subtitle::vtt(&cues), "text/vtt; charset=utf-8", Some(format!("{}.vtt", path.id))))
+    let (_, cues) = completed(&state, &caller, &id).await?;
+    let cues = cues.ok_or_else(|| no_segments(&id))?;
+    Ok(text_reply(subtitle::vtt(&cues), "text/vtt; charset=utf-8", Some(format!("{}.vtt", id))))
 }
 
 /// Whether `Accept` prefers JSON to plain text (by quality; a tie, or no mention of either, is text).
@@ -193,12 +177,12 @@ fn wants_json(headers: &HeaderMap) -> bool {
     get,
     path = "/api/recording/{id}/transcript",
     tag = "recordings",
-    params(RecordingPath),
+    params(("id" = String, Path, description = "The recording id")),
     responses(
         (status = 200, description = "The transcript: text/plain, or JSON with its segments when the request \
                                       prefers application/json",
          content((String = "text/plain"), (Transcript = "application/json"))),
-        (status = 400, description = "Not a recording id", body = ErrorBody),
+        (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such recording, or it kept no transcript", body = ErrorBody),
         (status = 409, description = "The recording has not completed", body = ErrorBody),
     )
@@ -207,16 +191,16 @@ async fn transcript(
     State(state): State<ApiState>,
     caller: Caller,
     headers: HeaderMap,
-    ApiPath(path): ApiPath<RecordingPath>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let (recording, cues) = completed(&state, &caller, &path.id).await?;
+    let (recording, cues) = completed(&state, &caller, &id).await?;
     let text = match (&recording.transcript, &cues) {
         (Some(text), _) if !text.trim().is_empty() => text.clone(),
         (_, Some(cues)) => subtitle::plain_text(cues),
         _ => {
             return Err(ApiError::not_found(
                 "no_transcript",
-                format!("recording `{}` has no transcript: its pipeline did not store one", path.id),
+                format!("recording `{}` has no transcript: its pipeline did not store one", id),
             ));
         }
     };
