@@ -294,9 +294,8 @@ async fn answer(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_large_for_direct",
                     format!(
-                        "{reason}: process-direct takes sources up to {} (server.direct_max_size); send larger ones to \
-                         POST /api/process-recording, which queues them",
-                        state.settings.server.direct_max_size
+                        "{reason}, the most process-direct takes (server.direct_max_size); send larger sources to \
+                         POST /api/process-recording, which queues them"
                     ),
                 ),
                 Some(ErrorCode::Deadline) => ApiError::new(
