@@ -356,3 +356,25 @@ async fn process_direct_refusals_have_their_status_and_code() {
     assert!(reply.body["error"].as_str().unwrap().contains("transcript"), "{}", reply.text);
     bare.stop().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_these_routes_and_their_content_types() {
+    let app = TestApp::spawn().await;
+    let document = app.get("/openapi.json").await.body;
+    let paths = &document["paths"];
+    let ok = |path: &str, method: &str| paths[path][method]["responses"]["200"]["content"].clone();
+    assert!(ok("/api/recording/{id}/subtitles.srt", "get")["text/plain"].is_object(), "{}", paths);
+    assert!(ok("/api/recording/{id}/subtitles.vtt", "get")["text/vtt"].is_object());
+    let transcript = ok("/api/recording/{id}/transcript", "get");
+    assert!(transcript["text/plain"].is_object() && transcript["application/json"].is_object(), "{transcript}");
+    assert!(ok("/api/process-direct", "post")["application/json"].is_object());
+    for status in ["400", "404", "409", "413", "422", "429"] {
+        assert!(paths["/api/process-direct"]["post"]["responses"][status].is_object(), "process-direct {status}");
+    }
+    for schema in ["DirectRequest", "DirectReply", "Transcript", "ProcessRecording"] {
+        assert!(document["components"]["schemas"][schema].is_object(), "{schema} is documented");
+    }
+    let fields = &document["components"]["schemas"]["ProcessRecording"]["properties"];
+    assert!(fields["callbackUrl"].is_object(), "process-recording documents callbackUrl: {fields}");
+    app.stop().await;
+}

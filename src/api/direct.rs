@@ -141,7 +141,9 @@ const BUSY_RETRY_AFTER: u64 = 10;
         (status = 409, description = "The recording has a queued or running job", body = ErrorBody),
         (status = 413, description = "The source is over server.direct_max_size: use process-recording", body = ErrorBody),
         (status = 422, description = "The run failed, or took longer than server.direct_timeout", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 429, description = "Every direct slot is busy", body = ErrorBody),
+        (status = 503, description = "The pipeline needs something this server lacks (an AI provider)", body = ErrorBody),
     )
 )]
 async fn process_direct(
