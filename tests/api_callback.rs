@@ -67,9 +67,23 @@ fn words(text: &str) -> String {
 
 #[tokio::test]
 async fn a_recording_posted_with_a_callback_url_calls_back_once_signed_and_its_subtitles_download() {
+    end_to_end(false).await;
+}
+
+/// The same on the real Redis queue and PostgreSQL store.
+#[tokio::test]
+async fn the_same_on_redis_and_postgresql() {
+    end_to_end(true).await;
+}
+
+async fn end_to_end(redis_and_postgres: bool) {
     let fake = Fake::start().await;
     let receiver = Receiver::start(&[]).await;
-    let app = app_with(&fake, Some(receiver.port)).with_worker().start().await;
+    let mut builder = app_with(&fake, Some(receiver.port)).with_worker();
+    if redis_and_postgres {
+        builder = builder.redis().postgres();
+    }
+    let app = builder.start().await;
     let media = support::media::tone(&app.storage(), "callback-tone.wav", 6);
     let reply = app
         .process_recording(&json!({
