@@ -98,6 +98,7 @@ fn new_job(definition: &Definition, index: usize) -> NewJob {
         max_attempts: 1,
         delay: None,
         idempotency_key: None,
+        callback_url: None,
     }
 }
 

@@ -131,6 +131,19 @@ pub fn check_requirements(
     Ok(())
 }
 
+/// The sender of job callbacks: `callback.*` settings, the download allow-list (without the Supabase trust).
+///
+/// # Errors
+/// When an `allow_private` entry is not an address or range, or HTTP cannot be set up.
+pub fn callbacks(settings: &Settings) -> anyhow::Result<crate::callback::Callbacks> {
+    let allow = settings.source_policy().map_err(anyhow::Error::msg).context("reading download.allow_private")?;
+    let policy = AddressPolicy { allow: allow.allow_private, trusted: Vec::new() };
+    if settings.callback.secret.is_none() {
+        tracing::info!("callback.secret is not set: jobs' callbackUrl calls are not sent (set ECHO_CALLBACK__SECRET)");
+    }
+    Ok(crate::callback::Callbacks::new(settings.callback.clone(), policy)?)
+}
+
 /// Where the Redis queue lives, from `REDIS_URL`, `redis.cluster`, `redis.prefix` and `queue.name`; `None`
 /// without `REDIS_URL`.
 pub fn queue_options(settings: &Settings) -> Option<crate::queue::redis::RedisOptions> {

@@ -85,6 +85,9 @@ pub struct Settings {
     /// Who may call the API: service tokens (Supabase user tokens are checked with `supabase.*`).
     #[serde(default)]
     pub auth: crate::auth::AuthSettings,
+    /// Calls to a job's `callbackUrl` when it ends.
+    #[serde(default)]
+    pub callback: crate::callback::CallbackSettings,
     /// Adjustments made while loading, to be logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -107,6 +110,23 @@ pub struct ServerSettings {
     /// limit off. Over it, the API answers 429 with `Retry-After`. `/health` is not counted.
     #[serde(default = "default_rate_limit")]
     pub rate_limit_per_minute: u32,
+    /// Largest source `POST /api/process-direct` runs in the API process; a larger one is answered 413.
+    #[serde(default = "default_direct_max_size")]
+    pub direct_max_size: crate::units::ByteSize,
+    /// Longest a `process-direct` run may take before it is stopped (answered 422).
+    #[serde(default = "default_direct_timeout")]
+    pub direct_timeout: crate::units::HumanDuration,
+}
+
+/// 25 MB: what the transcription API takes in one request, so a direct run is one chunk, a minute or two.
+fn default_direct_max_size() -> crate::units::ByteSize {
+    crate::units::ByteSize(25_000_000)
+}
+
+/// Five minutes: longer than a 25 MB recording needs, shorter than the timeouts of most HTTP clients and
+/// proxies in front of the API.
+fn default_direct_timeout() -> crate::units::HumanDuration {
+    crate::units::HumanDuration(std::time::Duration::from_secs(300))
 }
 
 /// One mebibyte: a job request is a few hundred bytes, a batch of a thousand ids about 40 KB, a pipeline file a
@@ -334,6 +354,8 @@ impl Default for Settings {
                 allowed_origins: Vec::new(),
                 max_body_size: default_max_body_size(),
                 rate_limit_per_minute: default_rate_limit(),
+                direct_max_size: default_direct_max_size(),
+                direct_timeout: default_direct_timeout(),
             },
             paths: PathSettings {
                 pipelines: "pipelines".into(),
@@ -370,6 +392,7 @@ impl Default for Settings {
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             ai: AiSettings::default(),
             auth: crate::auth::AuthSettings::default(),
+            callback: crate::callback::CallbackSettings::default(),
             warnings: Vec::new(),
         }
     }

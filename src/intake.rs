@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::callback::CallbackError;
 use crate::catalog::{Catalog, UnknownPipeline};
 use crate::definition::DefinitionError;
 use crate::net::AddressPolicy;
@@ -38,6 +39,15 @@ pub enum IntakeError {
     /// The pipeline's files could not be carried (a catalog built without its texts).
     #[error(transparent)]
     Definition(DefinitionError),
+    /// The callback URL breaks a download rule.
+    #[error(transparent)]
+    Callback(#[from] CallbackError),
+    /// A callback was asked for, but this server has no `callback.secret` to sign it with.
+    #[error(
+        "callbackUrl cannot be used: this server has no callback.secret (ECHO_CALLBACK__SECRET) to sign callbacks \
+         with"
+    )]
+    CallbacksOff,
     /// The priority is outside the queue's range.
     #[error("priority {0} is out of range: give a number from {MIN_PRIORITY} to {MAX_PRIORITY} (lower runs sooner)")]
     Priority(i64),
@@ -82,6 +92,8 @@ pub struct Submission {
     /// The user asking: a recording owned by someone else is treated as unknown, a new one is theirs. `None` for
     /// service callers, who see every recording.
     pub owner_id: Option<String>,
+    /// Where to POST the job's final status when it ends (`crate::callback`); checked like a source URL.
+    pub callback_url: Option<String>,
 }
 
 /// A queued (or already live) job.
@@ -104,6 +116,8 @@ pub struct Intake {
     store: Arc<dyn Store>,
     policy: Arc<SourcePolicy>,
     max_attempts: u32,
+    /// Whether callbacks are signed and sent (`callback.secret` is set); without, a `callbackUrl` is refused.
+    callbacks: bool,
 }
 
 impl std::fmt::Debug for Intake {
@@ -123,7 +137,14 @@ enum Prepared {
 impl Intake {
     /// Intake onto `queue`, registering rows in `store`; jobs get `max_attempts` attempts (at least one).
     pub fn new(queue: Arc<dyn Queue>, store: Arc<dyn Store>, policy: SourcePolicy, max_attempts: u32) -> Self {
-        Self { queue, store, policy: Arc::new(policy), max_attempts: max_attempts.max(1) }
+        Self { queue, store, policy: Arc::new(policy), max_attempts: max_attempts.max(1), callbacks: false }
+    }
+
+    /// Accepts `callbackUrl`s (when `callback.secret` is set, so that workers sign and send them).
+    #[must_use]
+    pub fn with_callbacks(mut self, enabled: bool) -> Self {
+        self.callbacks = enabled;
+        self
     }
 
     /// The download rules in force.
@@ -243,6 +264,13 @@ impl Intake {
             (None, None) => return Err(IntakeError::UnknownRecording(recording)),
         };
         check_source(&source, submission.trusted_source, &self.policy).await?;
+        if let Some(url) = &submission.callback_url {
+            if !self.callbacks {
+                return Err(IntakeError::CallbacksOff);
+            }
+            let addresses = AddressPolicy { allow: self.policy.allow_private.clone(), trusted: Vec::new() };
+            crate::callback::check_url(url, &addresses).await?;
+        }
         if let Some(job_id) = self.queue.live_job_for(&recording).await? {
             let pipeline = self.queue.get(&job_id).await?.map_or(submission.pipeline, |job| job.spec.pipeline);
             return Ok(Prepared::Live(Submitted { job_id, recording_id: recording, pipeline, created: false }));
@@ -270,6 +298,7 @@ impl Intake {
             max_attempts: self.max_attempts,
             delay: None,
             idempotency_key: None,
+            callback_url: submission.callback_url,
         };
         Ok(Prepared::New(Box::new(job), recording))
     }

@@ -8,7 +8,8 @@
 //! - [`units`]: duration, size and bitrate literals; [`secret`]: credentials that never print;
 //!   [`error`]: the error codes shared by stage errors, AI errors and job failures;
 //!   [`child`]: process groups that die with their job; [`defaults`]: the shipped files, embedded.
-//! - [`document`]: TOML with positions, every problem at `file:line:column`; [`template`]: minijinja.
+//! - [`document`]: TOML with positions, every problem at `file:line:column`; [`template`]: minijinja;
+//!   [`subtitle`]: SRT and WebVTT from timed transcript segments.
 //! - [`job`]: the contract shared by engine, stages, store and queue (job spec, stage outputs and errors,
 //!   checkpoints, progress); [`retry`]: retry policies and backoff.
 //! - [`media`]: ffprobe and ffmpeg; [`source`]: where media comes from and the rules for reaching it;
@@ -20,6 +21,7 @@
 //! - [`queue`]: jobs waiting and running across processes, with leases (Redis, or memory);
 //!   [`definition`]: the pipeline and plugin files a job carries, made from the catalog and compiled back on a
 //!   worker; [`watcher`]: the catalog reloaded when its folders change.
+//! - [`callback`]: the signed POST to a job's `callbackUrl` when it ends, retried, under the address rules.
 //! - [`worker`]: takes jobs from a queue and runs them through the engine, with leases, cancels and shutdown.
 //! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
 //! - [`auth`]: who may call the API: service tokens (some read-only) and Supabase user JWTs.
@@ -34,6 +36,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bounded;
+pub mod callback;
 pub mod catalog;
 pub mod child;
 pub mod config;
@@ -58,6 +61,7 @@ pub mod service;
 pub mod source;
 pub mod stage;
 pub mod store;
+pub mod subtitle;
 pub mod template;
 pub mod terminal;
 pub mod units;

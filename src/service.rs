@@ -100,8 +100,10 @@ pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: P
         pipelines_dir: pipelines,
         plugins_dir: plugins,
     };
-    let worker = Worker::new(queue, store, engine, kinds, options);
+    let callbacks = app::callbacks(settings)?;
+    let worker = Worker::new(queue, store, engine, kinds, options).with_callbacks(callbacks.clone());
     let summary = worker.run(shutdown, hurry).await;
+    callbacks.finish(settings.worker.shutdown_grace.0).await;
     if let Some(api) = api {
         api.await.context("the API task")??;
     }

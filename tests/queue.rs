@@ -203,6 +203,7 @@ fn new_job(pipeline: &str) -> NewJob {
         max_attempts: 3,
         delay: None,
         idempotency_key: None,
+        callback_url: None,
     }
 }
 

@@ -58,6 +58,7 @@ fn new_job(pipeline: &str) -> NewJob {
         max_attempts: 2,
         delay: None,
         idempotency_key: None,
+        callback_url: None,
     }
 }
 

@@ -148,6 +148,7 @@ async fn new_job(catalog: &Catalog, pipeline: &str, store: &dyn Store, source: O
         max_attempts: 2,
         delay: None,
         idempotency_key: None,
+        callback_url: None,
     }
 }
 

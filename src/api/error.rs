@@ -202,6 +202,10 @@ impl From<IntakeError> for ApiError {
             IntakeError::UnknownRecording(_) => Self::not_found("recording_not_found", error.to_string()),
             IntakeError::NoSource(_) => Self::bad_request("missing_field", error.to_string())
                 .with_details(serde_json::json!({ "field": "fileUrl" })),
+            IntakeError::Callback(refused) => Self::bad_request("callback_refused", refused.to_string())
+                .with_details(serde_json::json!({ "field": "callbackUrl" })),
+            IntakeError::CallbacksOff => Self::bad_request("callbacks_disabled", error.to_string())
+                .with_details(serde_json::json!({ "field": "callbackUrl" })),
             IntakeError::Definition(error) => Self::internal(&error),
             IntakeError::Store(error) => error.into(),
             IntakeError::Queue(error) => error.into(),

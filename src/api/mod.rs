@@ -31,12 +31,14 @@ pub mod extract;
 pub mod layers;
 pub mod time;
 
+mod direct;
 mod health;
 mod jobs;
 mod openapi;
 mod process;
 mod queue;
 mod recordings;
+mod transcript;
 
 use caller::Callers;
 use error::ApiError;
@@ -58,6 +60,8 @@ pub struct ApiState {
     pub callers: Arc<Callers>,
     /// When the server started (for `uptime`).
     pub started_at: Instant,
+    /// What `process-direct` runs with, made by its first request.
+    pub direct: Arc<tokio::sync::OnceCell<direct::Direct>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -167,7 +171,8 @@ impl Application {
 pub fn state(settings: &Settings, parts: ApiParts) -> Result<ApiState, StartError> {
     let policy = settings.source_policy().map_err(|e| StartError::Settings(format!("download.allow_private: {e}")))?;
     let callers = Callers::from_settings(settings).map_err(|e| StartError::Settings(e.to_string()))?;
-    let intake = Intake::new(parts.queue.clone(), parts.store.clone(), policy, settings.queue.max_attempts);
+    let intake = Intake::new(parts.queue.clone(), parts.store.clone(), policy, settings.queue.max_attempts)
+        .with_callbacks(settings.callback.secret.is_some());
     Ok(ApiState {
         settings: Arc::new(settings.clone()),
         queue: parts.queue,
@@ -176,6 +181,7 @@ pub fn state(settings: &Settings, parts: ApiParts) -> Result<ApiState, StartErro
         intake,
         callers: Arc::new(callers),
         started_at: Instant::now(),
+        direct: Arc::default(),
     })
 }
 
@@ -199,6 +205,8 @@ fn routes() -> OpenApiRouter<ApiState> {
         .merge(recordings::routes())
         .merge(jobs::routes())
         .merge(queue::routes())
+        .merge(transcript::routes())
+        .merge(direct::routes())
         .merge(openapi::routes())
 }
 

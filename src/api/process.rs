@@ -59,6 +59,10 @@ pub struct ProcessRecording {
     /// The file's MIME type (`audio/mpeg`) or kind (`audio`, `video`). Also `file_type`.
     #[serde(alias = "file_type")]
     pub file_type: Option<String>,
+    /// Where to POST the job's final status, signed, when it ends (see the README, "Callbacks"); checked with
+    /// the download rules. Also `callback_url`.
+    #[serde(alias = "callback_url")]
+    pub callback_url: Option<String>,
     /// The old worker's size hint; accepted, not used.
     #[serde(alias = "file_size_mb")]
     #[allow(dead_code, reason = "read so that old clients are not refused; nothing uses it")]
@@ -153,6 +157,7 @@ async fn process_recording(
         size_bytes: body.file_size,
         mime_type: mime(body.file_type),
         owner_id: caller.owner().map(str::to_string),
+        callback_url: non_empty(body.callback_url, "callbackUrl")?,
     };
     let catalog = state.catalog.current();
     let submitted = state.intake.submit(&catalog, submission).await?;
@@ -222,6 +227,10 @@ pub struct BatchProcess {
     /// `job.params` for every item.
     #[schema(value_type = Option<Object>)]
     pub params: Option<serde_json::Map<String, Value>>,
+    /// Where to POST each item's final status when its job ends (see `process-recording`). Also
+    /// `callback_url`.
+    #[serde(alias = "callback_url")]
+    pub callback_url: Option<String>,
     /// The old worker's parallelism; accepted, not used (workers decide).
     #[allow(dead_code, reason = "read so that old clients are not refused; nothing uses it")]
     pub concurrency: Option<u32>,
@@ -324,6 +333,7 @@ async fn batch_process(
     let catalog = state.catalog.current();
     catalog.pipeline(&pipeline).map_err(|unknown| ApiError::from(crate::intake::IntakeError::from(unknown)))?;
     let base = body.params.unwrap_or_default();
+    let callback_url = non_empty(body.callback_url, "callbackUrl")?;
     let mut replies: Vec<Option<BatchItemReply>> = Vec::with_capacity(items.len());
     let mut submissions = Vec::new();
     let mut slots = Vec::new();
@@ -359,6 +369,7 @@ async fn batch_process(
             size_bytes: item.file_size,
             mime_type: mime(item.file_type),
             owner_id: caller.owner().map(str::to_string),
+            callback_url: callback_url.clone(),
         });
         slots.push((replies.len(), shown));
         replies.push(None);

@@ -133,6 +133,9 @@ pub struct NewJob {
     pub delay: Option<Duration>,
     /// One live job per key; `None` means the recording id, or no key when there is no recording.
     pub idempotency_key: Option<String>,
+    /// Where to POST the job's final status when it ends (`crate::callback`); checked by whoever enqueues it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 /// Most urgent priority.

@@ -14,6 +14,8 @@
 //!   job's log.
 //! - **Shutdown.** [`Worker::run`] stops taking jobs when its token fires, lets running jobs finish within the
 //!   grace period, then stops them and hands them back to waiting, where another worker takes them at once.
+//! - **Callbacks.** After a job ends for good, its `callbackUrl` (if any) gets the final status on a task of its
+//!   own ([`crate::callback`]); the job never waits for it.
 //! - **Outages.** A queue that cannot be reached (Redis restarting, a dropped connection) is retried with a
 //!   bounded, jittered backoff, logged once per outage; the worker neither exits nor spins, and a job whose lease
 //!   ran out meanwhile is recovered by the queue and resumes from its checkpoints.
@@ -33,6 +35,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::callback::Callbacks;
 use crate::definition::{self, DefinitionError};
 use crate::engine::workdir::WorkDir;
 use crate::engine::{Engine, EngineError, JobReport, JobStatus, Kinds, StageRegistry, StageStatus};
@@ -154,6 +157,8 @@ pub(crate) struct Shared {
     kept: Mutex<HashMap<String, (WorkDir, Instant)>>,
     compiled: Mutex<HashMap<String, Arc<Runnable>>>,
     summary: Mutex<WorkerSummary>,
+    /// Sends a job's callback after it ends; `None` sends none.
+    callbacks: Option<Callbacks>,
 }
 
 impl Shared {
@@ -256,8 +261,18 @@ impl Worker {
             kept: Mutex::new(HashMap::new()),
             compiled: Mutex::new(HashMap::new()),
             summary: Mutex::new(WorkerSummary::default()),
+            callbacks: None,
         };
         Self { shared: Arc::new(shared) }
+    }
+
+    /// Sends each job's callback (when it asked for one) after the job ends under this worker.
+    #[must_use]
+    pub fn with_callbacks(mut self, callbacks: Callbacks) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.callbacks = Some(callbacks);
+        }
+        self
     }
 
     /// The worker as heartbeats describe it.
@@ -464,6 +479,9 @@ async fn run_job(shared: Arc<Shared>, lease: Lease, _permit: tokio::sync::OwnedS
     let ran = execute(&shared, &job, &held).await;
     finish(&shared, &job, &held, ran, began).await;
     shared.leases.remove(&job.id);
+    if let Some(callbacks) = &shared.callbacks {
+        callbacks.job_ended(shared.queue.clone(), &job, &shared.info.id);
+    }
 }
 
 /// Compiles the job's definition and runs it.

@@ -135,7 +135,8 @@ impl Builder {
                 pipelines_dir: settings.paths.pipelines.clone(),
                 plugins_dir: settings.paths.plugins.clone(),
             };
-            let worker = Worker::new(queue.clone(), store.clone(), engine, kinds, options);
+            let callbacks = echo_worker::app::callbacks(&settings).unwrap();
+            let worker = Worker::new(queue.clone(), store.clone(), engine, kinds, options).with_callbacks(callbacks);
             Some(tokio::spawn(worker.run(shutdown.clone(), CancellationToken::new())))
         } else {
             None

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod fake_ai;
 pub mod jwt;
+pub mod hook;
 pub mod media;
 pub mod raw_http;
 

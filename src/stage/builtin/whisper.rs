@@ -192,30 +192,19 @@ pub fn stitch(chunks: &[ChunkRef], transcripts: &[Transcription]) -> Vec<Segment
     stitched
 }
 
-fn timestamp(seconds: f64, separator: char) -> String {
-    let millis = (seconds.max(0.0) * 1000.0).round() as u64;
-    let (hours, rest) = (millis / 3_600_000, millis % 3_600_000);
-    format!("{hours:02}:{:02}:{:02}{separator}{:03}", rest / 60_000, rest % 60_000 / 1000, rest % 1000)
+/// The stitched segments as subtitle cues.
+fn cues(segments: &[Segment]) -> Vec<crate::subtitle::Cue> {
+    segments.iter().map(|s| crate::subtitle::Cue { start: s.start, end: s.end, text: s.text.clone() }).collect()
 }
 
-/// SubRip subtitles.
+/// SubRip subtitles (see [`crate::subtitle`] for the rules).
 pub fn srt(segments: &[Segment]) -> String {
-    segments
-        .iter()
-        .enumerate()
-        .map(|(index, s)| {
-            format!("{}\n{} --> {}\n{}\n\n", index + 1, timestamp(s.start, ','), timestamp(s.end, ','), s.text)
-        })
-        .collect()
+    crate::subtitle::srt(&cues(segments))
 }
 
-/// WebVTT subtitles.
+/// WebVTT subtitles (see [`crate::subtitle`] for the rules).
 pub fn vtt(segments: &[Segment]) -> String {
-    let cues: String = segments
-        .iter()
-        .map(|s| format!("{} --> {}\n{}\n\n", timestamp(s.start, '.'), timestamp(s.end, '.'), s.text))
-        .collect();
-    format!("WEBVTT\n\n{cues}")
+    crate::subtitle::vtt(&cues(segments))
 }
 
 #[async_trait::async_trait]
