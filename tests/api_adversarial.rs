@@ -114,3 +114,122 @@ async fn a_user_cannot_have_another_users_storage_object_processed() {
     assert_eq!(service.status, 202, "{}", service.text);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_cursor_that_is_not_a_number_is_a_400_on_redis_not_a_503() {
+    let app = TestApp::builder().redis().start().await;
+    // `nan` parses as a float in Rust but Redis refuses it as a score bound: the listing answered 503.
+    for cursor in ["waiting:nan:abc", "completed:NaN:x-1", "failed:-nan:a", "waiting:garbage", "nope", "waiting:1:../x"]
+    {
+        let reply = app.jobs(&format!("cursor={cursor}")).await;
+        assert_error(&reply, 400, "invalid_query", cursor);
+        assert_eq!(reply.body["details"]["field"], "cursor", "{cursor}");
+    }
+    let reply = app.jobs("cursor=completed:inf:abc").await;
+    assert_eq!(reply.status, 200, "an infinite score is a number: {}", reply.text);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_field_is_named_by_its_path_once() {
+    let app = TestApp::spawn().await;
+    let reply = app.process_recording(&json!({ "recordingId": "x", "fileURL": "a.mp3" })).await;
+    assert_error(&reply, 400, "unknown_field", "fileURL");
+    assert_eq!(reply.body["details"]["field"], "fileURL", "{}", reply.text);
+    let reply =
+        app.batch_process(&json!({ "items": [{ "recordingId": "a" }, { "recordingId": "b", "fileurl": "x" }] })).await;
+    assert_error(&reply, 400, "unknown_field", "items[1].fileurl");
+    assert_eq!(reply.body["details"]["field"], "items[1].fileurl", "{}", reply.text);
+    let reply = app.batch_process(&json!({ "items": [{ "fileUrl": "x" }] })).await;
+    assert_error(&reply, 400, "missing_field", "items[0].recordingId");
+    assert_eq!(reply.body["details"]["field"], "items[0].recordingId", "{}", reply.text);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_recording_id_of_dots_alone_is_refused_since_no_route_could_reach_it() {
+    let app = TestApp::spawn().await;
+    let file = app.storage().join("d.mp3");
+    std::fs::write(&file, b"x").unwrap();
+    // `/api/recording/../status` is `/api/status` once a client or proxy normalizes the path.
+    for id in [".", ".."] {
+        let reply = app.process_recording(&json!({ "recordingId": id, "fileUrl": file })).await;
+        assert_error(&reply, 400, "invalid_id", id);
+        let reply = app.batch_process(&json!({ "items": [{ "recordingId": id, "fileUrl": file }] })).await;
+        assert_eq!(reply.body["items"][0]["code"], "invalid_id", "{id}: {}", reply.text);
+    }
+    for id in ["a..b", "v1.2", "...x", "rec:1"] {
+        let reply = app.process_recording(&json!({ "recordingId": id, "fileUrl": file })).await;
+        assert_eq!(reply.status, 202, "{id}: {}", reply.text);
+        assert_eq!(app.recording_status(id).await.status, 200, "{id} can be read back");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_negative_file_size_is_refused_naming_the_field() {
+    let app = TestApp::spawn().await;
+    let file = app.storage().join("n.mp3");
+    std::fs::write(&file, b"x").unwrap();
+    let reply = app.process_recording(&json!({ "recordingId": "neg", "fileUrl": file, "fileSize": -1 })).await;
+    assert_error(&reply, 400, "invalid_field", "fileSize -1");
+    assert_eq!(reply.body["details"]["field"], "fileSize");
+    let reply = app.process_recording(&json!({ "recordingId": "neg", "fileUrl": file, "file_size": -5_000_000 })).await;
+    assert_error(&reply, 400, "invalid_field", "file_size -5000000");
+    let reply =
+        app.batch_process(&json!({ "items": [{ "recordingId": "neg-b", "fileUrl": file, "fileSize": -1 }] })).await;
+    assert_eq!(reply.body["items"][0]["code"], "invalid_field", "{}", reply.text);
+    assert!(app.store.get("neg").await.unwrap().is_none() && app.store.get("neg-b").await.unwrap().is_none());
+    let reply = app.process_recording(&json!({ "recordingId": "neg", "fileUrl": file, "fileSize": 0 })).await;
+    assert_eq!(reply.status, 202, "{}", reply.text);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn retry_failed_for_a_pipeline_that_does_not_exist_is_404_not_a_silent_zero() {
+    let app = TestApp::spawn().await;
+    let reply = app.retry_failed(&json!({ "pipeline": "meetng" })).await;
+    assert_error(&reply, 404, "pipeline_not_found", "a misspelt pipeline");
+    assert_eq!(reply.body["details"]["suggestion"], "meeting", "{}", reply.text);
+    let reply = app.retry_failed(&json!({ "pipeline": "meeting" })).await;
+    assert_eq!((reply.status, reply.body["count"].as_u64()), (200, Some(0)), "{}", reply.text);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_json_array_is_not_read_as_an_object_by_position() {
+    let app = TestApp::spawn().await;
+    let file = app.storage().join("arr.mp3");
+    std::fs::write(&file, b"x").unwrap();
+    let post =
+        |path: &str, body: String| app.client.post(app.url(path)).header("content-type", "application/json").body(body);
+    // serde reads a struct from a sequence by field order: `["rec", "<file>"]` queued a job.
+    let body = json!(["arr-1", file]).to_string();
+    let reply = app.send(post("/api/process-recording", body)).await;
+    assert_error(&reply, 400, "invalid_field", "an array body");
+    assert!(app.store.get("arr-1").await.unwrap().is_none());
+    let reply = app.send(post("/api/queue/clean", json!(["completed", "0s", 10]).to_string())).await;
+    assert_error(&reply, 400, "invalid_field", "an array body on clean");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sloppy_but_harmless_bodies_are_read_null_for_an_optional_body_and_a_leading_bom() {
+    let app = TestApp::spawn().await;
+    let file = app.storage().join("bom.mp3");
+    std::fs::write(&file, b"x").unwrap();
+    let post =
+        |path: &str, body: String| app.client.post(app.url(path)).header("content-type", "application/json").body(body);
+    let reply = app.send(post("/api/queue/clean", "null".into())).await;
+    assert_eq!(reply.status, 200, "null is no body: {}", reply.text);
+    let reply = app.send(post("/api/queue/retry-failed", " null ".into())).await;
+    assert_eq!(reply.status, 200, "null is no body: {}", reply.text);
+    let body = format!("\u{feff}{}", json!({ "recordingId": "bom", "fileUrl": file }));
+    let reply = app.send(post("/api/process-recording", body)).await;
+    assert_eq!(reply.status, 202, "a UTF-8 byte order mark (Windows tools add one) is skipped: {}", reply.text);
+    let reply = app.send(post("/api/process-recording", "\u{feff}".into())).await;
+    assert_error(&reply, 400, "missing_body", "a BOM alone");
+    let reply = app.send(post("/api/process-recording", "null".into())).await;
+    assert_error(&reply, 400, "invalid_field", "null for a required body");
+    app.stop().await;
+}

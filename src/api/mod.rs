@@ -257,20 +257,27 @@ pub(crate) fn job_id(text: &str) -> Result<String, ApiError> {
     })
 }
 
-/// A recording id as given: 1 to 128 characters of letters, digits and `-_.:` (Supabase row ids are UUIDs).
+/// A recording id as given: 1 to 128 characters of letters, digits and `-_.:`, not dots alone (Supabase row ids
+/// are UUIDs).
 ///
 /// # Errors
 /// 400 `invalid_id` naming the field.
 pub(crate) fn recording_id(text: &str, field: &str) -> Result<String, ApiError> {
-    let sane =
-        (1..=128).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    // `.` and `..` alone are path segments a client or proxy removes (`/api/recording/../status`), so no
+    // route could reach such a recording.
+    let sane = (1..=128).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && !text.bytes().all(|b| b == b'.');
     if sane {
         return Ok(text.to_string());
     }
     let shown: String = text.chars().filter(|c| !c.is_control()).take(80).collect();
     Err(ApiError::bad_request(
         "invalid_id",
-        format!("`{field}` `{shown}` is not a recording id: use 1 to 128 letters, digits, `-`, `_`, `.` or `:`"),
+        format!(
+            "`{field}` `{shown}` is not a recording id: use 1 to 128 letters, digits, `-`, `_`, `.` or `:` (not \
+             dots alone)"
+        ),
     )
     .with_details(serde_json::json!({ "field": field })))
 }
