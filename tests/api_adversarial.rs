@@ -13,7 +13,7 @@ use echo_worker::config::Secret;
 use echo_worker::store::Store as _;
 use serde_json::json;
 use support::app::{Reply, TestApp};
-use support::jwt;
+use support::jwt::{self, JwksServer, SigningKey};
 
 const FULL: &str = "adv-token-full-5e1d9c3a";
 const SECRET: &str = "adv-jwt-secret-of-enough-length-0b7c4d2e9f";
@@ -231,5 +231,105 @@ async fn sloppy_but_harmless_bodies_are_read_null_for_an_optional_body_and_a_lea
     assert_error(&reply, 400, "missing_body", "a BOM alone");
     let reply = app.send(post("/api/process-recording", "null".into())).await;
     assert_error(&reply, 400, "invalid_field", "null for a required body");
+    app.stop().await;
+}
+
+/// An app with one full service token and the HS256 project secret.
+async fn token_app() -> TestApp {
+    TestApp::builder()
+        .settings(|settings, _| {
+            settings.auth.tokens = vec![Secret::new(FULL)];
+            settings.supabase.jwt_secret = Some(Secret::new(SECRET));
+        })
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_refused_whatever_their_order() {
+    let app = token_app().await;
+    let stats = app.url("/api/queue/stats");
+    // With two headers, which one counts depends on who reads them (a proxy may check the last, the API read
+    // the first): the request is ambiguous and refused.
+    for (first, second) in
+        [(format!("Bearer {FULL}"), "Bearer wrong".to_string()), ("Bearer wrong".into(), format!("Bearer {FULL}"))]
+    {
+        let request = app.client.get(&stats).header("authorization", &first).header("authorization", &second);
+        let reply = app.send(request).await;
+        assert_error(&reply, 401, "malformed_authorization", "two headers");
+        assert!(!reply.text.contains(FULL), "{}", reply.text);
+    }
+    // Regression guards: the scheme in any case and extra spaces are fine; other schemes are not.
+    for (header, status) in [
+        (format!("bearer {FULL}"), 200),
+        (format!("BEARER   {FULL}  "), 200),
+        (format!("Basic {FULL}"), 401),
+        (format!("Bearer{FULL}"), 401),
+        (format!("Bearer {FULL} extra"), 401),
+        (format!("Token {FULL}"), 401),
+    ] {
+        let reply = app.send(app.client.get(&stats).header("authorization", &header)).await;
+        assert_eq!(reply.status, status, "{header}: {}", reply.text);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_jwt_kid_with_path_tricks_and_control_characters_is_refused_and_not_echoed_raw() {
+    let key = SigningKey::es256("k1");
+    let jwks = JwksServer::start(&[&key]).await;
+    let url = jwks.url();
+    let app = TestApp::builder()
+        .settings(move |settings, _| {
+            settings.auth.tokens = vec![Secret::new(FULL)];
+            settings.supabase.jwks_url = Some(url);
+        })
+        .start()
+        .await;
+    let long = format!("../../../../etc/passwd\u{1b}[2J\r\nX-Injected: 1{}", "k".repeat(4000));
+    for kid in ["../k1", "k1/../k1", "%6b1", "k1\u{0}", long.as_str()] {
+        let token = jwt::sign(key.alg, Some(kid), &key.key, &jwt::user_claims("user-alice"));
+        let reply = app.send(app.client.get(app.url("/api/recording/r1/status")).bearer_auth(&token)).await;
+        assert_error(&reply, 401, "unknown_signing_key", kid);
+        let sentence = reply.body["error"].as_str().unwrap();
+        assert!(!sentence.chars().any(char::is_control), "no control characters reach the reply: {sentence:?}");
+        assert!(sentence.len() < 400, "an attacker's kid is not echoed whole: {} bytes", sentence.len());
+    }
+    let good = key.sign(&jwt::user_claims("user-alice"));
+    let reply = app.send(app.client.get(app.url("/api/recording/r1/status")).bearer_auth(&good)).await;
+    assert_eq!((reply.status, reply.code()), (404, "recording_not_found"), "{}", reply.text);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_api_refuses_a_browser_page_on_another_host_that_rebinds_to_loopback() {
+    // With no auth the API listens on 127.0.0.1 and is open; a page on `evil.example` whose name is made to
+    // resolve to 127.0.0.1 (DNS rebinding) is same-origin in the browser and would queue paid work and read
+    // every transcript. Its requests carry `Host: evil.example:PORT`.
+    let app = TestApp::spawn().await;
+    let port = app.address.rsplit(':').next().unwrap().to_string();
+    for host in [format!("evil.example:{port}"), "evil.example".into(), format!("127.0.0.1.nip.io:{port}")] {
+        let reply = app.send(app.client.get(app.url("/api/jobs")).header("host", &host)).await;
+        assert_error(&reply, 403, "host_not_allowed", &host);
+        let request = app
+            .client
+            .post(app.url("/api/queue/pause"))
+            .header("host", &host)
+            .header("origin", format!("http://{host}"));
+        assert_error(&app.send(request).await, 403, "host_not_allowed", &host);
+    }
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), "localhost".into(), format!("[::1]:{port}")]
+    {
+        let reply = app.send(app.client.get(app.url("/api/jobs")).header("host", &host)).await;
+        assert_eq!(reply.status, 200, "{host}: {}", reply.text);
+    }
+    assert!(!app.queue.stats().await.unwrap().paused, "nothing was paused");
+    app.stop().await;
+
+    // With auth configured a reverse proxy may use any host name: the token decides.
+    let app = token_app().await;
+    let reply =
+        app.send(app.client.get(app.url("/api/jobs")).header("host", "api.example.com").bearer_auth(FULL)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
     app.stop().await;
 }

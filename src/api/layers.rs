@@ -9,6 +9,11 @@
 //! 3. [`rate_limit`]: a token bucket per client address, `server.rate_limit_per_minute` tokens that refill over
 //!    a minute; over it, 429 with `Retry-After`. `/health` is not counted, so a probe never locks itself out.
 //! 4. The body limit (`server.max_body_size`), which the JSON extractor turns into 413.
+//!
+//! With no auth configured, [`loopback_host`] sits just inside [`request_id`]: the API is open and listens on
+//! 127.0.0.1, so a request must also name a loopback host (`localhost`, `127.x.x.x`, `[::1]`). A web page
+//! whose own name is made to resolve to 127.0.0.1 (DNS rebinding) is same-origin for the browser and passes
+//! CORS; its `Host` header still names its own domain, and is refused with 403 `host_not_allowed`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -53,6 +58,40 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(REQUEST_ID, value);
     }
     response
+}
+
+/// Whether a `Host` header value names this machine's loopback interface.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or("", |(inside, _)| inside).to_string(),
+        None => host.rsplit_once(':').map_or(host.as_str(), |(name, _)| name).to_string(),
+    };
+    let name = name.trim_end_matches('.');
+    name == "localhost" || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses requests that name a host other than loopback (see the module docs); for an open API only.
+pub async fn loopback_host(request: Request, next: Next) -> Response {
+    let host = match request.headers().get(header::HOST) {
+        Some(value) => Some(value.to_str().unwrap_or("?").to_string()),
+        None => request.uri().authority().map(|authority| authority.as_str().to_string()),
+    };
+    match host {
+        Some(host) if !is_loopback_host(&host) => {
+            let shown: String = host.chars().filter(|c| !c.is_control()).take(200).collect();
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "host_not_allowed",
+                format!(
+                    "host `{shown}` is not allowed: with no auth configured this API answers only requests to \
+                     localhost or 127.0.0.1 (configure auth to serve other host names)"
+                ),
+            )
+            .into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 /// The allowed origins.
@@ -217,6 +256,16 @@ mod tests {
         assert!((1..=20).contains(&wait), "one token refills in 20 s: {wait}");
         assert_eq!(limiter.take(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))), Ok(()), "another client has its own bucket");
         assert_eq!(RateLimiter::new(0).take(client), Ok(()), "0 turns the limit off");
+    }
+
+    #[test]
+    fn loopback_hosts_are_told_from_other_names() {
+        for host in ["localhost", "localhost:3001", "LOCALHOST.", "127.0.0.1:80", "127.1.2.3", "[::1]:3001", "[::1]"] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in ["evil.example", "evil.example:3001", "127.0.0.1.nip.io", "10.0.0.1:3001", "[::2]:1", "?", ""] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 
     #[test]

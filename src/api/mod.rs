@@ -225,15 +225,18 @@ pub fn router(state: ApiState) -> Router {
     let max_body = usize::try_from(server.max_body_size.0).unwrap_or(usize::MAX);
     let cors = Arc::new(layers::Cors::new(&server.allowed_origins));
     let limiter = Arc::new(layers::RateLimiter::new(server.rate_limit_per_minute));
+    let open = !state.callers.is_configured();
     let (router, _) = routes().split_for_parts();
-    router
+    let router = router
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(limiter, layers::rate_limit))
-        .layer(axum::middleware::from_fn_with_state(cors, layers::cors))
-        .layer(axum::middleware::from_fn(layers::request_id))
+        .layer(axum::middleware::from_fn_with_state(cors, layers::cors));
+    // An open API answers loopback host names only (DNS rebinding; see `layers`).
+    let router = if open { router.layer(axum::middleware::from_fn(layers::loopback_host)) } else { router };
+    router.layer(axum::middleware::from_fn(layers::request_id))
 }
 
 /// `{ "success": true, … }`: a reply body with `success` first, as the old worker's clients expect.
