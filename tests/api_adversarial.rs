@@ -333,3 +333,47 @@ async fn an_open_api_refuses_a_browser_page_on_another_host_that_rebinds_to_loop
     assert_eq!(reply.status, 200, "{}", reply.text);
     app.stop().await;
 }
+#[tokio::test]
+async fn the_same_recording_posted_20_times_at_once_makes_one_job() {
+    for redis in [false, true] {
+        let app = if redis { TestApp::builder().redis().start().await } else { TestApp::spawn().await };
+        let file = app.storage().join("same.mp3");
+        std::fs::write(&file, b"x").unwrap();
+        let body = json!({ "recordingId": "same-1", "fileUrl": file });
+        let replies = futures_util::future::join_all((0..20).map(|_| app.process_recording(&body))).await;
+        let statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
+        assert_eq!(statuses.iter().filter(|&&status| status == 202).count(), 1, "redis {redis}: {statuses:?}");
+        assert!(statuses.iter().all(|status| [200, 202].contains(status)), "redis {redis}: {statuses:?}");
+        let job = replies[0].body["jobId"].as_str().unwrap().to_string();
+        assert!(replies.iter().all(|reply| reply.body["jobId"] == job.as_str()), "one job id for all");
+        let listed = app.jobs("recordingId=same-1").await;
+        assert_eq!(listed.body["jobs"].as_array().unwrap().len(), 1, "redis {redis}: {}", listed.text);
+        let row = app.store.get("same-1").await.unwrap().unwrap();
+        assert_eq!(row.job_id.as_deref(), Some(job.as_str()), "the row names the one job");
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn cancel_racing_retry_leaves_the_recording_row_agreeing_with_the_job() {
+    let app = TestApp::spawn().await;
+    let file = app.storage().join("race.mp3");
+    std::fs::write(&file, b"x").unwrap();
+    let queued = app.process_recording(&json!({ "recordingId": "race-1", "fileUrl": file })).await;
+    let job = queued.body["jobId"].as_str().unwrap().to_string();
+    assert_eq!(app.cancel_job(&job).await.status, 200);
+    let mut disagreements = Vec::new();
+    for round in 0..40 {
+        let (cancel, retry) = tokio::join!(app.cancel_job(&job), app.retry_job(&job));
+        assert!([200, 409].contains(&cancel.status), "round {round}: cancel {}", cancel.text);
+        assert!([202, 409].contains(&retry.status), "round {round}: retry {}", retry.text);
+        let state = app.job_status(&job).await.body["job"]["state"].as_str().unwrap().to_string();
+        let row = app.recording_status("race-1").await.body["status"]["state"].as_str().unwrap().to_string();
+        let expected = if state == "waiting" { "queued" } else { state.as_str() };
+        if row != expected {
+            disagreements.push(format!("round {round}: job {state}, row {row}"));
+        }
+    }
+    assert!(disagreements.is_empty(), "{disagreements:?}");
+    app.stop().await;
+}

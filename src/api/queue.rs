@@ -340,6 +340,7 @@ async fn queue_retry_failed(
             .pipeline(name)
             .map_err(|unknown| ApiError::from(crate::intake::IntakeError::from(unknown)))?;
     }
+    let _serial = super::jobs::JOB_ACTIONS.lock().await;
     let retried = state.queue.retry_failed(pipeline.as_deref()).await?;
     for id in &retried {
         if let Ok(Some(job)) = state.queue.get(id).await
