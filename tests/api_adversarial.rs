@@ -377,3 +377,63 @@ async fn cancel_racing_retry_leaves_the_recording_row_agreeing_with_the_job() {
     assert!(disagreements.is_empty(), "{disagreements:?}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn every_refusal_is_json_with_a_request_id_and_counted_replies_carry_rate_limit_headers() {
+    let app = TestApp::builder()
+        .settings(|settings, _| {
+            settings.server.rate_limit_per_minute = 6;
+            settings.server.max_body_size = echo_worker::units::ByteSize(1024);
+            settings.server.allowed_origins = vec!["https://app.example.com".into()];
+        })
+        .start()
+        .await;
+    let big = json!({ "recordingId": "x", "params": { "pad": "a".repeat(4096) } });
+    let requests = vec![
+        ("404", app.client.get(app.url("/api/nothing")), 404),
+        ("405", app.client.delete(app.url("/api/jobs")), 405),
+        ("413", app.client.post(app.url("/api/process-recording")).json(&big), 413),
+        ("415", app.client.post(app.url("/api/process-recording")).body("{}"), 415),
+        ("400", app.client.get(app.url("/api/jobs?limit=0")), 400),
+        ("200", app.client.get(app.url("/api/jobs")), 200),
+        ("429", app.client.get(app.url("/api/jobs")), 429),
+    ];
+    for (remaining, (what, request, status)) in [5, 4, 3, 2, 1, 0, 0].into_iter().zip(requests) {
+        let reply = app.send(request).await;
+        assert_eq!(reply.status, status, "{what}: {}", reply.text);
+        assert!(reply.header("x-request-id").is_some_and(|id| !id.is_empty()), "{what}");
+        if status >= 400 {
+            assert!(reply.header("content-type").is_some_and(|t| t.starts_with("application/json")), "{what}");
+            assert_eq!(reply.body["success"], false, "{what}: {}", reply.text);
+            assert!(reply.code().chars().all(|c| c.is_ascii_lowercase() || c == '_') && !reply.code().is_empty());
+        }
+        assert_eq!(reply.header("ratelimit-limit"), Some("6"), "{what}");
+        assert_eq!(reply.header("ratelimit-remaining"), Some(remaining.to_string().as_str()), "{what}");
+    }
+    app.stop().await;
+
+    // A preflight on every documented route: 204 for the allowed origin, a JSON 403 for another.
+    let app = TestApp::builder()
+        .settings(|settings, _| settings.server.allowed_origins = vec!["https://app.example.com".into()])
+        .start()
+        .await;
+    let document = app.get("/openapi.json").await.body;
+    let paths: Vec<String> =
+        document["paths"].as_object().unwrap().keys().map(|path| path.replace("{id}", "r-1")).collect();
+    assert!(paths.len() >= 15, "{paths:?}");
+    for path in paths {
+        let preflight = |origin: &str| {
+            app.client
+                .request(reqwest::Method::OPTIONS, app.url(&path))
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+        };
+        let reply = app.send(preflight("https://app.example.com")).await;
+        assert_eq!(reply.status, 204, "{path}");
+        assert_eq!(reply.header("access-control-allow-origin"), Some("https://app.example.com"), "{path}");
+        assert!(reply.header("x-request-id").is_some(), "{path}");
+        let reply = app.send(preflight("https://evil.example")).await;
+        assert_error(&reply, 403, "origin_not_allowed", &path);
+    }
+    app.stop().await;
+}

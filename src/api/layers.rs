@@ -7,7 +7,9 @@
 //!    server itself, as the browser names it, counts as allowed, so a page the API serves can call it).
 //!    Requests without `Origin` (servers, curl) are not browser requests and pass.
 //! 3. [`rate_limit`]: a token bucket per client address, `server.rate_limit_per_minute` tokens that refill over
-//!    a minute; over it, 429 with `Retry-After`. `/health` is not counted, so a probe never locks itself out.
+//!    a minute; over it, 429 with `Retry-After`. Every counted reply says where the caller stands with
+//!    `RateLimit-Limit` and `RateLimit-Remaining` (the IETF draft's names). `/health` is not counted, so a
+//!    probe never locks itself out.
 //! 4. The body limit (`server.max_body_size`), which the JSON extractor turns into 413.
 //!
 //! With no auth configured, [`loopback_host`] sits just inside [`request_id`]: the API is open and listens on
@@ -163,7 +165,10 @@ pub async fn cors(State(cors): State<Arc<Cors>>, request: Request, next: Next) -
     };
     let headers = response.headers_mut();
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("x-request-id, retry-after"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("x-request-id, retry-after, ratelimit-limit, ratelimit-remaining"),
+    );
     headers.append(header::VARY, HeaderValue::from_static("origin"));
     response
 }
@@ -190,10 +195,10 @@ impl RateLimiter {
         Self { per_minute, buckets: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes a token for `client`, or says how many seconds until one is free.
-    pub fn take(&self, client: IpAddr) -> Result<(), u64> {
+    /// Takes a token for `client` and says how many whole ones are left, or how many seconds until one is free.
+    pub fn take(&self, client: IpAddr) -> Result<u32, u64> {
         if self.per_minute == 0 {
-            return Ok(());
+            return Ok(u32::MAX);
         }
         let capacity = f64::from(self.per_minute);
         let per_second = capacity / 60.0;
@@ -209,7 +214,7 @@ impl RateLimiter {
         bucket.at = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
-            Ok(())
+            Ok(bucket.tokens.floor() as u32)
         } else {
             Err(((1.0 - bucket.tokens) / per_second).ceil().max(1.0) as u64)
         }
@@ -225,21 +230,36 @@ pub async fn rate_limit(State(limiter): State<Arc<RateLimiter>>, request: Reques
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
-    match limiter.take(client) {
-        Ok(()) => next.run(request).await,
-        Err(seconds) => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "too many requests from {client}: at most {} a minute (server.rate_limit_per_minute); try again in \
+    let limit = HeaderValue::from(limiter.per_minute);
+    let (mut response, remaining) = match limiter.take(client) {
+        Ok(remaining) => (next.run(request).await, remaining),
+        Err(seconds) => (
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "too many requests from {client}: at most {} a minute (server.rate_limit_per_minute); try again in \
                  {seconds} s",
-                limiter.per_minute
-            ),
-        )
-        .with_retry_after(seconds)
-        .into_response(),
+                    limiter.per_minute
+                ),
+            )
+            .with_retry_after(seconds)
+            .into_response(),
+            0,
+        ),
+    };
+    if limiter.per_minute > 0 {
+        let headers = response.headers_mut();
+        headers.insert(RATE_LIMIT_LIMIT, limit);
+        headers.insert(RATE_LIMIT_REMAINING, HeaderValue::from(remaining));
     }
+    response
 }
+
+/// The requests a client may make a minute.
+pub const RATE_LIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+/// The requests a client may still make now.
+pub const RATE_LIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 
 #[cfg(test)]
 mod tests {
@@ -249,13 +269,13 @@ mod tests {
     fn a_bucket_allows_its_burst_then_names_the_wait() {
         let limiter = RateLimiter::new(3);
         let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        for _ in 0..3 {
-            assert_eq!(limiter.take(client), Ok(()));
+        for left in [2, 1, 0] {
+            assert_eq!(limiter.take(client), Ok(left));
         }
         let wait = limiter.take(client).expect_err("the fourth is over the limit");
         assert!((1..=20).contains(&wait), "one token refills in 20 s: {wait}");
-        assert_eq!(limiter.take(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))), Ok(()), "another client has its own bucket");
-        assert_eq!(RateLimiter::new(0).take(client), Ok(()), "0 turns the limit off");
+        assert_eq!(limiter.take(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))), Ok(2), "another client has its own bucket");
+        assert!(RateLimiter::new(0).take(client).is_ok(), "0 turns the limit off");
     }
 
     #[test]
