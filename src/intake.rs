@@ -264,6 +264,9 @@ impl Intake {
             (None, None) => return Err(IntakeError::UnknownRecording(recording)),
         };
         check_source(&source, submission.trusted_source, &self.policy).await?;
+        if let (Some(owner), Some(given)) = (&submission.owner_id, &submission.source) {
+            check_owner_folder(given, owner, &self.policy)?;
+        }
         if let Some(url) = &submission.callback_url {
             if !self.callbacks {
                 return Err(IntakeError::CallbacksOff);
@@ -309,7 +312,11 @@ impl Intake {
 /// # Errors
 /// [`SourceError::Refused`] naming the rule.
 pub async fn check_source(text: &str, trusted: bool, policy: &SourcePolicy) -> Result<(), SourceError> {
-    let Source::Http(url) = Source::parse(text, trusted, policy)? else { return Ok(()) };
+    let url = match Source::parse(text, trusted, policy)? {
+        Source::Http(url) => url,
+        Source::Supabase { bucket, path } => return check_object(text, &bucket, &path),
+        Source::Local(_) => return Ok(()),
+    };
     let refuse = |reason: String| SourceError::Refused { source_text: crate::net::shown(&url), reason };
     let Some(host) = url.host_str().map(|host| host.trim_start_matches('[').trim_end_matches(']').to_string()) else {
         return Err(refuse("the URL names no host".into()));
@@ -328,6 +335,44 @@ pub async fn check_source(text: &str, trusted: bool, policy: &SourcePolicy) -> R
         addresses.check(&host, address, port).map_err(|refused| refuse(refused.to_string()))?;
     }
     Ok(())
+}
+
+/// A Storage object name stays inside its bucket: the worker fetches it with the service role key from
+/// `{SUPABASE_URL}/storage/v1/object/{bucket}/{path}`, so a `.`/`..` segment (plain or percent-encoded), an
+/// encoded or backward slash, or a `?`/`#` would send that key to another of the project's APIs.
+fn check_object(text: &str, bucket: &str, path: &str) -> Result<(), SourceError> {
+    let refuse = |reason: &str| SourceError::Refused {
+        source_text: shown_source(text),
+        reason: format!("{reason}: a Storage object is named `bucket/folder/file` with no `.` or `..` segments"),
+    };
+    let name = format!("{bucket}/{path}");
+    let lower = name.to_ascii_lowercase();
+    if lower.contains(['?', '#', '\\']) || lower.contains("%2f") || lower.contains("%5c") {
+        return Err(refuse("`?`, `#`, `\\` and encoded slashes are not allowed in a Storage object"));
+    }
+    if lower.replace("%2e", ".").split('/').any(|segment| segment.is_empty() || segment == "." || segment == "..") {
+        return Err(refuse("empty, `.` and `..` segments are not allowed in a Storage object"));
+    }
+    Ok(())
+}
+
+/// A source as errors show it: a URL without credentials, query or fragment (a signed URL's token stays out).
+fn shown_source(text: &str) -> String {
+    reqwest::Url::parse(text).map_or_else(|_| crate::media::printable(text), |url| crate::net::shown(&url))
+}
+
+/// A user's own Storage objects are those in the folder named by their id (`recordings/<user id>/…`, where the
+/// frontend uploads); the worker reads with the service role key, so a user naming another user's object would
+/// have it transcribed for them.
+fn check_owner_folder(text: &str, owner: &str, policy: &SourcePolicy) -> Result<(), SourceError> {
+    let Ok(Source::Supabase { path, .. }) = Source::parse(text, false, policy) else { return Ok(()) };
+    if path.split('/').next() == Some(owner) && path.len() > owner.len() + 1 {
+        return Ok(());
+    }
+    Err(SourceError::Refused {
+        source_text: shown_source(text),
+        reason: format!("a user may have only their own Storage objects processed, those under `{owner}/`"),
+    })
 }
 
 #[cfg(test)]

@@ -109,6 +109,10 @@ impl Callers {
     /// 401 without valid credentials when auth is configured (the code names the reason); 503 when a user token
     /// arrives before the project's signing keys could ever be fetched.
     pub async fn identify(&self, parts: &Parts) -> Result<Caller, ApiError> {
+        if parts.headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+            // Which of two headers counts depends on who reads them (a proxy may check one, the API another).
+            return Err(AuthError::MalformedHeader("is sent more than once: send one").into());
+        }
         let header = match parts.headers.get(AUTHORIZATION) {
             None => None,
             Some(value) => Some(value.to_str().map_err(|_| {
@@ -118,6 +122,18 @@ impl Callers {
         let principal = self.authenticator.authenticate(header).await?;
         Ok(Caller { principal })
     }
+}
+
+/// Longest refusal sentence sent: some quote the token's own header (its `kid`), which the caller chose.
+const MAX_SHOWN: usize = 300;
+
+/// A refusal as sent: without control characters, and cut short when a quoted part made it long.
+fn shown(message: &str) -> String {
+    let mut text: String = message.chars().filter(|c| !c.is_control()).take(MAX_SHOWN).collect();
+    if message.chars().filter(|c| !c.is_control()).nth(MAX_SHOWN).is_some() {
+        text.push('…');
+    }
+    text
 }
 
 impl From<AuthError> for ApiError {
@@ -130,7 +146,7 @@ impl From<AuthError> for ApiError {
                 reply.code = error.code();
                 reply
             }
-            _ => ApiError::new(StatusCode::UNAUTHORIZED, error.code(), error.to_string()),
+            _ => ApiError::new(StatusCode::UNAUTHORIZED, error.code(), shown(&error.to_string())),
         }
     }
 }

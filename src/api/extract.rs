@@ -36,13 +36,27 @@ fn child(parent: &str, name: &str) -> String {
     if parent == "." || parent.is_empty() { name.to_string() } else { format!("{parent}.{name}") }
 }
 
-/// Reads a JSON body from bytes, naming what is wrong.
+/// The body without a leading UTF-8 byte order mark, which some Windows tools write and RFC 8259 lets a
+/// reader skip (an error at "line 1 column 1" would point at a character nobody can see).
+fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+/// Reads a JSON body from bytes, naming what is wrong. The body must be an object: serde would otherwise read
+/// a struct from an array by field position (`["rec-1", "a.mp3"]`), a sloppy body accepted by accident.
 ///
 /// # Errors
 /// 400 `malformed_json` for syntax, `missing_field`, `unknown_field` or `invalid_field` for content.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes = without_bom(bytes);
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("missing_body", "the request needs a JSON body"));
+    }
+    if bytes.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            "the body is a JSON array; send a JSON object with named fields (`{ \"recordingId\": … }`)",
+        ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = match serde_path_to_error::deserialize(&mut deserializer) {
@@ -73,7 +87,9 @@ fn describe(path: &str, error: &serde_json::Error) -> ApiError {
             let (code, field) = if bare.starts_with("missing field") {
                 ("missing_field", quoted(bare).map(|name| child(path, name)))
             } else if bare.starts_with("unknown field") {
-                ("unknown_field", quoted(bare).map(|name| child(path, name)))
+                // The path already ends with the unknown key (`items[1].fileurl`).
+                let named = |name: &str| if path.ends_with(name) { path.to_string() } else { child(path, name) };
+                ("unknown_field", quoted(bare).map(named))
             } else {
                 ("invalid_field", Some(path.trim_start_matches('.').to_string()).filter(|p| !p.is_empty()))
             };
@@ -129,7 +145,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// A JSON body that may be left out (an empty body is `None`, as the old worker's clients send for
+/// A JSON body that may be left out (an empty body, or `null`, is `None`, as the old worker's clients send for
 /// `queue/clean`); one that is given is read as [`ApiJson`] reads it.
 #[derive(Debug, Clone, Default)]
 pub struct OptionalJson<T>(pub Option<T>);
@@ -139,7 +155,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (bytes, json) = read_body(request, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        let text = without_bom(&bytes).trim_ascii();
+        // `null` is no body too, as `JSON.stringify(null)` sends it.
+        if text.is_empty() || text == b"null" {
             return Ok(Self(None));
         }
         if !json {

@@ -250,6 +250,12 @@ pub struct JobActionReply {
     pub message: String,
 }
 
+/// Held from a cancel's or retry's queue change until its recording row is marked, so that a cancel racing a
+/// retry cannot leave the row `cancelled` beside a waiting job (the two marks landing in the other order). One
+/// lock for the process: these actions are rare and quick. Two API processes may still interleave; the worker
+/// marks the row again when it takes the job.
+pub(super) static JOB_ACTIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Marks the job's recording; a failure is logged (the queue is what counts).
 async fn mark(state: &ApiState, job: &Job, status: RecordingStatus, message: &str) {
     if let Some(recording) = &job.spec.recording_id
@@ -286,6 +292,7 @@ async fn cancel_job(
         state: state.to_string(),
         message,
     };
+    let _serial = JOB_ACTIONS.lock().await;
     match state.queue.cancel(&job.id).await? {
         CancelOutcome::Cancelled => {
             mark(&state, &job, RecordingStatus::Cancelled, "cancelled").await;
@@ -323,6 +330,7 @@ async fn retry_job(
 ) -> Result<Response, ApiError> {
     caller.can_write()?;
     let job = visible_job(&state, &caller, &id).await?;
+    let _serial = JOB_ACTIONS.lock().await;
     match state.queue.retry(&job.id).await {
         Ok(()) => {}
         Err(QueueError::WrongState { state: now, .. }) => {

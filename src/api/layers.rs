@@ -7,8 +7,15 @@
 //!    server itself, as the browser names it, counts as allowed, so a page the API serves can call it).
 //!    Requests without `Origin` (servers, curl) are not browser requests and pass.
 //! 3. [`rate_limit`]: a token bucket per client address, `server.rate_limit_per_minute` tokens that refill over
-//!    a minute; over it, 429 with `Retry-After`. `/health` is not counted, so a probe never locks itself out.
+//!    a minute; over it, 429 with `Retry-After`. Every counted reply says where the caller stands with
+//!    `RateLimit-Limit` and `RateLimit-Remaining` (the IETF draft's names). `/health` is not counted, so a
+//!    probe never locks itself out.
 //! 4. The body limit (`server.max_body_size`), which the JSON extractor turns into 413.
+//!
+//! With no auth configured, [`loopback_host`] sits just inside [`request_id`]: the API is open and listens on
+//! 127.0.0.1, so a request must also name a loopback host (`localhost`, `127.x.x.x`, `[::1]`). A web page
+//! whose own name is made to resolve to 127.0.0.1 (DNS rebinding) is same-origin for the browser and passes
+//! CORS; its `Host` header still names its own domain, and is refused with 403 `host_not_allowed`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -53,6 +60,40 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(REQUEST_ID, value);
     }
     response
+}
+
+/// Whether a `Host` header value names this machine's loopback interface.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or("", |(inside, _)| inside).to_string(),
+        None => host.rsplit_once(':').map_or(host.as_str(), |(name, _)| name).to_string(),
+    };
+    let name = name.trim_end_matches('.');
+    name == "localhost" || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses requests that name a host other than loopback (see the module docs); for an open API only.
+pub async fn loopback_host(request: Request, next: Next) -> Response {
+    let host = match request.headers().get(header::HOST) {
+        Some(value) => Some(value.to_str().unwrap_or("?").to_string()),
+        None => request.uri().authority().map(|authority| authority.as_str().to_string()),
+    };
+    match host {
+        Some(host) if !is_loopback_host(&host) => {
+            let shown: String = host.chars().filter(|c| !c.is_control()).take(200).collect();
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "host_not_allowed",
+                format!(
+                    "host `{shown}` is not allowed: with no auth configured this API answers only requests to \
+                     localhost or 127.0.0.1 (configure auth to serve other host names)"
+                ),
+            )
+            .into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 /// The allowed origins.
@@ -124,7 +165,10 @@ pub async fn cors(State(cors): State<Arc<Cors>>, request: Request, next: Next) -
     };
     let headers = response.headers_mut();
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("x-request-id, retry-after"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("x-request-id, retry-after, ratelimit-limit, ratelimit-remaining"),
+    );
     headers.append(header::VARY, HeaderValue::from_static("origin"));
     response
 }
@@ -151,10 +195,10 @@ impl RateLimiter {
         Self { per_minute, buckets: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes a token for `client`, or says how many seconds until one is free.
-    pub fn take(&self, client: IpAddr) -> Result<(), u64> {
+    /// Takes a token for `client` and says how many whole ones are left, or how many seconds until one is free.
+    pub fn take(&self, client: IpAddr) -> Result<u32, u64> {
         if self.per_minute == 0 {
-            return Ok(());
+            return Ok(u32::MAX);
         }
         let capacity = f64::from(self.per_minute);
         let per_second = capacity / 60.0;
@@ -170,7 +214,7 @@ impl RateLimiter {
         bucket.at = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
-            Ok(())
+            Ok(bucket.tokens.floor() as u32)
         } else {
             Err(((1.0 - bucket.tokens) / per_second).ceil().max(1.0) as u64)
         }
@@ -186,21 +230,36 @@ pub async fn rate_limit(State(limiter): State<Arc<RateLimiter>>, request: Reques
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
-    match limiter.take(client) {
-        Ok(()) => next.run(request).await,
-        Err(seconds) => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "too many requests from {client}: at most {} a minute (server.rate_limit_per_minute); try again in \
+    let limit = HeaderValue::from(limiter.per_minute);
+    let (mut response, remaining) = match limiter.take(client) {
+        Ok(remaining) => (next.run(request).await, remaining),
+        Err(seconds) => (
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "too many requests from {client}: at most {} a minute (server.rate_limit_per_minute); try again in \
                  {seconds} s",
-                limiter.per_minute
-            ),
-        )
-        .with_retry_after(seconds)
-        .into_response(),
+                    limiter.per_minute
+                ),
+            )
+            .with_retry_after(seconds)
+            .into_response(),
+            0,
+        ),
+    };
+    if limiter.per_minute > 0 {
+        let headers = response.headers_mut();
+        headers.insert(RATE_LIMIT_LIMIT, limit);
+        headers.insert(RATE_LIMIT_REMAINING, HeaderValue::from(remaining));
     }
+    response
 }
+
+/// The requests a client may make a minute.
+pub const RATE_LIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+/// The requests a client may still make now.
+pub const RATE_LIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 
 #[cfg(test)]
 mod tests {
@@ -210,13 +269,23 @@ mod tests {
     fn a_bucket_allows_its_burst_then_names_the_wait() {
         let limiter = RateLimiter::new(3);
         let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        for _ in 0..3 {
-            assert_eq!(limiter.take(client), Ok(()));
+        for left in [2, 1, 0] {
+            assert_eq!(limiter.take(client), Ok(left));
         }
         let wait = limiter.take(client).expect_err("the fourth is over the limit");
         assert!((1..=20).contains(&wait), "one token refills in 20 s: {wait}");
-        assert_eq!(limiter.take(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))), Ok(()), "another client has its own bucket");
-        assert_eq!(RateLimiter::new(0).take(client), Ok(()), "0 turns the limit off");
+        assert_eq!(limiter.take(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))), Ok(2), "another client has its own bucket");
+        assert!(RateLimiter::new(0).take(client).is_ok(), "0 turns the limit off");
+    }
+
+    #[test]
+    fn loopback_hosts_are_told_from_other_names() {
+        for host in ["localhost", "localhost:3001", "LOCALHOST.", "127.0.0.1:80", "127.1.2.3", "[::1]:3001", "[::1]"] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in ["evil.example", "evil.example:3001", "127.0.0.1.nip.io", "10.0.0.1:3001", "[::2]:1", "?", ""] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 
     #[test]

@@ -233,15 +233,18 @@ pub fn router(state: ApiState) -> Router {
     let max_body = usize::try_from(server.max_body_size.0).unwrap_or(usize::MAX);
     let cors = Arc::new(layers::Cors::new(&server.allowed_origins));
     let limiter = Arc::new(layers::RateLimiter::new(server.rate_limit_per_minute));
+    let open = !state.callers.is_configured();
     let (router, _) = routes().split_for_parts();
-    router
+    let router = router
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(limiter, layers::rate_limit))
-        .layer(axum::middleware::from_fn_with_state(cors, layers::cors))
-        .layer(axum::middleware::from_fn(layers::request_id))
+        .layer(axum::middleware::from_fn_with_state(cors, layers::cors));
+    // An open API answers loopback host names only (DNS rebinding; see `layers`).
+    let router = if open { router.layer(axum::middleware::from_fn(layers::loopback_host)) } else { router };
+    router.layer(axum::middleware::from_fn(layers::request_id))
 }
 
 /// `{ "success": true, … }`: a reply body with `success` first, as the old worker's clients expect.
@@ -265,20 +268,27 @@ pub(crate) fn job_id(text: &str) -> Result<String, ApiError> {
     })
 }
 
-/// A recording id as given: 1 to 128 characters of letters, digits and `-_.:` (Supabase row ids are UUIDs).
+/// A recording id as given: 1 to 128 characters of letters, digits and `-_.:`, not dots alone (Supabase row ids
+/// are UUIDs).
 ///
 /// # Errors
 /// 400 `invalid_id` naming the field.
 pub(crate) fn recording_id(text: &str, field: &str) -> Result<String, ApiError> {
-    let sane =
-        (1..=128).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    // `.` and `..` alone are path segments a client or proxy removes (`/api/recording/../status`), so no
+    // route could reach such a recording.
+    let sane = (1..=128).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && !text.bytes().all(|b| b == b'.');
     if sane {
         return Ok(text.to_string());
     }
     let shown: String = text.chars().filter(|c| !c.is_control()).take(80).collect();
     Err(ApiError::bad_request(
         "invalid_id",
-        format!("`{field}` `{shown}` is not a recording id: use 1 to 128 letters, digits, `-`, `_`, `.` or `:`"),
+        format!(
+            "`{field}` `{shown}` is not a recording id: use 1 to 128 letters, digits, `-`, `_`, `.` or `:` (not \
+             dots alone)"
+        ),
     )
     .with_details(serde_json::json!({ "field": field })))
 }

@@ -108,6 +108,18 @@ fn non_empty(value: Option<String>, field: &str) -> Result<Option<String>, ApiEr
     }
 }
 
+/// A file size in bytes, or a 400 naming the field when it is negative.
+fn file_size(value: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match value {
+        Some(size) if size < 0 => Err(ApiError::bad_request(
+            "invalid_field",
+            format!("`fileSize` {size} is negative: give the file's size in bytes, or leave it out"),
+        )
+        .with_details(json!({ "field": "fileSize" }))),
+        other => Ok(other),
+    }
+}
+
 /// A MIME type from `fileType`: kept when it is one (`audio/mpeg`); the old frontend's `audio` or `video`
 /// say nothing the validate stage does not find out.
 fn mime(file_type: Option<String>) -> Option<String> {
@@ -154,7 +166,7 @@ async fn process_recording(
         priority: body.priority.unwrap_or(0),
         params: body.params.unwrap_or_default(),
         file_name: body.file_name,
-        size_bytes: body.file_size,
+        size_bytes: file_size(body.file_size)?,
         mime_type: mime(body.file_type),
         owner_id: caller.owner().map(str::to_string),
         callback_url: non_empty(body.callback_url, "callbackUrl")?,
@@ -348,8 +360,8 @@ async fn batch_process(
             code: Some(error.code.to_string()),
         };
         let checked = recording_id(&item.recording_id, "recordingId")
-            .and_then(|id| non_empty(item.file_url.clone(), "fileUrl").map(|url| (id, url)));
-        let (id, source) = match checked {
+            .and_then(|id| Ok((id, non_empty(item.file_url.clone(), "fileUrl")?, file_size(item.file_size)?)));
+        let (id, source, size_bytes) = match checked {
             Ok(checked) => checked,
             Err(error) => {
                 replies.push(Some(rejected(error)));
@@ -366,7 +378,7 @@ async fn batch_process(
             priority: item.priority.or(body.priority).unwrap_or(0),
             params,
             file_name: item.file_name,
-            size_bytes: item.file_size,
+            size_bytes,
             mime_type: mime(item.file_type),
             owner_id: caller.owner().map(str::to_string),
             callback_url: callback_url.clone(),

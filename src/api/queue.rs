@@ -321,6 +321,7 @@ pub struct RetryFailedReply {
     responses(
         (status = 200, description = "Queued again", body = RetryFailedReply),
         (status = 400, description = "Bad body", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline (the available ones are listed)", body = ErrorBody),
     )
 )]
 async fn queue_retry_failed(
@@ -331,6 +332,15 @@ async fn queue_retry_failed(
     service_only(&caller)?;
     caller.can_write()?;
     let pipeline = body.unwrap_or_default().pipeline;
+    if let Some(name) = &pipeline {
+        // A misspelt name would otherwise match no job and answer a silent `count: 0`.
+        state
+            .catalog
+            .current()
+            .pipeline(name)
+            .map_err(|unknown| ApiError::from(crate::intake::IntakeError::from(unknown)))?;
+    }
+    let _serial = super::jobs::JOB_ACTIONS.lock().await;
     let retried = state.queue.retry_failed(pipeline.as_deref()).await?;
     for id in &retried {
         if let Ok(Some(job)) = state.queue.get(id).await

@@ -1425,7 +1425,7 @@ impl Queue for RedisQueue {
         let (score, after) = match cursor {
             None => (String::new(), String::new()),
             Some(cursor) => match cursor.split_once(':') {
-                Some((score, id)) if score.parse::<f64>().is_ok() && valid_id(id) => {
+                Some((score, id)) if score.parse::<f64>().is_ok_and(|score| !score.is_nan()) && valid_id(id) => {
                     (score.to_string(), id.to_string())
                 }
                 _ => return Err(QueueError::Invalid(format!("cursor {cursor:?} was not made by this queue"))),
