@@ -118,6 +118,24 @@ pub struct DatabaseSettings {
     pub url: SecretUrl,
     /// The recordings table (`schema.table` on PostgreSQL).
     pub table: String,
+    /// `echo` (the store's own table, created at start) or `supabase-legacy` (the live frontend's
+    /// `recordings` table: never created or altered; see README "Replacing the Node worker").
+    #[serde(default)]
+    pub profile: crate::store::Profile,
+    /// Field → column overrides laid over the profile's mapping (`""` leaves a field out), e.g.
+    /// `ECHO_DATABASE__COLUMNS__PROGRESS=pct`.
+    #[serde(default)]
+    pub columns: indexmap::IndexMap<String, String>,
+}
+
+impl DatabaseSettings {
+    /// The store layout these settings describe.
+    ///
+    /// # Errors
+    /// A message naming an unknown field or a bad column name.
+    pub fn layout(&self) -> Result<crate::store::Layout, crate::store::layout::LayoutError> {
+        crate::store::Layout::with_overrides(self.profile, &self.columns)
+    }
 }
 
 /// AI providers.
@@ -331,7 +349,12 @@ impl Default for Settings {
                 max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
                 max_duration: DEFAULT_MAX_DURATION,
             },
-            database: DatabaseSettings { url: SecretUrl::new("sqlite://echo.db"), table: "recordings".into() },
+            database: DatabaseSettings {
+                url: SecretUrl::new("sqlite://echo.db"),
+                table: "recordings".into(),
+                profile: crate::store::Profile::Echo,
+                columns: indexmap::IndexMap::new(),
+            },
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             ai: AiSettings::default(),
             warnings: Vec::new(),
