@@ -300,7 +300,7 @@ impl QueueConfig {
 /// Input limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LimitSettings {
-    /// `MAX_FILE_SIZE_MB`: largest accepted upload, in megabytes.
+    /// `MAX_FILE_SIZE_MB`: largest accepted upload, in mebibytes (MiB, as the old worker counted).
     pub max_file_size_mb: u64,
     /// Largest body read from an `http` plugin's server or an AI provider's reply; a larger one fails the stage.
     pub max_response_size: crate::units::ByteSize,
@@ -396,7 +396,7 @@ impl Settings {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key and its source.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let mut settings: Self = figment.extract().map_err(describe)?;
+        let mut settings: Self = with_azure_seed(figment).extract().map_err(describe)?;
         for endpoint in [&mut settings.azure_openai.endpoint, &mut settings.azure_openai.whisper_endpoint] {
             if let Some(url) = endpoint
                 && let Some((origin, whole)) = origin_of(url)
@@ -468,15 +468,45 @@ impl Settings {
         (providers, default)
     }
 
-    /// The largest accepted source.
+    /// The largest accepted source: `MAX_FILE_SIZE_MB` counts mebibytes (× 1024 × 1024), as the old worker's
+    /// `fileHandler.js` did, so every upload it accepted is accepted here too.
     pub fn max_file_size(&self) -> crate::units::ByteSize {
-        crate::units::ByteSize(self.limits.max_file_size_mb.saturating_mul(1_000_000))
+        crate::units::ByteSize(self.limits.max_file_size_mb.saturating_mul(1024 * 1024))
     }
 
     /// The settings as TOML, with every secret redacted.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|error| format!("# settings could not be printed: {error}\n"))
     }
+}
+
+/// Lays whatever is set under `ai.providers.azure` over the provider built from the seed's `AZURE_OPENAI_*`
+/// variables, so that `ECHO_AI__PROVIDERS__AZURE__TRANSCRIPTION_RPM=50` alone raises the seed's limit of 3 Whisper
+/// requests a minute instead of failing for want of the other fields. Without the seed's endpoint and key the
+/// figment is returned as it is.
+fn with_azure_seed(figment: Figment) -> Figment {
+    // A bad value in `azure_openai` is reported by the extraction that follows, with its source.
+    let Ok(azure) = figment.extract_inner::<AzureOpenAiSettings>("azure_openai") else { return figment };
+    let (Some(endpoint), Some(key)) = (&azure.endpoint, &azure.api_key) else { return figment };
+    let origin = |url: &String| origin_of(url).map_or_else(|| url.clone(), |(origin, _)| origin);
+    let mut seed = serde_json::json!({
+        "style": "azure",
+        "endpoint": origin(endpoint),
+        "api_key": key.expose(),
+        "api_version": azure.api_version,
+        "transcription_model": azure.whisper_deployment,
+        "chat_model": azure.chat_deployment,
+        // Azure's default Whisper quota is 3 requests a minute.
+        "transcription_rpm": 3,
+    });
+    if let Some(url) = &azure.whisper_endpoint {
+        seed["transcription_endpoint"] = origin(url).into();
+    }
+    if let Some(key) = &azure.whisper_api_key {
+        seed["transcription_api_key"] = key.expose().into();
+    }
+    // `join`: values already in the figment (the operator's) win, field by field.
+    figment.join(Serialized::default("ai.providers.azure", seed))
 }
 
 /// One line per figment error: the setting, what is wrong, and the variable or file it came from.

@@ -239,3 +239,117 @@ async fn rows_are_never_inserted_and_bad_columns_are_refused_by_name() {
     assert_eq!(legacy.column(&id, "status").await, json!("processing"), "a refused write changes nothing");
     legacy.drop().await;
 }
+
+/// Runs the shipped `soundscribe` pipeline on a row of the legacy table, through the real stages and the fake AI
+/// server, and returns the report and how many coaching calls the fake saw.
+async fn soundscribe(
+    legacy: &Legacy,
+    id: &str,
+    params: serde_json::Map<String, Value>,
+) -> (echo_worker::engine::JobReport, usize) {
+    use echo_worker::ai::{ProviderSettings, ProviderStyle};
+    use echo_worker::config::{Secret, SecretUrl, Settings};
+    use echo_worker::job::checkpoint::{Checkpoints, MemoryCheckpoints};
+    use std::sync::Arc;
+
+    let fake = support::fake_ai::Fake::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let audio = support::media::tone(temp.path(), "call.mp3", 8);
+    let mut settings = Settings::default();
+    settings.paths.temp_dir = temp.path().to_path_buf();
+    settings.database.url = SecretUrl::new(postgres_url());
+    settings.database.table = legacy.table.clone();
+    settings.database.profile = Profile::SupabaseLegacy;
+    let mut provider =
+        ProviderSettings::new(ProviderStyle::Azure, fake.base.clone(), Some(Secret::new(support::fake_ai::KEY)));
+    provider.transcription_model = "whisper".into();
+    settings.ai.providers.insert("fake".into(), provider);
+    let catalog =
+        echo_worker::catalog::Catalog::load(std::path::Path::new("pipelines"), std::path::Path::new("plugins"))
+            .unwrap();
+    let store: Arc<dyn Store> = echo_worker::app::store(&settings).await.unwrap();
+    let registry = echo_worker::app::registry(&settings, catalog.plugins.values(), store.clone()).await.unwrap();
+    let engine = echo_worker::engine::Engine::new(
+        registry,
+        Arc::new(MemoryCheckpoints::default()) as Arc<dyn Checkpoints>,
+        settings.engine(),
+    );
+    store.set_status(id, RecordingStatus::Processing, None, None).await.unwrap();
+    let job = echo_worker::job::JobSpec {
+        id: format!("job-{id}"),
+        recording_id: Some(id.to_string()),
+        pipeline: "soundscribe".into(),
+        params,
+        source: Some(audio.display().to_string()),
+        trusted_source: true,
+    };
+    let pipeline = &catalog.pipelines["soundscribe"];
+    let run = engine.run(
+        pipeline,
+        job,
+        Arc::new(echo_worker::job::progress::NullSink),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let report = tokio::time::timeout(std::time::Duration::from_secs(120), run)
+        .await
+        .expect("ends within 2 minutes")
+        .expect("starts");
+    let coaching = fake
+        .seen(support::fake_ai::Kind::Chat)
+        .iter()
+        .filter(|seen| seen.body["response_format"]["json_schema"]["name"] == "coaching")
+        .count();
+    (report, coaching)
+}
+
+#[tokio::test]
+async fn the_soundscribe_pipeline_fills_what_the_frontend_reads_and_coaches_only_when_asked() {
+    let legacy = Legacy::with_table().await;
+    let coached = legacy.insert_row(true).await;
+    let params = serde_json::Map::from_iter([("enable_coaching".to_string(), json!(true))]);
+    let (report, calls) = soundscribe(&legacy, &coached, params).await;
+    assert_eq!(report.status, echo_worker::engine::JobStatus::Succeeded, "{report:#?}");
+    assert_eq!(calls, 1, "one coaching call");
+    assert_eq!(legacy.column(&coached, "status").await, json!("completed"));
+    assert_eq!(legacy.column(&coached, "processing_progress").await, json!(100));
+    for column in ["transcript", "summary", "ai_summary"] {
+        let value = legacy.column(&coached, column).await;
+        assert!(value.as_str().is_some_and(|text| !text.is_empty()), "{column} is filled: {value}");
+    }
+    assert_eq!(legacy.column(&coached, "summary").await, legacy.column(&coached, "ai_summary").await);
+    let coaching = legacy.column(&coached, "coaching_evaluation").await;
+    let keys: std::collections::BTreeSet<&str> =
+        coaching.as_object().expect("coaching is an object").keys().map(String::as_str).collect();
+    let old = ["overallScore", "criteria", "strengths", "improvements", "actionItems", "summary"];
+    assert_eq!(keys, old.into_iter().collect(), "the old schema, nothing more (no usage)");
+    assert!(coaching["criteria"]["nextSteps"].is_boolean());
+    let duration = legacy.column(&coached, "duration").await;
+    assert!(
+        duration.as_i64().is_some_and(|seconds| (7..=9).contains(&seconds)),
+        "whole seconds of an 8 s file: {duration}"
+    );
+    assert!(legacy.column(&coached, "whisper_segments").await.as_array().is_some_and(|s| !s.is_empty()));
+    assert!(legacy.column(&coached, "ai_insights").await["key_points"].is_array());
+    assert!(legacy.column(&coached, "ai_next_steps").await.is_array());
+    let metadata = legacy.column(&coached, "processing_metadata").await;
+    assert_eq!(
+        (
+            &metadata["transcription_success"],
+            &metadata["summary_success"],
+            &metadata["coaching_success"],
+            &metadata["partial_success"]
+        ),
+        (&json!(true), &json!(true), &json!(true), &json!(false)),
+        "{metadata}"
+    );
+
+    let plain = legacy.insert_row(false).await;
+    let params = serde_json::Map::from_iter([("enable_coaching".to_string(), json!(false))]);
+    let (report, calls) = soundscribe(&legacy, &plain, params).await;
+    assert_eq!(report.status, echo_worker::engine::JobStatus::Succeeded, "{report:#?}");
+    assert_eq!(calls, 0, "enable_coaching = false: no coaching call");
+    assert_eq!(legacy.column(&plain, "coaching_evaluation").await, Value::Null);
+    assert_eq!(legacy.column(&plain, "status").await, json!("completed"));
+    assert_eq!(legacy.column(&plain, "processing_metadata").await["coaching_requested"], json!(false));
+    legacy.drop().await;
+}
