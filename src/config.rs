@@ -96,6 +96,24 @@ pub struct ServerSettings {
     /// `ALLOWED_ORIGINS`: CORS origins, comma-separated in the environment.
     #[serde(deserialize_with = "comma_list")]
     pub allowed_origins: Vec<String>,
+    /// Largest request body the API reads; a larger one is answered 413.
+    #[serde(default = "default_max_body_size")]
+    pub max_body_size: crate::units::ByteSize,
+    /// Requests one client (by IP address) may make per minute, in bursts up to the same number; 0 turns the
+    /// limit off. Over it, the API answers 429 with `Retry-After`. `/health` is not counted.
+    #[serde(default = "default_rate_limit")]
+    pub rate_limit_per_minute: u32,
+}
+
+/// One mebibyte: a job request is a few hundred bytes, a batch of a thousand ids about 40 KB, a pipeline file a
+/// few KB.
+fn default_max_body_size() -> crate::units::ByteSize {
+    crate::units::ByteSize(1024 * 1024)
+}
+
+/// Ten requests a second on average, with room for a page that polls several jobs at once.
+const fn default_rate_limit() -> u32 {
+    600
 }
 
 /// Where files live.
@@ -317,7 +335,13 @@ impl Default for Settings {
         Self {
             environment: "development".into(),
             log_level: "info".into(),
-            server: ServerSettings { host: "0.0.0.0".into(), port: 3001, allowed_origins: Vec::new() },
+            server: ServerSettings {
+                host: "0.0.0.0".into(),
+                port: 3001,
+                allowed_origins: Vec::new(),
+                max_body_size: default_max_body_size(),
+                rate_limit_per_minute: default_rate_limit(),
+            },
             paths: PathSettings {
                 pipelines: "pipelines".into(),
                 plugins: "plugins".into(),

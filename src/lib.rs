@@ -23,10 +23,13 @@
 //! - [`worker`]: takes jobs from a queue and runs them through the engine, with leases, cancels and shutdown.
 //! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
 //! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
+//! - [`intake`]: a request to process a recording made into a queued job, for the CLI and the API alike.
+//! - [`api`]: the REST API (axum): routes, errors as JSON, callers, CORS and rate limits, OpenAPI.
 //! - [`config`]: settings; [`app`]: wiring from settings; [`local`]: `echo-worker process`; [`service`]:
 //!   `worker` and `serve`; [`control`]: `enqueue` and the other queue commands.
 
 pub mod ai;
+pub mod api;
 pub mod app;
 pub mod bounded;
 pub mod catalog;
@@ -38,6 +41,7 @@ pub mod definition;
 pub mod document;
 pub mod engine;
 pub mod error;
+pub mod intake;
 pub mod job;
 pub mod local;
 pub mod media;

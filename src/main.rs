@@ -82,9 +82,14 @@ enum Command {
         #[command(flatten)]
         folders: Folders,
     },
-    /// Run the service: a worker (and, from the next release, the API) in one process; without REDIS_URL the
-    /// queue is in-process and jobs do not survive a restart.
+    /// Run the service: the REST API (on PORT, 3001) and a worker in one process; without REDIS_URL the queue
+    /// is in-process and jobs do not survive a restart.
     Serve {
+        #[command(flatten)]
+        folders: Folders,
+    },
+    /// Run the REST API alone (on PORT, 3001), queuing jobs on the Redis queue (REDIS_URL) for workers elsewhere.
+    Api {
         #[command(flatten)]
         folders: Folders,
     },
@@ -263,6 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Worker { folders: args } => serve(&settings, Role::Worker, &args),
         Command::Serve { folders: args } => serve(&settings, Role::Serve, &args),
+        Command::Api { folders: args } => serve(&settings, Role::Api, &args),
         Command::Enqueue { inputs, pipeline, priority, params, wait, format, folders: args } => {
             let located = folders(&settings, &args)?;
             let request = echo_worker::control::EnqueueRequest {

@@ -1,9 +1,10 @@
-//! `echo-worker worker` and `echo-worker serve`: a worker on the configured queue until SIGTERM or SIGINT. This is
-//! wiring (settings to queue, store, stage kinds and a running [`Worker`]), so it speaks `anyhow`.
+//! `echo-worker worker`, `api` and `serve`: a worker, the REST API, or both in one process, on the configured
+//! queue until SIGTERM or SIGINT. This is wiring (settings to queue, store, stage kinds, a running [`Worker`] and
+//! the [`Application`]), so it speaks `anyhow`.
 //!
-//! `worker` needs `REDIS_URL`: a worker on an in-process queue alone could never receive a job. `serve` (the API
-//! and a worker in one process; the API comes with the next issue) falls back to the in-process queue without
-//! it, and says that jobs will not survive a restart. Both refuse to start on invalid pipeline or plugin files
+//! `worker` and `api` need `REDIS_URL`: a worker on an in-process queue alone could never receive a job, and an
+//! API alone could queue jobs that no worker would see. `serve` (the API and a worker in one process) falls
+//! back to the in-process queue without it, and says that jobs will not survive a restart. Both refuse to start on invalid pipeline or plugin files
 //! and then watch both folders: valid edits apply to the next jobs enqueued, invalid ones are refused and logged.
 //! The first signal starts a graceful shutdown (`worker.shutdown_grace`), a second one ends the grace period.
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{ApiParts, Application};
 use crate::app;
 use crate::config::Settings;
 use crate::engine::{Engine, StageRegistry};
@@ -30,15 +32,17 @@ use crate::worker::{Worker, WorkerOptions};
 pub enum Role {
     /// `echo-worker worker`: Redis only.
     Worker,
-    /// `echo-worker serve`: Redis, or the in-process queue without `REDIS_URL`.
+    /// `echo-worker api`: the REST API alone, on Redis only.
+    Api,
+    /// `echo-worker serve`: the API and a worker, on Redis, or the in-process queue without `REDIS_URL`.
     Serve,
 }
 
-/// Runs a worker until a signal; exit code 0 after a clean shutdown.
+/// Runs a worker, the API, or both until a signal; exit code 0 after a clean shutdown.
 ///
 /// # Errors
-/// Anything that stops it from starting: no `REDIS_URL` for `worker`, invalid pipeline or plugin files, an
-/// unusable store or setting.
+/// Anything that stops it from starting: no `REDIS_URL` for `worker` or `api`, invalid pipeline or plugin files,
+/// an unusable store or setting, a port that cannot be bound.
 pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: PathBuf) -> anyhow::Result<ExitCode> {
     let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
     tokio::spawn(on_signals(shutdown.clone(), hurry.clone()));
@@ -51,6 +55,10 @@ pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: P
             "no REDIS_URL: `echo-worker worker` takes jobs from the Redis queue that `enqueue` and the API write to; \
              set REDIS_URL to that Redis (a worker on an in-process queue alone would never receive a job), or run \
              `echo-worker serve` for everything in one process"
+        ),
+        (None, Role::Api) => anyhow::bail!(
+            "no REDIS_URL: `echo-worker api` queues jobs for workers in other processes, through Redis; set \
+             REDIS_URL to the workers' Redis, or run `echo-worker serve` for the API and a worker in one process"
         ),
         (None, Role::Serve) => {
             tracing::warn!(
@@ -66,6 +74,22 @@ pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: P
         tracing::warn!(%error, "pipeline and plugin files will not be reloaded on change");
     }
     let store = app::store(settings).await?;
+    let api = match role {
+        Role::Worker => None,
+        Role::Api | Role::Serve => {
+            let parts = ApiParts { queue: queue.clone(), store: store.clone(), catalog: catalog.clone() };
+            let application = Application::build(settings, parts).await?;
+            Some(tokio::spawn(application.run(shutdown.clone())))
+        }
+    };
+    if role == Role::Api {
+        shutdown.cancelled().await;
+        if let Some(api) = api {
+            api.await.context("the API task")??;
+        }
+        drop(catalog);
+        return Ok(ExitCode::SUCCESS);
+    }
     let kinds = app::kinds(settings, store.clone()).await?;
     // The registry and checkpoints given here are replaced for each job (its plugins, its checkpoints).
     let engine = Engine::new(StageRegistry::new(), Arc::new(MemoryCheckpoints::default()), settings.engine());
@@ -78,6 +102,9 @@ pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: P
     };
     let worker = Worker::new(queue, store, engine, kinds, options);
     let summary = worker.run(shutdown, hurry).await;
+    if let Some(api) = api {
+        api.await.context("the API task")??;
+    }
     drop(catalog);
     tracing::debug!(?summary, "done");
     Ok(ExitCode::SUCCESS)

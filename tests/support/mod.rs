@@ -2,6 +2,7 @@
 //! inline TOML, and a progress sink that keeps every update.
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub mod app;
 pub mod fake_ai;
 pub mod media;
 pub mod raw_http;

@@ -1,0 +1,159 @@
+//! Extractors that answer bad input in the API's error format (ARCHITECTURE.md, "The API"): [`ApiJson`] for
+//! bodies, [`ApiPath`] and [`ApiQuery`] for the URL. axum's own extractors answer with plain text; these name
+//! what was wrong and where: malformed JSON with its line and column, a missing, unknown or mistyped field by
+//! its path (`items[2].recordingId`), a body over `server.max_body_size` with 413, a body that is not JSON
+//! with 415.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::error::ApiError;
+
+/// A JSON body; rejections become [`ApiError`]s naming the field at fault.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+/// Whether a `Content-Type` is JSON (`application/json`, `application/*+json`, with any parameters).
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// The name between the first pair of backticks of a serde message (`missing field `x``).
+fn quoted(message: &str) -> Option<&str> {
+    let start = message.find('`')? + 1;
+    let end = start + message[start..].find('`')?;
+    Some(&message[start..end])
+}
+
+/// The path of a field inside `parent` (serde_path_to_error writes `.` for the root).
+fn child(parent: &str, name: &str) -> String {
+    if parent == "." || parent.is_empty() { name.to_string() } else { format!("{parent}.{name}") }
+}
+
+/// Reads a JSON body from bytes, naming what is wrong.
+///
+/// # Errors
+/// 400 `malformed_json` for syntax, `missing_field`, `unknown_field` or `invalid_field` for content.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("missing_body", "the request needs a JSON body"));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = match serde_path_to_error::deserialize(&mut deserializer) {
+        Ok(value) => value,
+        Err(error) => {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            return Err(describe(&path, &inner));
+        }
+    };
+    deserializer.end().map_err(|error| describe(".", &error))?;
+    Ok(value)
+}
+
+fn describe(path: &str, error: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    let (line, column) = (error.line(), error.column());
+    let text = error.to_string();
+    // serde_json appends " at line L column C"; the sentence keeps it only for syntax errors.
+    let bare = text.rsplit_once(" at line ").map_or(text.as_str(), |(head, _)| head);
+    match error.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
+            "malformed_json",
+            format!("the body is not valid JSON: {bare} at line {line} column {column}"),
+        )
+        .with_details(json!({ "line": line, "column": column })),
+        Category::Data => {
+            let (code, field) = if bare.starts_with("missing field") {
+                ("missing_field", quoted(bare).map(|name| child(path, name)))
+            } else if bare.starts_with("unknown field") {
+                ("unknown_field", quoted(bare).map(|name| child(path, name)))
+            } else {
+                ("invalid_field", Some(path.trim_start_matches('.').to_string()).filter(|p| !p.is_empty()))
+            };
+            let message = match &field {
+                Some(field) if code == "invalid_field" => format!("field `{field}`: {bare}"),
+                _ => bare.to_string(),
+            };
+            let error = ApiError::bad_request(code, message);
+            match field {
+                Some(field) => error.with_details(json!({ "field": field })),
+                None => error,
+            }
+        }
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
+        if !content_type.is_some_and(is_json) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON, with the header Content-Type: application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection: BytesRejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the body is larger than this server accepts (server.max_body_size)",
+                )
+            } else {
+                ApiError::bad_request(
+                    "unreadable_body",
+                    format!("the body could not be read: {}", rejection.body_text()),
+                )
+            }
+        })?;
+        parse_json(&bytes).map(Self)
+    }
+}
+
+/// Path parameters; a bad one is a 400 naming it.
+#[derive(Debug, Clone)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|path| Self(path.0))
+            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))
+    }
+}
+
+/// Query parameters; a bad one is a 400 naming it.
+#[derive(Debug, Clone)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer).map(Self).map_err(|error| {
+            let path = error.path().to_string();
+            let inner = error.into_inner().to_string();
+            let field = quoted(&inner).map(str::to_string).or_else(|| Some(path).filter(|p| p != "."));
+            let error = ApiError::bad_request("invalid_query", format!("query string: {inner}"));
+            match field {
+                Some(field) => error.with_details(json!({ "field": field })),
+                None => error,
+            }
+        })
+    }
+}
