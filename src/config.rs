@@ -81,6 +81,9 @@ pub struct Settings {
     pub download: DownloadSettings,
     /// AI providers beyond the seed's Azure variables.
     pub ai: AiSettings,
+    /// The old Node worker's routes (`/api/process-audio`).
+    #[serde(default)]
+    pub legacy: LegacySettings,
     /// Adjustments made while loading, to be logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -164,6 +167,25 @@ pub struct AiSettings {
     /// Named providers, e.g. `[ai.providers.local]` or `ECHO_AI__PROVIDERS__LOCAL__ENDPOINT`.
     #[serde(default)]
     pub providers: indexmap::IndexMap<String, crate::ai::ProviderSettings>,
+}
+
+/// The old Node worker's routes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LegacySettings {
+    /// The pipeline `POST /api/process-audio` runs (default: `soundscribe` with `database.profile =
+    /// "supabase-legacy"`, else `default`).
+    pub pipeline: Option<String>,
+}
+
+impl LegacySettings {
+    /// The pipeline `/api/process-audio` runs under `profile`.
+    pub fn pipeline(&self, profile: crate::store::Profile) -> &str {
+        match (&self.pipeline, profile) {
+            (Some(name), _) => name,
+            (None, crate::store::Profile::SupabaseLegacy) => "soundscribe",
+            (None, crate::store::Profile::Echo) => "default",
+        }
+    }
 }
 
 /// Rules for fetching sources.
@@ -381,6 +403,7 @@ impl Default for Settings {
             },
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             ai: AiSettings::default(),
+            legacy: LegacySettings::default(),
             warnings: Vec::new(),
         }
     }

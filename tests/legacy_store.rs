@@ -9,68 +9,8 @@ use echo_worker::store::{Layout, NewRecording, Profile, RecordingStatus, SqlStor
 use indexmap::IndexMap;
 use serde_json::{Value, json};
 use sqlx::Row;
+use support::legacy::Legacy;
 use support::postgres_url;
-
-/// A schema of its own holding the frontend's table; dropped by [`Legacy::drop`].
-struct Legacy {
-    pool: sqlx::PgPool,
-    schema: String,
-    table: String,
-}
-
-impl Legacy {
-    async fn new() -> Self {
-        let pool = sqlx::PgPool::connect(&postgres_url()).await.expect("PostgreSQL at 127.0.0.1:5432 answers");
-        let schema = format!("legacy_test_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.unwrap();
-        Self { pool, table: format!("{schema}.recordings"), schema }
-    }
-
-    async fn with_table() -> Self {
-        let legacy = Self::new().await;
-        let ddl = include_str!("support/legacy_recordings.sql").replace("{table}", &legacy.table);
-        let ddl: String = ddl.lines().filter(|line| !line.starts_with("--")).collect::<Vec<_>>().join("\n");
-        sqlx::query(&ddl).execute(&legacy.pool).await.unwrap();
-        legacy
-    }
-
-    async fn store(&self) -> Result<SqlStore, StoreError> {
-        SqlStore::connect_with(&postgres_url(), &self.table, Layout::profile(Profile::SupabaseLegacy)).await
-    }
-
-    /// Inserts a row the way the frontend does (`useFileOperations.ts:115-128`) and returns its id.
-    async fn insert_row(&self, enable_coaching: bool) -> String {
-        let sql = format!(
-            "INSERT INTO {} (user_id, title, description, file_url, file_type, file_size, duration, status, \
-             content_type, enable_coaching) VALUES (gen_random_uuid(), 'Call', '', \
-             'https://p.supabase.co/storage/v1/object/public/recordings/u/1_call.mp3', 'audio', 1234, 61, \
-             'processing', 'audio/mpeg', $1) RETURNING CAST(id AS TEXT)",
-            self.table
-        );
-        sqlx::query(&sql).bind(enable_coaching).fetch_one(&self.pool).await.unwrap().get(0)
-    }
-
-    async fn column(&self, id: &str, expression: &str) -> Value {
-        let sql = format!("SELECT to_jsonb({expression}) FROM {} WHERE id = CAST($1 AS uuid)", self.table);
-        sqlx::query(&sql)
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-            .get::<Option<Value>, _>(0)
-            .unwrap_or(Value::Null)
-    }
-
-    async fn columns(&self) -> Vec<String> {
-        let sql = "SELECT CAST(column_name AS TEXT) FROM information_schema.columns \
-                   WHERE table_schema = $1 AND table_name = 'recordings' ORDER BY ordinal_position";
-        sqlx::query(sql).bind(&self.schema).fetch_all(&self.pool).await.unwrap().iter().map(|r| r.get(0)).collect()
-    }
-
-    async fn drop(self) {
-        sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema)).execute(&self.pool).await.unwrap();
-    }
-}
 
 #[tokio::test]
 async fn a_missing_table_or_missing_columns_are_named_and_nothing_is_created() {

@@ -31,6 +31,7 @@ pub mod layers;
 pub mod time;
 
 mod health;
+mod legacy;
 mod openapi;
 
 use caller::Callers;
@@ -188,7 +189,10 @@ struct ApiDoc;
 
 /// Every route with its documentation. Each route file adds one `.merge` line.
 fn routes() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(health::routes()).merge(openapi::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::routes())
+        .merge(openapi::routes())
+        .merge(legacy::routes())
 }
 
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.

@@ -191,6 +191,17 @@ pub trait Store: Send + Sync {
     /// not even `updated_at`.
     async fn persist(&self, id: &str, transcript: Option<&str>, result: &Value) -> Result<(), StoreError>;
 
+    /// One named column of a recording's row as text (a boolean reads `true`/`false` on PostgreSQL, `1`/`0` on
+    /// SQLite); `None` when the row or the column does not exist. For columns the frontend owns, such as the
+    /// legacy table's `enable_coaching`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the database cannot be read.
+    async fn read_column(&self, id: &str, column: &str) -> Result<Option<String>, StoreError> {
+        let _ = (id, column);
+        Ok(None)
+    }
+
     /// [`Store::persist`], also writing named `columns` of the row (a pipeline's `persist` `columns`). A null
     /// value leaves its column as it was, so a missing result never erases a known one.
     ///

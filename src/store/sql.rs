@@ -506,13 +506,20 @@ impl SqlStore {
         let mut sets = Vec::new();
         for (field, arg) in values {
             let Some(column) = self.col(field) else { continue };
+            if matches!(&arg, Arg::Text(None) | Arg::Int(None)) {
+                continue;
+            }
             let placeholder = statement.arg(arg);
             sets.push(format!("{column} = COALESCE({}, {column})", self.typed(&placeholder, column)));
         }
-        self.touch(&mut sets);
         if sets.is_empty() {
-            sets.push(format!("{0} = {0}", self.status_column()));
+            // Nothing this table holds changes (a job id, say): no write, so no Realtime event either.
+            return match self.get(&new.id).await? {
+                Some(_) => Ok(()),
+                None => Err(StoreError::NotFound(new.id.clone())),
+            };
         }
+        self.touch(&mut sets);
         let filter = self.where_id(&mut statement, &new.id);
         statement.sql = format!("UPDATE {} SET {} WHERE {filter}", self.table, sets.join(", "));
         let changed = self.execute(&statement, format!("registering recording {}", new.id)).await?;
@@ -737,6 +744,24 @@ impl Store for SqlStore {
         statement.sql =
             format!("UPDATE {} SET {} WHERE {filter} AND NOT ({})", self.table, sets.join(", "), same.join(" AND "));
         self.execute(&statement, format!("writing media facts of recording {id}")).await.map(drop)
+    }
+
+    async fn read_column(&self, id: &str, column: &str) -> Result<Option<String>, StoreError> {
+        if !is_identifier(column) || self.column(column).is_none() || !self.id_fits(id) {
+            return Ok(None);
+        }
+        let mut statement = Statement::new(self.dialect);
+        let filter = self.where_id(&mut statement, id);
+        statement.sql = format!("SELECT CAST({column} AS TEXT) FROM {} WHERE {filter}", self.table);
+        let row = statement
+            .query()
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(database(format!("reading {column} of recording {id}")))?;
+        row.map(|row| row.try_get::<Option<String>, _>(0))
+            .transpose()
+            .map(Option::flatten)
+            .map_err(database(format!("decoding {column} of recording {id}")))
     }
 
     async fn persist(&self, id: &str, transcript: Option<&str>, result: &Value) -> Result<(), StoreError> {
