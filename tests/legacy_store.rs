@@ -63,10 +63,11 @@ async fn a_row_only_ever_holds_the_words_the_check_allows_and_never_goes_back() 
     let before = stamp(&legacy).await;
     assert!(store.set_status(&id, RecordingStatus::Queued, Some("queued"), None).await.unwrap());
     assert_eq!(legacy.column(&id, "status").await, json!("processing"), "queued shows as processing");
-    assert_ne!(stamp(&legacy).await, before, "updated_at changes on every write");
-
     assert!(store.set_status(&id, RecordingStatus::Processing, Some("attempt 1"), None).await.unwrap());
+    assert_eq!(stamp(&legacy).await, before, "a write that would change nothing is not made (no Realtime event)");
+
     store.set_progress(&id, 40, Some("transcript"), "chunk 2 of 5").await.unwrap();
+    assert_ne!(stamp(&legacy).await, before, "updated_at changes on every write");
     store.set_progress(&id, 30, Some("transcript"), "stale").await.unwrap();
     assert_eq!(legacy.column(&id, "processing_progress").await, json!(40), "progress never goes back");
 

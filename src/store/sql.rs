@@ -441,6 +441,13 @@ impl SqlStore {
         })
     }
 
+    /// `column = value` for each pair, plus `updated_at = now`.
+    fn assignments(&self, pairs: &[(String, String)]) -> Vec<String> {
+        let mut sets: Vec<String> = pairs.iter().map(|(column, value)| format!("{column} = {value}")).collect();
+        self.touch(&mut sets);
+        sets
+    }
+
     /// `updated_at = now` when the table has such a column.
     fn touch(&self, sets: &mut Vec<String>) {
         if let Some(column) = self.col(Field::UpdatedAt) {
@@ -503,29 +510,34 @@ impl SqlStore {
             (Field::Pipeline, Arg::Text(new.pipeline.clone())),
             (Field::JobId, Arg::Text(new.job_id.clone())),
         ];
-        let mut sets = Vec::new();
+        let mut pairs: Vec<(String, String)> = Vec::new();
         for (field, arg) in values {
             let Some(column) = self.col(field) else { continue };
             if matches!(&arg, Arg::Text(None) | Arg::Int(None)) {
                 continue;
             }
             let placeholder = statement.arg(arg);
-            sets.push(format!("{column} = COALESCE({}, {column})", self.typed(&placeholder, column)));
+            pairs.push((column.to_string(), self.typed(&placeholder, column)));
         }
-        if sets.is_empty() {
+        let exists = async || match self.get(&new.id).await? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotFound(new.id.clone())),
+        };
+        if pairs.is_empty() {
             // Nothing this table holds changes (a job id, say): no write, so no Realtime event either.
-            return match self.get(&new.id).await? {
-                Some(_) => Ok(()),
-                None => Err(StoreError::NotFound(new.id.clone())),
-            };
+            return exists().await;
         }
-        self.touch(&mut sets);
         let filter = self.where_id(&mut statement, &new.id);
-        statement.sql = format!("UPDATE {} SET {} WHERE {filter}", self.table, sets.join(", "));
+        statement.sql = format!(
+            "UPDATE {} SET {} WHERE {filter} AND {}",
+            self.table,
+            self.assignments(&pairs).join(", "),
+            changes(&pairs)
+        );
         let changed = self.execute(&statement, format!("registering recording {}", new.id)).await?;
         if changed == 0 {
-            // The frontend creates the rows of its table; a job for an unknown id has nowhere to write.
-            return Err(StoreError::NotFound(new.id.clone()));
+            // Already as given, or no such row: the frontend creates the rows of its table, never the store.
+            return exists().await;
         }
         Ok(())
     }
@@ -588,6 +600,14 @@ impl SqlStore {
     }
 }
 
+/// A guard that is true when at least one `column = value` assignment changes the row, so that a write that
+/// would change nothing is not made (no `updated_at` bump, no Realtime event).
+fn changes(pairs: &[(String, String)]) -> String {
+    let same: Vec<String> =
+        pairs.iter().map(|(column, value)| format!("{column} IS NOT DISTINCT FROM {value}")).collect();
+    format!("NOT ({})", same.join(" AND "))
+}
+
 fn quoted(states: &[&str]) -> String {
     states.iter().map(|state| format!("'{state}'")).collect::<Vec<_>>().join(", ")
 }
@@ -631,39 +651,47 @@ impl Store for SqlStore {
         let status_column = self.status_column().to_string();
         let processing = self.layout.stored(RecordingStatus::Processing);
         let now = self.now();
-        let mut sets = Vec::new();
+        let mut pairs: Vec<(String, String)> = Vec::new();
         if let Some(c) = self.col(Field::Progress) {
-            sets.push(format!(
-                "{c} = CASE WHEN {logical} = 'completed' THEN 100 \
-                           WHEN {logical} = 'processing' AND {status_column} <> '{processing}' THEN 0 \
-                           WHEN {logical} IN ('pending', 'queued') THEN 0 ELSE {c} END"
-            ));
+            let value = format!(
+                "CASE WHEN {logical} = 'completed' THEN 100 \
+                      WHEN {logical} = 'processing' AND {status_column} <> '{processing}' THEN 0 \
+                      WHEN {logical} IN ('pending', 'queued') THEN 0 ELSE {c} END"
+            );
+            pairs.push((c.to_string(), value));
         }
         if let Some(c) = self.col(Field::CompletedAt) {
-            sets.push(format!(
-                "{c} = CASE WHEN {logical} = 'completed' THEN COALESCE({c}, {now}) \
-                           WHEN {logical} = 'processing' THEN NULL ELSE {c} END"
-            ));
+            let value = format!(
+                "CASE WHEN {logical} = 'completed' THEN COALESCE({c}, {now}) \
+                      WHEN {logical} = 'processing' THEN NULL ELSE {c} END"
+            );
+            pairs.push((c.to_string(), value));
         }
-        sets.push(format!("{status_column} = {stored}"));
+        pairs.push((status_column.clone(), stored));
         if let Some(c) = self.col(Field::Message) {
             let message = statement.text(message);
-            sets.push(format!("{c} = COALESCE({message}, {c})"));
+            pairs.push((c.to_string(), format!("COALESCE({message}, {c})")));
         }
         if let Some(c) = self.col(Field::Error) {
             let error = statement.text(error.or(self.layout.implied_error(status)));
-            sets.push(format!("{c} = {error}"));
+            pairs.push((c.to_string(), error));
         }
-        self.touch(&mut sets);
+        let allowed = self.layout.allowed_from(status);
         let filter = self.where_id(&mut statement, id);
         statement.sql = format!(
-            "UPDATE {} SET {} WHERE {filter} AND {status_column} IN ({})",
+            "UPDATE {} SET {} WHERE {filter} AND {status_column} IN ({}) AND {}",
             self.table,
-            sets.join(", "),
-            quoted(&self.layout.allowed_from(status))
+            self.assignments(&pairs).join(", "),
+            quoted(&allowed),
+            changes(&pairs)
         );
         let changed = self.execute(&statement, format!("setting recording {id} to {}", status.as_str())).await?;
-        Ok(changed > 0)
+        if changed > 0 {
+            return Ok(true);
+        }
+        // Nothing written: either the move is not allowed, or the row already says exactly this.
+        let stored = self.read_column(id, &status_column).await?;
+        Ok(stored.is_some_and(|stored| allowed.contains(&stored.as_str())))
     }
 
     async fn set_progress(&self, id: &str, progress: u8, stage: Option<&str>, message: &str) -> Result<(), StoreError> {
@@ -671,32 +699,32 @@ impl Store for SqlStore {
             return Ok(());
         }
         let mut statement = Statement::new(self.dialect);
-        let mut sets = Vec::new();
+        let mut pairs: Vec<(String, String)> = Vec::new();
         let mut guard = String::new();
         if let Some(c) = self.col(Field::Progress) {
             let value = statement.arg(Arg::Int(Some(i64::from(progress.min(100)))));
-            sets.push(format!("{c} = {}", self.typed(&value, c)));
-            guard = format!(" AND COALESCE({c}, 0) <= {}", self.typed(&value, c));
+            let value = self.typed(&value, c);
+            guard = format!(" AND COALESCE({c}, 0) <= {value}");
+            pairs.push((c.to_string(), value));
         }
         if let Some(c) = self.col(Field::Stage) {
             let stage = statement.text(stage);
-            sets.push(format!("{c} = COALESCE({stage}, {c})"));
+            pairs.push((c.to_string(), format!("COALESCE({stage}, {c})")));
         }
         if let Some(c) = self.col(Field::Message) {
-            let message = statement.text(Some(message));
-            sets.push(format!("{c} = {message}"));
+            pairs.push((c.to_string(), statement.text(Some(message))));
         }
-        if sets.is_empty() {
+        if pairs.is_empty() {
             return Ok(());
         }
-        self.touch(&mut sets);
         let filter = self.where_id(&mut statement, id);
         statement.sql = format!(
-            "UPDATE {} SET {} WHERE {filter} AND {} = '{}'{guard}",
+            "UPDATE {} SET {} WHERE {filter} AND {} = '{}'{guard} AND {}",
             self.table,
-            sets.join(", "),
+            self.assignments(&pairs).join(", "),
             self.status_column(),
-            self.layout.stored(RecordingStatus::Processing)
+            self.layout.stored(RecordingStatus::Processing),
+            changes(&pairs)
         );
         self.execute(&statement, format!("writing progress of recording {id}")).await.map(drop)
     }

@@ -37,14 +37,30 @@ impl Legacy {
 
     /// Inserts a row the way the frontend does (`useFileOperations.ts:115-128`) and returns its id.
     pub async fn insert_row(&self, enable_coaching: bool) -> String {
+        self.insert_upload(
+            enable_coaching,
+            "https://p.supabase.co/storage/v1/object/public/recordings/u/1_call.mp3",
+            1234,
+        )
+        .await
+    }
+
+    /// [`Legacy::insert_row`] for an upload at `file_url` of `file_size` bytes.
+    pub async fn insert_upload(&self, enable_coaching: bool, file_url: &str, file_size: u64) -> String {
         let sql = format!(
             "INSERT INTO {} (user_id, title, description, file_url, file_type, file_size, duration, status, \
              content_type, enable_coaching) VALUES (gen_random_uuid(), 'Call', '', \
-             'https://p.supabase.co/storage/v1/object/public/recordings/u/1_call.mp3', 'audio', 1234, 61, \
-             'processing', 'audio/mpeg', $1) RETURNING CAST(id AS TEXT)",
+             $2, 'audio', $3, 61, 'processing', 'audio/mpeg', $1) RETURNING CAST(id AS TEXT)",
             self.table
         );
-        sqlx::query(&sql).bind(enable_coaching).fetch_one(&self.pool).await.unwrap().get(0)
+        sqlx::query(&sql)
+            .bind(enable_coaching)
+            .bind(file_url)
+            .bind(i64::try_from(file_size).unwrap())
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+            .get(0)
     }
 
     pub async fn column(&self, id: &str, expression: &str) -> Value {

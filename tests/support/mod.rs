@@ -7,6 +7,7 @@ pub mod fake_ai;
 pub mod legacy;
 pub mod media;
 pub mod raw_http;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::path::Path;
