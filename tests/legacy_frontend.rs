@@ -327,11 +327,19 @@ async fn process_audio_refuses_bad_bodies_by_field_and_answers_the_connectivity_
     assert_eq!((again.status, again.body["status"].as_str()), (200, Some("already_processing")));
     assert_eq!(again.body["jobId"], first.body["jobId"]);
 
+    // The old streaming route is process-recording under another name.
+    let streaming =
+        app.post_json("/api/process-streaming", &json!({ "recordingId": "r-stream", "fileUrl": "a.mp3" })).await;
+    assert_eq!(streaming.status, 202, "{}", streaming.text);
+    assert_eq!(streaming.body["recordingId"], json!("r-stream"));
+    let refused = app.post_json("/api/process-streaming", &json!({ "fileUrl": "a.mp3" })).await;
+    assert_eq!((refused.status, refused.body["success"].clone()), (400, json!(false)), "{}", refused.text);
+
     // Real figures where the old worker answered zeros.
     let stats = app.get("/api/system/stats").await;
     assert_eq!(stats.status, 200, "{}", stats.text);
-    assert_eq!(stats.body["queue"]["counts"]["waiting"], json!(1), "{}", stats.text);
-    assert_eq!(stats.body["queue"]["total"], json!(1));
+    assert_eq!(stats.body["queue"]["counts"]["waiting"], json!(2), "{}", stats.text);
+    assert_eq!(stats.body["queue"]["total"], json!(2));
     assert!(stats.body["memory"]["rssBytes"].as_u64().is_some_and(|bytes| bytes > 1 << 20), "{}", stats.text);
     assert!(stats.body["uptime"].as_f64().is_some_and(|s| s > 0.0));
     assert_eq!(stats.body["environment"]["databaseProfile"], json!("echo"));

@@ -7,6 +7,7 @@
 //!   key (the frontend counts any reply carrying `error` as a failure). The row's `enable_coaching` becomes
 //!   `params.enable_coaching`, so the `soundscribe` pipeline coaches only when the row asks for it.
 //!   `test_mode: true` (the connectivity check) queues nothing.
+//! - `POST /api/process-streaming` is `process-recording` under the old worker's other name.
 //! - `GET /api/system/stats`: real figures (queue counts, workers, memory, uptime) where the old worker
 //!   answered hard-coded zeros.
 
@@ -80,7 +81,7 @@ pub struct ProcessAudioReply {
 }
 
 pub(super) fn routes() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::new().routes(routes!(process_audio)).routes(routes!(system_stats))
+    OpenApiRouter::new().routes(routes!(process_audio)).routes(routes!(process_streaming)).routes(routes!(system_stats))
 }
 
 /// Whether a column value read as text says true; an absent value takes the column's default (true).
@@ -166,6 +167,28 @@ async fn process_audio(
     };
     let reply = reply(Some(submitted.job_id), Some(submitted.pipeline), status, message.to_string());
     Ok(axum::Json(reply).into_response())
+}
+
+/// The old worker's streaming route, now the same as `process-recording`: every job streams its file to disk
+/// and transcribes it in chunks.
+#[utoipa::path(
+    post,
+    path = "/api/process-streaming",
+    tag = "legacy",
+    request_body = super::process::ProcessRecording,
+    responses(
+        (status = 202, description = "A new job", body = super::process::ProcessReply),
+        (status = 200, description = "The recording already has a live job: that job", body = super::process::ProcessReply),
+        (status = 400, description = "Bad body, or a source the download rules refuse", body = super::error::ErrorBody),
+        (status = 404, description = "Unknown pipeline or recording", body = super::error::ErrorBody),
+    )
+)]
+async fn process_streaming(
+    state: State<ApiState>,
+    caller: Caller,
+    body: ApiJson<super::process::ProcessRecording>,
+) -> Result<Response, ApiError> {
+    super::process::process_recording(state, caller, body).await
 }
 
 /// The process's memory from `/proc/self/status`, in bytes: (resident now, peak resident).
