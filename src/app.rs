@@ -17,13 +17,14 @@ use crate::stage::builtin::{
 };
 use crate::store::{SqlStore, Store};
 
-/// Connects to `DATABASE_URL` and creates the recordings table when missing.
+/// Connects to `DATABASE_URL` with the configured layout, creating the recordings table when the layout owns it.
 ///
 /// # Errors
 /// When the URL is unusable or the database cannot be reached.
 pub async fn store(settings: &Settings) -> anyhow::Result<Arc<SqlStore>> {
     let url = &settings.database.url;
-    let store = SqlStore::connect(url.expose(), &settings.database.table)
+    let layout = settings.database.layout().context("reading database.profile and database.columns")?;
+    let store = SqlStore::connect_with(url.expose(), &settings.database.table, layout)
         .await
         .with_context(|| format!("opening the store at {}", url.redacted()))?;
     Ok(Arc::new(store))

@@ -88,6 +88,9 @@ pub struct Settings {
     /// Calls to a job's `callbackUrl` when it ends.
     #[serde(default)]
     pub callback: crate::callback::CallbackSettings,
+    /// The old Node worker's routes (`/api/process-audio`).
+    #[serde(default)]
+    pub legacy: LegacySettings,
     /// Adjustments made while loading, to be logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -160,6 +163,24 @@ pub struct DatabaseSettings {
     pub url: SecretUrl,
     /// The recordings table (`schema.table` on PostgreSQL).
     pub table: String,
+    /// `echo` (the store's own table, created at start) or `supabase-legacy` (the live frontend's
+    /// `recordings` table: never created or altered; see README "Replacing the Node worker").
+    #[serde(default)]
+    pub profile: crate::store::Profile,
+    /// Field → column overrides laid over the profile's mapping (`""` leaves a field out), e.g.
+    /// `ECHO_DATABASE__COLUMNS__PROGRESS=pct`.
+    #[serde(default)]
+    pub columns: indexmap::IndexMap<String, String>,
+}
+
+impl DatabaseSettings {
+    /// The store layout these settings describe.
+    ///
+    /// # Errors
+    /// A message naming an unknown field or a bad column name.
+    pub fn layout(&self) -> Result<crate::store::Layout, crate::store::layout::LayoutError> {
+        crate::store::Layout::with_overrides(self.profile, &self.columns)
+    }
 }
 
 /// AI providers.
@@ -170,6 +191,31 @@ pub struct AiSettings {
     /// Named providers, e.g. `[ai.providers.local]` or `ECHO_AI__PROVIDERS__LOCAL__ENDPOINT`.
     #[serde(default)]
     pub providers: indexmap::IndexMap<String, crate::ai::ProviderSettings>,
+}
+
+/// The old Node worker's routes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LegacySettings {
+    /// The pipeline `POST /api/process-audio` runs (default: `soundscribe` with `database.profile =
+    /// "supabase-legacy"`, else `default`).
+    pub pipeline: Option<String>,
+    /// Let `POST /api/process-audio` through without a token even when auth is configured, as the old worker
+    /// did: the live frontend sends none. Such a call can only start the processing of a row that already
+    /// exists, from the `file_url` stored in that row (never one from the body); every other route still needs
+    /// a token. Off by default; `render.yaml` turns it on for the frontend.
+    #[serde(default)]
+    pub open_process_audio: bool,
+}
+
+impl LegacySettings {
+    /// The pipeline `/api/process-audio` runs under `profile`.
+    pub fn pipeline(&self, profile: crate::store::Profile) -> &str {
+        match (&self.pipeline, profile) {
+            (Some(name), _) => name,
+            (None, crate::store::Profile::SupabaseLegacy) => "soundscribe",
+            (None, crate::store::Profile::Echo) => "default",
+        }
+    }
 }
 
 /// Rules for fetching sources.
@@ -331,7 +377,7 @@ impl QueueConfig {
 /// Input limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LimitSettings {
-    /// `MAX_FILE_SIZE_MB`: largest accepted upload, in megabytes.
+    /// `MAX_FILE_SIZE_MB`: largest accepted upload, in mebibytes (MiB, as the old worker counted).
     pub max_file_size_mb: u64,
     /// Largest body read from an `http` plugin's server or an AI provider's reply; a larger one fails the stage.
     pub max_response_size: crate::units::ByteSize,
@@ -388,11 +434,17 @@ impl Default for Settings {
                 max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
                 max_duration: DEFAULT_MAX_DURATION,
             },
-            database: DatabaseSettings { url: SecretUrl::new("sqlite://echo.db"), table: "recordings".into() },
+            database: DatabaseSettings {
+                url: SecretUrl::new("sqlite://echo.db"),
+                table: "recordings".into(),
+                profile: crate::store::Profile::Echo,
+                columns: indexmap::IndexMap::new(),
+            },
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             ai: AiSettings::default(),
             auth: crate::auth::AuthSettings::default(),
             callback: crate::callback::CallbackSettings::default(),
+            legacy: LegacySettings::default(),
             warnings: Vec::new(),
         }
     }
@@ -432,7 +484,7 @@ impl Settings {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key and its source.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let mut settings: Self = figment.extract().map_err(describe)?;
+        let mut settings: Self = with_azure_seed(figment).extract().map_err(describe)?;
         for endpoint in [&mut settings.azure_openai.endpoint, &mut settings.azure_openai.whisper_endpoint] {
             if let Some(url) = endpoint
                 && let Some((origin, whole)) = origin_of(url)
@@ -525,15 +577,45 @@ impl Settings {
         }
     }
 
-    /// The largest accepted source.
+    /// The largest accepted source: `MAX_FILE_SIZE_MB` counts mebibytes (× 1024 × 1024), as the old worker's
+    /// `fileHandler.js` did, so every upload it accepted is accepted here too.
     pub fn max_file_size(&self) -> crate::units::ByteSize {
-        crate::units::ByteSize(self.limits.max_file_size_mb.saturating_mul(1_000_000))
+        crate::units::ByteSize(self.limits.max_file_size_mb.saturating_mul(1024 * 1024))
     }
 
     /// The settings as TOML, with every secret redacted.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|error| format!("# settings could not be printed: {error}\n"))
     }
+}
+
+/// Lays whatever is set under `ai.providers.azure` over the provider built from the seed's `AZURE_OPENAI_*`
+/// variables, so that `ECHO_AI__PROVIDERS__AZURE__TRANSCRIPTION_RPM=50` alone raises the seed's limit of 3 Whisper
+/// requests a minute instead of failing for want of the other fields. Without the seed's endpoint and key the
+/// figment is returned as it is.
+fn with_azure_seed(figment: Figment) -> Figment {
+    // A bad value in `azure_openai` is reported by the extraction that follows, with its source.
+    let Ok(azure) = figment.extract_inner::<AzureOpenAiSettings>("azure_openai") else { return figment };
+    let (Some(endpoint), Some(key)) = (&azure.endpoint, &azure.api_key) else { return figment };
+    let origin = |url: &String| origin_of(url).map_or_else(|| url.clone(), |(origin, _)| origin);
+    let mut seed = serde_json::json!({
+        "style": "azure",
+        "endpoint": origin(endpoint),
+        "api_key": key.expose(),
+        "api_version": azure.api_version,
+        "transcription_model": azure.whisper_deployment,
+        "chat_model": azure.chat_deployment,
+        // Azure's default Whisper quota is 3 requests a minute.
+        "transcription_rpm": 3,
+    });
+    if let Some(url) = &azure.whisper_endpoint {
+        seed["transcription_endpoint"] = origin(url).into();
+    }
+    if let Some(key) = &azure.whisper_api_key {
+        seed["transcription_api_key"] = key.expose().into();
+    }
+    // `join`: values already in the figment (the operator's) win, field by field.
+    figment.join(Serialized::default("ai.providers.azure", seed))
 }
 
 /// One line per figment error: the setting, what is wrong, and the variable or file it came from.

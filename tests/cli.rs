@@ -32,7 +32,7 @@ fn run(command: &mut Command) -> (i32, String, String) {
 fn validate_lists_every_shipped_pipeline_in_stage_order() {
     let (code, stdout, stderr) = run(&mut echo_worker(&["validate"]));
     assert_eq!(code, 0, "{stderr}");
-    for name in ["audio-qa", "default", "meeting", "podcast", "transcribe-only"] {
+    for name in ["audio-qa", "default", "meeting", "podcast", "soundscribe", "transcribe-only"] {
         assert!(stdout.contains(&format!("{name} (pipelines/{name}.toml)")), "{name} listed in:\n{stdout}");
     }
     let default = stdout.split("default (").nth(1).unwrap();
@@ -89,7 +89,7 @@ fn validate_json_is_machine_readable() {
     assert_eq!(code, 0);
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["valid"], true);
-    assert_eq!(report["pipelines"].as_array().unwrap().len(), 5);
+    assert_eq!(report["pipelines"].as_array().unwrap().len(), 6);
     assert_eq!(report["pipelines"][1]["stages"][3]["uses"], "whisper");
 }
 
@@ -503,7 +503,7 @@ fn an_empty_folder_runs_on_the_embedded_defaults() {
     let temp = tempfile::tempdir().unwrap();
     let (code, stdout, stderr) = run(echo_worker(&["validate"]).current_dir(cwd.path()).env("TEMP_DIR", temp.path()));
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("5 pipelines and 7 plugins are valid"), "{stdout}");
+    assert!(stdout.contains("6 pipelines and 8 plugins are valid"), "{stdout}");
     let file = tone(cwd.path());
     let (code, stdout, stderr) = run(echo_worker(&["process", file.to_str().unwrap(), "--pipeline", "audio-qa"])
         .args(["--format", "json"])
@@ -524,13 +524,13 @@ fn an_unrelated_plugins_folder_does_not_turn_off_the_embedded_pipelines() {
     std::fs::write(cwd.path().join("plugins/README.txt"), "my editor's plugins\n").unwrap();
     let (code, stdout, stderr) = run(echo_worker(&["validate"]).current_dir(cwd.path()).env("TEMP_DIR", temp.path()));
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("5 pipelines and 7 plugins are valid"), "{stdout}");
+    assert!(stdout.contains("6 pipelines and 8 plugins are valid"), "{stdout}");
     // A folder of real pipelines is used as it is, with the embedded plugins next to it.
     std::fs::create_dir(cwd.path().join("pipelines")).unwrap();
     std::fs::copy("pipelines/audio-qa.toml", cwd.path().join("pipelines/audio-qa.toml")).unwrap();
     let (code, stdout, stderr) = run(echo_worker(&["validate"]).current_dir(cwd.path()).env("TEMP_DIR", temp.path()));
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("1 pipelines and 7 plugins are valid"), "{stdout}");
+    assert!(stdout.contains("1 pipelines and 8 plugins are valid"), "{stdout}");
 }
 
 /// The old, predictable place of the unpacked defaults, as another local user could prepare it.
@@ -563,7 +563,7 @@ fn defaults_do_not_trust_files_planted_in_the_old_shared_path() {
     }
     let (code, stdout, stderr) = run(echo_worker(&["validate"]).current_dir(cwd.path()).env("TEMP_DIR", temp.path()));
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("5 pipelines and 7 plugins are valid"), "only the embedded files: {stdout}");
+    assert!(stdout.contains("6 pipelines and 8 plugins are valid"), "only the embedded files: {stdout}");
     assert!(!stdout.contains("planted"), "{stdout}");
 }
 

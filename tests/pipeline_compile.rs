@@ -109,7 +109,7 @@ fn one_file_with_three_mistakes_reports_all_three() {
 #[test]
 fn shipped_pipelines_compile_with_defaults_filled_in() {
     let catalog = echo_worker::catalog::Catalog::load(Path::new("pipelines"), Path::new("plugins")).unwrap();
-    for name in ["default", "meeting", "podcast", "transcribe-only", "audio-qa"] {
+    for name in ["default", "meeting", "podcast", "soundscribe", "transcribe-only", "audio-qa"] {
         assert!(catalog.pipelines.contains_key(name), "pipelines/{name}.toml ships");
     }
     let meeting = &catalog.pipelines["meeting"];

@@ -34,6 +34,7 @@ pub mod time;
 mod direct;
 mod health;
 mod jobs;
+mod legacy;
 mod openapi;
 mod process;
 mod queue;
@@ -208,6 +209,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .merge(transcript::routes())
         .merge(direct::routes())
         .merge(openapi::routes())
+        .merge(legacy::routes())
 }
 
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.

@@ -151,7 +151,7 @@ async fn live_state(state: &ApiState, submitted: &Submitted) -> String {
         (status = 415, description = "Not JSON", body = ErrorBody),
     )
 )]
-async fn process_recording(
+pub(super) async fn process_recording(
     State(state): State<ApiState>,
     caller: Caller,
     ApiJson(body): ApiJson<ProcessRecording>,

@@ -5,13 +5,18 @@
 //! Status rules, enforced in SQL so that no writer can break them: a completed recording never goes back to
 //! `processing`, failed or cancelled; progress is only written while `processing`; and writing the same
 //! result twice leaves the row as it was.
+//!
+//! Where each field lives is a [`Layout`]: the store's own table (`echo`), or the live frontend's Supabase
+//! `recordings` table (`supabase-legacy`), which the store reads and updates but never creates or alters.
 
+pub mod layout;
 pub mod sink;
 pub mod sql;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use layout::{Layout, Profile};
 pub use sink::StoreSink;
 pub use sql::SqlStore;
 
@@ -185,4 +190,34 @@ pub trait Store: Send + Sync {
     /// Writes the results and marks the recording completed. Writing the same results again changes nothing,
     /// not even `updated_at`.
     async fn persist(&self, id: &str, transcript: Option<&str>, result: &Value) -> Result<(), StoreError>;
+
+    /// One named column of a recording's row as text (a boolean reads `true`/`false` on PostgreSQL, `1`/`0` on
+    /// SQLite); `None` when the row or the column does not exist. For columns the frontend owns, such as the
+    /// legacy table's `enable_coaching`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the database cannot be read.
+    async fn read_column(&self, id: &str, column: &str) -> Result<Option<String>, StoreError> {
+        let _ = (id, column);
+        Ok(None)
+    }
+
+    /// [`Store::persist`], also writing named `columns` of the row (a pipeline's `persist` `columns`). A null
+    /// value leaves its column as it was, so a missing result never erases a known one.
+    ///
+    /// # Errors
+    /// [`StoreError::Refused`] naming a column the table lacks, one the store keeps itself, or a value the
+    /// column's type cannot take; the default implementation refuses any column.
+    async fn persist_columns(
+        &self,
+        id: &str,
+        transcript: Option<&str>,
+        result: &Value,
+        columns: &indexmap::IndexMap<String, Value>,
+    ) -> Result<(), StoreError> {
+        if let Some(name) = columns.iter().find(|(_, value)| !value.is_null()).map(|(name, _)| name) {
+            return Err(StoreError::Refused(format!("this store cannot write named columns (`{name}`)")));
+        }
+        self.persist(id, transcript, result).await
+    }
 }

@@ -4,10 +4,12 @@
 
 pub mod app;
 pub mod fake_ai;
-pub mod jwt;
 pub mod hook;
+pub mod jwt;
+pub mod legacy;
 pub mod media;
 pub mod raw_http;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,6 +1,8 @@
 //! `persist`: writes the mapped `fields` into the recording's `result`, the mapped `transcript` into its
-//! column, and marks the recording completed. Running it twice with the same values leaves the row exactly as
-//! it was, so a retried or recovered job can always run it again.
+//! column, the mapped `columns` into named columns of the row (the live frontend's `summary`,
+//! `coaching_evaluation`, …), and marks the recording completed. A null column value leaves the column as it
+//! was. Running it twice with the same values leaves the row exactly as it was, so a retried or recovered job
+//! can always run it again.
 
 use std::sync::Arc;
 
@@ -23,6 +25,11 @@ pub struct PersistParams {
     pub fields: IndexMap<String, serde_json::Value>,
     /// The transcript text to store in the `transcript` column.
     pub transcript: Option<String>,
+    /// Named columns of the recording's row to write, each value converted to the column's type (text, integer,
+    /// number, boolean, JSON, array); a null value leaves its column unchanged. The store refuses a column the
+    /// table lacks or one it keeps itself (status, progress, error, owner, times).
+    #[serde(default)]
+    pub columns: IndexMap<String, serde_json::Value>,
 }
 
 /// The `persist` stage.
@@ -66,12 +73,16 @@ impl Stage for PersistStage {
             let duration = facts.get("duration").and_then(Value::as_f64);
             self.store.set_media(id, mime, size, duration).await.map_err(classify)?;
         }
-        self.store.persist(id, params.transcript.as_deref(), &result).await.map_err(classify)?;
+        self.store
+            .persist_columns(id, params.transcript.as_deref(), &result, &params.columns)
+            .await
+            .map_err(classify)?;
         ctx.progress.report(1.0, "results stored");
         Ok(StageOutput::from(json!({
             "recording_id": id,
             "fields": params.fields.keys().collect::<Vec<_>>(),
             "transcript": params.transcript.is_some(),
+            "columns": params.columns.iter().filter(|(_, value)| !value.is_null()).map(|(name, _)| name).collect::<Vec<_>>(),
         })))
     }
 }
