@@ -30,8 +30,11 @@ pub mod extract;
 pub mod layers;
 pub mod time;
 
+mod events;
 mod health;
+mod metrics;
 mod openapi;
+mod pipelines;
 
 use caller::Callers;
 use error::ApiError;
@@ -188,7 +191,12 @@ struct ApiDoc;
 
 /// Every route with its documentation. Each route file adds one `.merge` line.
 fn routes() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(health::routes()).merge(openapi::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::routes())
+        .merge(openapi::routes())
+        .merge(events::routes())
+        .merge(pipelines::routes())
+        .merge(metrics::routes())
 }
 
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.
