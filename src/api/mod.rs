@@ -215,6 +215,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     document
 }
 
+/// Where the OpenAPI document is checked in (relative to the repository), beside the file-format schemas.
+pub const OPENAPI_FILE: &str = "openapi.json";
+
+/// The OpenAPI document as checked in as `schema/openapi.json`: pretty JSON and a final newline.
+pub fn openapi_text() -> String {
+    let value = serde_json::to_value(openapi()).unwrap_or_default();
+    let mut text = serde_json::to_string_pretty(&value).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
 async fn no_route(method: Method, uri: Uri) -> ApiError {
     let path: String = uri.path().chars().filter(|c| !c.is_control()).take(200).collect();
     ApiError::not_found("route_not_found", format!("no route {method} {path}"))

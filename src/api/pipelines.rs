@@ -74,7 +74,7 @@ pub struct PipelineList {
 /// A stage's retry policy, defaults filled in.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct RetryView {
+pub struct StageRetry {
     /// Attempts in all, including the first.
     pub max_attempts: u32,
     /// Wait before the first retry (`2s`).
@@ -88,7 +88,7 @@ pub struct RetryView {
 /// One stage, every default filled in.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct StageView {
+pub struct PipelineStage {
     /// The stage id.
     pub id: String,
     /// What `uses` names.
@@ -118,7 +118,7 @@ pub struct StageView {
     /// Time allowed for one attempt (`30m`).
     pub timeout: String,
     /// How failed attempts are retried.
-    pub retry: RetryView,
+    pub retry: StageRetry,
     /// Share of the job's progress bar.
     pub weight: u32,
     /// `fail` or `continue`.
@@ -135,7 +135,7 @@ pub struct PipelineView {
     /// The file name.
     pub file: String,
     /// The stages, in the order they can run.
-    pub stages: Vec<StageView>,
+    pub stages: Vec<PipelineStage>,
     /// The DAG as a Mermaid flowchart.
     pub mermaid: String,
 }
@@ -236,6 +236,7 @@ impl FileKind {
 #[into_params(parameter_in = Query)]
 pub struct ValidateQuery {
     /// `pipeline` or `plugin`; by default a file with a top-level `kind` and no `stages` is a plugin.
+    #[param(inline)]
     pub kind: Option<FileKind>,
     /// The file name without `.toml` (the `name` in the file must equal it); by default the file's own `name`.
     pub name: Option<String>,
@@ -260,12 +261,12 @@ fn kind_of(kind: &StageKind) -> &'static str {
     }
 }
 
-fn stage_view(catalog: &Catalog, stage: &StageSpec) -> StageView {
+fn stage_view(catalog: &Catalog, stage: &StageSpec) -> PipelineStage {
     let plugin = match &stage.uses {
         StageKind::Plugin(name) => catalog.plugins.get(name),
         _ => None,
     };
-    StageView {
+    PipelineStage {
         id: stage.id.clone(),
         uses: stage.uses.name().to_string(),
         kind: kind_of(&stage.uses).to_string(),
@@ -278,7 +279,7 @@ fn stage_view(catalog: &Catalog, stage: &StageSpec) -> StageView {
         for_each: stage.for_each.clone(),
         max_parallel: stage.max_parallel,
         timeout: HumanDuration(stage.timeout).to_string(),
-        retry: RetryView {
+        retry: StageRetry {
             max_attempts: stage.retry.max_attempts,
             initial_interval: HumanDuration(stage.retry.initial_interval).to_string(),
             backoff_coefficient: stage.retry.backoff_coefficient,
