@@ -60,6 +60,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Resume after this event id (as `Last-Event-ID` does; the header wins when both are given).
+    #[param(pattern = r"^[0-9]{1,19}(-[0-9]{1,19})?$")]
     pub last_event_id: Option<String>,
 }
 
@@ -168,8 +169,10 @@ impl JobEvent {
     path = "/api/job/{id}/events",
     tag = "jobs",
     params(
-        ("id" = String, Path, description = "The job id (a UUID)"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (`<ms>-<seq>`)"),
+        ("id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+            description = "The job id (a UUID)"),
+        ("Last-Event-ID" = Option<String>, Header, pattern = r"^[0-9]{1,19}(-[0-9]{1,19})?$",
+            description = "Resume after this event id (`<ms>-<seq>`)"),
         EventsQuery,
     ),
     responses(
@@ -198,9 +201,9 @@ async fn job_events(
     };
     let (resume, from) = match (header.filter(|id| !id.is_empty()), query.last_event_id) {
         (Some(id), _) => (Some(event_id(&id, "the Last-Event-ID header")?), true),
-        (None, Some(id)) => (Some(event_id(&id, "the lastEventId query parameter")?), true),
+        (None, Some(id)) if !id.is_empty() => (Some(event_id(&id, "the lastEventId query parameter")?), true),
         // Every event of the job comes after it was created (both times are the queue's clock).
-        (None, None) => (Some(job.created_at.saturating_sub(1).to_string()), false),
+        (None, _) => (Some(job.created_at.saturating_sub(1).to_string()), false),
     };
     let mut follow = Follow::new(state.queue.clone(), job.id.clone(), resume);
     if from && job.state.is_final() {

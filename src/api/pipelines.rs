@@ -239,6 +239,7 @@ pub struct ValidateQuery {
     #[param(inline)]
     pub kind: Option<FileKind>,
     /// The file name without `.toml` (the `name` in the file must equal it); by default the file's own `name`.
+    #[param(pattern = "^[a-z][a-z0-9_-]{0,63}$")]
     pub name: Option<String>,
 }
 
@@ -391,8 +392,10 @@ fn is_toml(content_type: &str) -> bool {
     path = "/api/pipelines/validate",
     tag = "pipelines",
     params(ValidateQuery),
-    request_body(content = String, content_type = "application/toml",
-        description = "The whole file, as it would be saved (`text/plain` is accepted too)"),
+    request_body(
+        description = "The whole file, as it would be saved",
+        content((String = "application/toml"), (String = "text/plain")),
+    ),
     responses(
         (status = 200, description = "The file is valid", body = Validated),
         (status = 400, description = "The body is not UTF-8 text, or a query parameter is bad", body = ErrorBody),
