@@ -31,7 +31,29 @@ async fn an_unknown_route_is_a_json_404_and_the_openapi_document_is_served() {
     let reply = app.get("/openapi.json").await;
     assert_eq!(reply.status, 200);
     assert!(reply.body["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{}", reply.text);
-    assert!(reply.body["paths"]["/health"].is_object());
+    for (path, method) in [
+        ("/health", "get"),
+        ("/openapi.json", "get"),
+        ("/api/process-recording", "post"),
+        ("/api/batch-process", "post"),
+        ("/api/recording/{id}/status", "get"),
+        ("/api/job/{id}/status", "get"),
+        ("/api/job/{id}/cancel", "post"),
+        ("/api/job/{id}/retry", "post"),
+        ("/api/job/{id}/logs", "get"),
+        ("/api/jobs", "get"),
+        ("/api/queue/stats", "get"),
+        ("/api/queue/clean", "post"),
+        ("/api/queue/pause", "post"),
+        ("/api/queue/resume", "post"),
+        ("/api/queue/retry-failed", "post"),
+    ] {
+        assert!(reply.body["paths"][path][method].is_object(), "{method} {path} is documented");
+    }
+    for schema in ["ErrorBody", "ProcessRecording", "ProcessReply", "BatchProcess", "JobStatusReply", "Health"] {
+        assert!(reply.body["components"]["schemas"][schema].is_object(), "{schema} is documented");
+    }
+    assert_eq!(reply.body["info"]["version"], env!("CARGO_PKG_VERSION"));
     app.stop().await;
 }
 
@@ -723,4 +745,66 @@ async fn a_recording_posted_to_the_api_is_transcribed_and_analysed_to_completed(
     assert!(recording.body["result"]["ai_insights"].is_object(), "{}", recording.text);
     assert!(!fake.seen(Kind::Transcription).is_empty() && !fake.seen(Kind::Chat).is_empty());
     app.stop().await;
+}
+
+/// The binary: `echo-worker api` refuses to start without `REDIS_URL` (jobs it queued would reach no worker);
+/// `echo-worker serve` answers HTTP on `PORT` with no configuration beyond a database file, and stops cleanly on
+/// SIGTERM.
+#[tokio::test]
+async fn echo_worker_api_needs_redis_and_serve_answers_http_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = env!("CARGO_BIN_EXE_echo-worker");
+    let base = |command: &mut std::process::Command| {
+        command
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", format!("sqlite://{}", dir.path().join("echo.db").display()))
+            .env("TEMP_DIR", dir.path())
+            .env("LOG_LEVEL", "info");
+    };
+    let mut api = std::process::Command::new(binary);
+    base(&mut api);
+    let output = tokio::task::spawn_blocking(move || api.arg("api").output().unwrap()).await.unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no REDIS_URL") && stderr.contains("echo-worker serve"), "{stderr}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut serve = std::process::Command::new(binary);
+    base(&mut serve);
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let mut child = serve
+        .arg("serve")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut healthy = None;
+    for _ in 0..300 {
+        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/health")).send().await {
+            healthy = Some(response.status().as_u16());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut status = None;
+    for _ in 0..300 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert_eq!(healthy, Some(200), "serve did not answer on port {port}: {log}");
+    assert!(status.is_some_and(|status| status.success()), "serve exits 0 within 30 s of SIGTERM: {status:?}\n{log}");
+    assert!(log.contains("in-process queue"), "serve says the queue is in-process: {log}");
+    assert!(log.contains("127.0.0.1 only"), "serve says it listens on loopback only without auth: {log}");
 }
