@@ -46,9 +46,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Mermaid)]
         format: GraphFormat,
     },
-    /// Write the JSON Schemas of pipeline and plugin files (for editor completion through `#:schema`).
+    /// Write the JSON Schemas of pipeline and plugin files (for editor completion through `#:schema`) and the
+    /// API's OpenAPI document (`openapi.json`).
     Schema {
-        /// Folder to write pipeline.schema.json and plugin.schema.json into.
+        /// Folder to write pipeline.schema.json, plugin.schema.json and openapi.json into.
         #[arg(long, value_name = "DIR", default_value = "schema")]
         out: PathBuf,
     },
@@ -246,6 +247,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             {
                 terminal::println(format_args!("wrote {}", path.display()))?;
             }
+            let path = out.join(echo_worker::api::OPENAPI_FILE);
+            std::fs::write(&path, echo_worker::api::openapi_text())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            terminal::println(format_args!("wrote {}", path.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Config => {

@@ -32,10 +32,13 @@ pub mod layers;
 pub mod time;
 
 mod direct;
+mod events;
 mod health;
 mod jobs;
 mod legacy;
+mod metrics;
 mod openapi;
+mod pipelines;
 mod process;
 mod queue;
 mod recordings;
@@ -208,6 +211,9 @@ fn routes() -> OpenApiRouter<ApiState> {
         .merge(queue::routes())
         .merge(transcript::routes())
         .merge(direct::routes())
+        .merge(events::routes())
+        .merge(pipelines::routes())
+        .merge(metrics::routes())
         .merge(openapi::routes())
         .merge(legacy::routes())
 }
@@ -217,6 +223,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut document) = routes().split_for_parts();
     document.info.version = env!("CARGO_PKG_VERSION").to_string();
     document
+}
+
+/// Where the OpenAPI document is checked in (relative to the repository), beside the file-format schemas.
+pub const OPENAPI_FILE: &str = "openapi.json";
+
+/// The OpenAPI document as checked in as `schema/openapi.json`: pretty JSON and a final newline.
+pub fn openapi_text() -> String {
+    let value = serde_json::to_value(openapi()).unwrap_or_default();
+    let mut text = serde_json::to_string_pretty(&value).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
