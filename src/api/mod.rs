@@ -30,8 +30,10 @@ pub mod extract;
 pub mod layers;
 pub mod time;
 
+mod dashboard;
 mod health;
 mod openapi;
+mod session;
 
 use caller::Callers;
 use error::ApiError;
@@ -188,7 +190,11 @@ struct ApiDoc;
 
 /// Every route with its documentation. Each route file adds one `.merge` line.
 fn routes() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(health::routes()).merge(openapi::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::routes())
+        .merge(openapi::routes())
+        .merge(dashboard::routes())
+        .merge(session::routes())
 }
 
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.
