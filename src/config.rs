@@ -19,7 +19,7 @@ pub use crate::secret::{Secret, SecretUrl, redact_url, redacted_url, redacted_ur
 pub const DEFAULT_CONFIG_FILE: &str = "echo.toml";
 
 /// Environment names of the old deployment and the setting each one sets.
-const LEGACY_ENV: [(&str, &str); 19] = [
+const LEGACY_ENV: [(&str, &str); 20] = [
     ("DATABASE_URL", "database.url"),
     ("PORT", "server.port"),
     ("ALLOWED_ORIGINS", "server.allowed_origins"),
@@ -28,6 +28,7 @@ const LEGACY_ENV: [(&str, &str); 19] = [
     ("REDIS_URL", "redis.url"),
     ("SUPABASE_URL", "supabase.url"),
     ("SUPABASE_SERVICE_ROLE_KEY", "supabase.service_role_key"),
+    ("SUPABASE_JWT_SECRET", "supabase.jwt_secret"),
     ("AZURE_OPENAI_ENDPOINT", "azure_openai.endpoint"),
     ("AZURE_OPENAI_API_KEY", "azure_openai.api_key"),
     ("AZURE_OPENAI_API_VERSION", "azure_openai.api_version"),
@@ -81,6 +82,9 @@ pub struct Settings {
     pub download: DownloadSettings,
     /// AI providers beyond the seed's Azure variables.
     pub ai: AiSettings,
+    /// Who may call the API: service tokens (Supabase user tokens are checked with `supabase.*`).
+    #[serde(default)]
+    pub auth: crate::auth::AuthSettings,
     /// Adjustments made while loading, to be logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -185,6 +189,13 @@ pub struct SupabaseSettings {
     pub url: Option<String>,
     /// `SUPABASE_SERVICE_ROLE_KEY`.
     pub service_role_key: Option<Secret>,
+    /// `SUPABASE_JWT_SECRET`: the project's JWT secret; with it the API accepts users' HS256 access tokens.
+    #[serde(default)]
+    pub jwt_secret: Option<Secret>,
+    /// Where the project publishes its asymmetric signing keys (default: `<url>/auth/v1/.well-known/jwks.json`
+    /// when `url` is set); with it the API accepts users' RS256 / ES256 access tokens.
+    #[serde(default, serialize_with = "redacted_url")]
+    pub jwks_url: Option<String>,
 }
 
 /// Azure OpenAI, as the old deployment configured it.
@@ -358,6 +369,7 @@ impl Default for Settings {
             database: DatabaseSettings { url: SecretUrl::new("sqlite://echo.db"), table: "recordings".into() },
             download: DownloadSettings { allow_private: Vec::new(), max_redirects: 5 },
             ai: AiSettings::default(),
+            auth: crate::auth::AuthSettings::default(),
             warnings: Vec::new(),
         }
     }
@@ -469,6 +481,27 @@ impl Settings {
         (providers, default)
     }
 
+    /// Who may call the API: the service tokens of `auth`, and Supabase user tokens checked with
+    /// `SUPABASE_JWT_SECRET` and with the key set at `supabase.jwks_url` (derived from `SUPABASE_URL` unless
+    /// set).
+    pub fn auth(&self) -> crate::auth::AuthConfig {
+        let derived = self
+            .supabase
+            .url
+            .as_deref()
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| format!("{}/auth/v1/.well-known/jwks.json", url.trim_end_matches('/')));
+        let explicit = self.supabase.jwks_url.as_deref().map(str::trim).filter(|url| !url.is_empty());
+        crate::auth::AuthConfig {
+            tokens: self.auth.tokens.clone(),
+            read_only_tokens: self.auth.read_only_tokens.clone(),
+            jwt_secret: self.supabase.jwt_secret.clone().filter(|secret| !secret.expose().is_empty()),
+            jwks_url: explicit.map(str::to_string).or(derived),
+            jwks_refresh_interval: self.auth.jwks_refresh_interval.0,
+        }
+    }
+
     /// The largest accepted source.
     pub fn max_file_size(&self) -> crate::units::ByteSize {
         crate::units::ByteSize(self.limits.max_file_size_mb.saturating_mul(1_000_000))
@@ -560,6 +593,33 @@ impl Format for TomlFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_settings_take_comma_lists_and_derive_the_key_set_url() {
+        // Values as the environment gives them: strings.
+        let figment = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Serialized::default("auth.tokens", "tok-a, tok-b"))
+            .merge(Serialized::default("auth.read_only_tokens", "tok-c"))
+            .merge(Serialized::default("supabase.jwt_secret", "jwt-secret-value"))
+            .merge(Serialized::default("supabase.url", "https://proj.supabase.co/"));
+        let settings = Settings::from_figment(figment.clone()).unwrap();
+        let auth = settings.auth();
+        let tokens: Vec<_> = auth.tokens.iter().map(Secret::expose).collect();
+        assert_eq!(tokens, ["tok-a", "tok-b"]);
+        assert_eq!(auth.read_only_tokens.len(), 1);
+        assert_eq!(auth.jwt_secret.as_ref().map(Secret::expose), Some("jwt-secret-value"));
+        assert_eq!(auth.jwks_url.as_deref(), Some("https://proj.supabase.co/auth/v1/.well-known/jwks.json"));
+        let printed = settings.to_toml();
+        for secret in ["tok-a", "tok-b", "tok-c", "jwt-secret-value"] {
+            assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        }
+        let settings = Settings::from_figment(
+            figment.merge(Serialized::default("supabase.jwks_url", "http://127.0.0.1:9999/keys.json")),
+        )
+        .unwrap();
+        assert_eq!(settings.auth().jwks_url.as_deref(), Some("http://127.0.0.1:9999/keys.json"));
+        assert!(crate::auth::Authenticator::new(Settings::default().auth()).is_open(), "no settings: open");
+    }
 
     #[test]
     fn endpoints_are_reduced_to_origins() {

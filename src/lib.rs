@@ -22,6 +22,7 @@
 //!   worker; [`watcher`]: the catalog reloaded when its folders change.
 //! - [`worker`]: takes jobs from a queue and runs them through the engine, with leases, cancels and shutdown.
 //! - [`net`]: the one checked HTTP client: internal addresses refused at resolution, redirects by hand.
+//! - [`auth`]: who may call the API: service tokens (some read-only) and Supabase user JWTs.
 //! - [`terminal`]: printing names and messages safely (control characters escaped, a closed stdout ends quietly).
 //! - [`intake`]: a request to process a recording made into a queued job, for the CLI and the API alike.
 //! - [`api`]: the REST API (axum): routes, errors as JSON, callers, CORS and rate limits, OpenAPI.
@@ -31,6 +32,7 @@
 pub mod ai;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod bounded;
 pub mod catalog;
 pub mod child;

@@ -871,3 +871,22 @@ fn the_loudness_plugin_refuses_a_silence_threshold_that_is_not_a_level() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"silence_threshold\":\"-35dB\""));
 }
+
+#[test]
+fn config_takes_api_tokens_and_the_jwt_secret_and_prints_neither() {
+    const TOKENS: [&str; 3] = ["api-token-full-0101", "api-token-full-0102", "api-token-look-0103"];
+    const JWT_SECRET: &str = "jwt-secret-0104-with-enough-characters";
+    let (code, stdout, stderr) = run(echo_worker(&["config"])
+        .env("ECHO_AUTH__TOKENS", format!("{}, {}", TOKENS[0], TOKENS[1]))
+        .env("ECHO_AUTH__READ_ONLY_TOKENS", TOKENS[2])
+        .env("SUPABASE_JWT_SECRET", JWT_SECRET)
+        .env("RUST_LOG", "trace"));
+    assert_eq!(code, 0, "{stderr}");
+    for secret in TOKENS.iter().chain([&JWT_SECRET]) {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} printed:\n{stdout}\n{stderr}");
+    }
+    let settings: toml::Table = toml::from_str(&stdout).expect("config prints TOML");
+    assert_eq!(settings["auth"]["tokens"].as_array().map(Vec::len), Some(2));
+    assert_eq!(settings["auth"]["read_only_tokens"].as_array().map(Vec::len), Some(1));
+    assert_eq!(settings["supabase"]["jwt_secret"].as_str(), Some("[redacted]"));
+}

@@ -7,11 +7,16 @@
 //! With no credentials configured every caller is the open caller, and the API binds to 127.0.0.1 only (see
 //! `Application::build`), so an unconfigured server is never open to the network.
 
+use std::sync::Arc;
+
 use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
 use super::ApiState;
 use super::error::ApiError;
+use crate::auth::{AuthError, Authenticator, Principal};
 use crate::config::Settings;
 
 /// Why the caller checks could not be set up from the settings.
@@ -19,72 +24,114 @@ use crate::config::Settings;
 #[error("auth settings: {0}")]
 pub struct CallerError(pub String);
 
-/// Who a request comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Identity {
-    /// No auth is configured: a local caller with every right.
-    Open,
-}
-
 /// The caller of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    identity: Identity,
+    principal: Principal,
 }
 
 impl Caller {
     /// The caller of a server with no auth configured.
     pub const fn open() -> Self {
-        Self { identity: Identity::Open }
+        Self { principal: Principal::Open }
+    }
+
+    /// Who it is, as the auth module sees it.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
     }
 
     /// Whether the caller may change things (enqueue, cancel, retry, pause, clean).
     ///
     /// # Errors
-    /// 403 `read_only` for a caller that may only look.
+    /// 403 `read_only_token` for a caller that may only look.
     pub fn can_write(&self) -> Result<(), ApiError> {
-        match self.identity {
-            Identity::Open => Ok(()),
-        }
+        self.principal.require_write().map_err(ApiError::from)
     }
 
     /// The user whose recordings alone this caller may see; `None` for callers that see every recording.
     pub fn owner(&self) -> Option<&str> {
-        match self.identity {
-            Identity::Open => None,
-        }
+        self.principal.owner()
     }
 
-    /// Whether the caller may see a job or recording owned by `owner`.
+    /// Whether the caller may see a job or recording owned by `owner`. A user sees only their own; a
+    /// recording with no owner is seen only by services (and by everyone on an open server).
     pub fn may_see(&self, owner: Option<&str>) -> bool {
-        self.owner().is_none_or(|me| owner == Some(me))
+        self.principal.may_see(owner)
     }
 }
 
 /// Checks credentials and names callers; built once from the settings.
-#[derive(Debug, Clone, Default)]
-pub struct Callers {}
+#[derive(Debug, Clone)]
+pub struct Callers {
+    authenticator: Arc<Authenticator>,
+}
+
+impl Default for Callers {
+    /// No auth: every caller is open.
+    fn default() -> Self {
+        Self { authenticator: Arc::new(Authenticator::new(crate::auth::AuthConfig::default())) }
+    }
+}
 
 impl Callers {
-    /// The checks the settings configure.
+    /// The checks the settings configure: service tokens (`auth.*`), and Supabase user tokens
+    /// (`SUPABASE_JWT_SECRET`, the key set at `supabase.jwks_url` or under `SUPABASE_URL`).
     ///
     /// # Errors
     /// [`CallerError`] for unusable auth settings.
-    pub fn from_settings(_settings: &Settings) -> Result<Self, CallerError> {
-        Ok(Self {})
+    pub fn from_settings(settings: &Settings) -> Result<Self, CallerError> {
+        let config = settings.auth();
+        if let Some(url) = &config.jwks_url
+            && !reqwest::Url::parse(url).is_ok_and(|url| matches!(url.scheme(), "http" | "https"))
+        {
+            return Err(CallerError(format!(
+                "the signing key set URL `{}` (supabase.jwks_url, or SUPABASE_URL + {}) is not an http(s) URL",
+                crate::secret::redact_url(url),
+                "/auth/v1/.well-known/jwks.json"
+            )));
+        }
+        let authenticator = Authenticator::new(config);
+        if !authenticator.is_open() {
+            tracing::info!(accepted = %authenticator.describe(), "API auth");
+        }
+        Ok(Self { authenticator: Arc::new(authenticator) })
     }
 
     /// Whether any credentials are configured (without, the API binds to loopback only).
     pub fn is_configured(&self) -> bool {
-        false
+        !self.authenticator.is_open()
     }
 
-    /// The caller of a request.
+    /// The caller of a request, from its `Authorization` header.
     ///
     /// # Errors
-    /// 401 without valid credentials when auth is configured.
-    pub async fn identify(&self, _parts: &Parts) -> Result<Caller, ApiError> {
-        Ok(Caller::open())
+    /// 401 without valid credentials when auth is configured (the code names the reason); 503 when a user token
+    /// arrives before the project's signing keys could ever be fetched.
+    pub async fn identify(&self, parts: &Parts) -> Result<Caller, ApiError> {
+        let header = match parts.headers.get(AUTHORIZATION) {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| {
+                ApiError::from(AuthError::MalformedHeader("holds characters that are not visible ASCII"))
+            })?),
+        };
+        let principal = self.authenticator.authenticate(header).await?;
+        Ok(Caller { principal })
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error.status() {
+            403 => ApiError::new(StatusCode::FORBIDDEN, error.code(), error.to_string()),
+            503 => {
+                // The URL and the cause are for the log; the caller learns only to come back.
+                let mut reply = ApiError::unavailable("project's signing key service", &error);
+                reply.code = error.code();
+                reply
+            }
+            _ => ApiError::new(StatusCode::UNAUTHORIZED, error.code(), error.to_string()),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod fake_ai;
+pub mod jwt;
 pub mod media;
 pub mod raw_http;
 
