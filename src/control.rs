@@ -3,8 +3,9 @@
 //! results to the terminal), so it speaks `anyhow`. Every command prints text for people, or one JSON document
 //! with `--format json`.
 //!
-//! `enqueue` registers a recording row per source (status `queued`) before the job exists, so that a worker
-//! never finds a row missing or sees it flip back to queued. Local paths are trusted sources (as with
+//! `enqueue` goes through `crate::intake`, as the API does: a recording row per source (status `queued`) is
+//! registered before the job exists, so that a worker never finds a row missing or sees it flip back to
+//! queued, and URLs are checked against the download rules. Local paths are trusted sources (as with
 //! `process`), which works only where the workers can read the same path: with workers on other machines the
 //! source must be a URL or a path on shared storage.
 
@@ -21,8 +22,9 @@ use serde_json::{Value, json};
 use crate::app;
 use crate::catalog::Catalog;
 use crate::config::Settings;
-use crate::queue::{CancelOutcome, Enqueued, EventKind, Job, JobState, NewJob, Queue};
-use crate::store::{NewRecording, RecordingStatus, Store};
+use crate::intake::{Intake, Submission};
+use crate::queue::{CancelOutcome, EventKind, Job, JobState, Queue};
+use crate::store::{RecordingStatus, Store};
 use crate::terminal::{self, escape};
 use crate::units::HumanDuration;
 
@@ -145,52 +147,35 @@ fn sources(inputs: &[String]) -> anyhow::Result<Vec<Source>> {
 pub async fn enqueue(settings: &Settings, request: EnqueueRequest) -> anyhow::Result<ExitCode> {
     let queue = app::queue(settings).await?;
     let catalog = Catalog::load(&request.pipelines, &request.plugins)?;
-    let definition = crate::definition::of(&catalog, &request.pipeline)?;
+    // An unknown pipeline stops everything before any row is written.
+    catalog.pipeline(&request.pipeline)?;
     let sources = sources(&request.inputs)?;
     let store = app::store(settings).await?;
-    let mut jobs = Vec::with_capacity(sources.len());
-    let mut recordings = Vec::with_capacity(sources.len());
-    for source in &sources {
-        let recording = uuid::Uuid::new_v4().to_string();
-        let new = NewRecording {
-            id: recording.clone(),
-            file_url: Some(source.source.clone()),
-            file_name: source.file_name.clone(),
-            size_bytes: source.size,
-            pipeline: Some(request.pipeline.clone()),
-            ..NewRecording::default()
-        };
-        store.register(&new).await?;
-        store.set_status(&recording, RecordingStatus::Queued, Some("queued"), None).await?;
-        jobs.push(NewJob {
+    let policy = settings.source_policy().map_err(anyhow::Error::msg).context("reading download.allow_private")?;
+    let intake = Intake::new(queue.clone(), store, policy, settings.queue.max_attempts);
+    let submissions = sources
+        .iter()
+        .map(|source| Submission {
+            recording_id: None,
             pipeline: request.pipeline.clone(),
-            definition: definition.clone(),
-            recording_id: Some(recording.clone()),
             source: Some(source.source.clone()),
             trusted_source: source.trusted,
+            priority: i64::from(request.priority),
             params: request.params.clone(),
-            priority: request.priority,
-            max_attempts: settings.queue.max_attempts.max(1),
-            delay: None,
-            idempotency_key: None,
-        });
-        recordings.push(recording);
-    }
-    let results = queue.enqueue_many(jobs).await?;
+            file_name: source.file_name.clone(),
+            size_bytes: source.size,
+            ..Submission::default()
+        })
+        .collect();
+    let results = intake.submit_many(&catalog, submissions).await?;
     let mut listed = Vec::new();
     let mut followed = Vec::new();
     let mut code = ExitCode::SUCCESS;
-    for ((source, recording), result) in sources.iter().zip(&recordings).zip(results) {
+    for (source, result) in sources.iter().zip(results) {
         match result {
-            Ok(enqueued) => {
-                let job_id = enqueued.id().to_string();
-                let new =
-                    NewRecording { id: recording.clone(), job_id: Some(job_id.clone()), ..NewRecording::default() };
-                store.register(&new).await?;
-                let existing = matches!(enqueued, Enqueued::Existing(_));
-                listed.push(
-                    json!({ "file": source.shown, "job_id": job_id, "recording_id": recording, "existing": existing }),
-                );
+            Ok(submitted) => {
+                let (job_id, recording) = (submitted.job_id, submitted.recording_id);
+                listed.push(json!({ "file": source.shown, "job_id": job_id, "recording_id": recording, "existing": !submitted.created }));
                 if !request.json {
                     terminal::println(escape(&format!("{}: job {job_id} (recording {recording})", source.shown)))?;
                 }
@@ -198,8 +183,7 @@ pub async fn enqueue(settings: &Settings, request: EnqueueRequest) -> anyhow::Re
             }
             Err(error) => {
                 let reason = error.to_string();
-                store.set_status(recording, RecordingStatus::Failed, Some("failed"), Some(&reason)).await?;
-                listed.push(json!({ "file": source.shown, "recording_id": recording, "error": reason }));
+                listed.push(json!({ "file": source.shown, "error": reason }));
                 terminal::eprintln(escape(&format!("{}: not enqueued: {reason}", source.shown)));
                 code = ExitCode::FAILURE;
             }

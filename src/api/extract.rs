@@ -90,33 +90,62 @@ fn describe(path: &str, error: &serde_json::Error) -> ApiError {
     }
 }
 
+fn not_json() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "send the body as JSON, with the header Content-Type: application/json",
+    )
+}
+
+/// The body's bytes, within `server.max_body_size`.
+async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<(Bytes, bool), ApiError> {
+    let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
+    let json = content_type.is_some_and(is_json);
+    let bytes = Bytes::from_request(request, state).await.map_err(|rejection: BytesRejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the body is larger than this server accepts (server.max_body_size)",
+            )
+        } else {
+            ApiError::bad_request("unreadable_body", format!("the body could not be read: {}", rejection.body_text()))
+        }
+    })?;
+    Ok((bytes, json))
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
         if !content_type.is_some_and(is_json) {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the body as JSON, with the header Content-Type: application/json",
-            ));
+            return Err(not_json());
         }
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection: BytesRejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "the body is larger than this server accepts (server.max_body_size)",
-                )
-            } else {
-                ApiError::bad_request(
-                    "unreadable_body",
-                    format!("the body could not be read: {}", rejection.body_text()),
-                )
-            }
-        })?;
+        let (bytes, _) = read_body(request, state).await?;
         parse_json(&bytes).map(Self)
+    }
+}
+
+/// A JSON body that may be left out (an empty body is `None`, as the old worker's clients send for
+/// `queue/clean`); one that is given is read as [`ApiJson`] reads it.
+#[derive(Debug, Clone, Default)]
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (bytes, json) = read_body(request, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        if !json {
+            return Err(not_json());
+        }
+        parse_json(&bytes).map(|value| Self(Some(value)))
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
+use axum::response::IntoResponse as _;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
@@ -32,7 +33,11 @@ pub mod time;
 
 mod dashboard;
 mod health;
+mod jobs;
 mod openapi;
+mod process;
+mod queue;
+mod recordings;
 mod session;
 
 use caller::Callers;
@@ -192,6 +197,10 @@ struct ApiDoc;
 fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::routes())
+        .merge(process::routes())
+        .merge(recordings::routes())
+        .merge(jobs::routes())
+        .merge(queue::routes())
         .merge(openapi::routes())
         .merge(dashboard::routes())
         .merge(session::routes())
@@ -229,4 +238,43 @@ pub fn router(state: ApiState) -> Router {
         .layer(axum::middleware::from_fn_with_state(limiter, layers::rate_limit))
         .layer(axum::middleware::from_fn_with_state(cors, layers::cors))
         .layer(axum::middleware::from_fn(layers::request_id))
+}
+
+/// `{ "success": true, … }`: a reply body with `success` first, as the old worker's clients expect.
+pub(crate) fn ok(status: StatusCode, body: impl serde::Serialize) -> axum::response::Response {
+    let mut value = serde_json::to_value(body).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        object.shift_insert(0, "success".into(), serde_json::Value::Bool(true));
+    }
+    (status, axum::Json(value)).into_response()
+}
+
+/// A job id as given: a UUID (the queue makes them), lowercased.
+///
+/// # Errors
+/// 400 `invalid_id` naming the text.
+pub(crate) fn job_id(text: &str) -> Result<String, ApiError> {
+    uuid::Uuid::try_parse(text).map(|id| id.to_string()).map_err(|_| {
+        let shown: String = text.chars().filter(|c| !c.is_control()).take(80).collect();
+        ApiError::bad_request("invalid_id", format!("`{shown}` is not a job id: job ids are UUIDs"))
+            .with_details(serde_json::json!({ "field": "id" }))
+    })
+}
+
+/// A recording id as given: 1 to 128 characters of letters, digits and `-_.:` (Supabase row ids are UUIDs).
+///
+/// # Errors
+/// 400 `invalid_id` naming the field.
+pub(crate) fn recording_id(text: &str, field: &str) -> Result<String, ApiError> {
+    let sane =
+        (1..=128).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if sane {
+        return Ok(text.to_string());
+    }
+    let shown: String = text.chars().filter(|c| !c.is_control()).take(80).collect();
+    Err(ApiError::bad_request(
+        "invalid_id",
+        format!("`{field}` `{shown}` is not a recording id: use 1 to 128 letters, digits, `-`, `_`, `.` or `:`"),
+    )
+    .with_details(serde_json::json!({ "field": field })))
 }
