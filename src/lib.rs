@@ -7,7 +7,8 @@
 //! `tests/architecture.rs`).
 //! - [`units`]: duration, size and bitrate literals; [`secret`]: credentials that never print;
 //!   [`error`]: the error codes shared by stage errors, AI errors and job failures;
-//!   [`child`]: process groups that die with their job; [`defaults`]: the shipped files, embedded.
+//!   [`child`]: process groups that die with their job; [`defaults`]: the shipped files, embedded;
+//!   [`metrics`]: this process's Prometheus counters, rendered by `GET /metrics`.
 //! - [`document`]: TOML with positions, every problem at `file:line:column`; [`template`]: minijinja.
 //! - [`job`]: the contract shared by engine, stages, store and queue (job spec, stage outputs and errors,
 //!   checkpoints, progress); [`retry`]: retry policies and backoff.
@@ -47,6 +48,7 @@ pub mod intake;
 pub mod job;
 pub mod local;
 pub mod media;
+pub mod metrics;
 pub mod net;
 pub mod pipeline;
 pub mod plugin;

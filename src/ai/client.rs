@@ -16,6 +16,7 @@ use super::limit::{Limiter, SharedWindow};
 use super::{AiError, ProviderSettings, ProviderStyle, Usage};
 use crate::bounded::{self, BodyError};
 use crate::error::ErrorCode;
+use crate::metrics::{self, AiKind};
 use crate::retry;
 use crate::retry::RetryPolicy;
 
@@ -258,10 +259,11 @@ impl Provider {
             }
             Some(self.http.post(&url).headers(self.auth(key)).multipart(form))
         };
-        let (response, mut usage) = self.send(&self.transcription, build, cancel).await?;
+        let (response, mut usage) = self.send(&self.transcription, AiKind::Transcription, build, cancel).await?;
         let body = self.read_reply(response, "the transcription", cancel).await?;
         let transcription = parse_transcription(&body);
         usage.audio_seconds = transcription.duration.unwrap_or(0.0);
+        metrics::global().ai_audio_seconds(&self.name, usage.audio_seconds);
         Ok((transcription, usage))
     }
 
@@ -282,10 +284,11 @@ impl Provider {
         let url = self.url(&self.settings.endpoint, &model, "chat/completions");
         let build =
             || async { Some(self.http.post(&url).headers(self.auth(self.settings.api_key.as_ref())).json(&body)) };
-        let (response, mut usage) = self.send(&self.chat, build, cancel).await?;
+        let (response, mut usage) = self.send(&self.chat, AiKind::Chat, build, cancel).await?;
         let reply = self.read_reply(response, "the chat answer", cancel).await?;
         usage.prompt_tokens = reply["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
         usage.completion_tokens = reply["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        metrics::global().ai_tokens(&self.name, usage.prompt_tokens, usage.completion_tokens);
         Ok((reply, usage))
     }
 
@@ -319,9 +322,11 @@ impl Provider {
     }
 
     /// Sends with the limiter and the SDK retry policy; returns the successful response and the requests made.
+    /// Every answer (and every request that got none) is counted in the process's metrics.
     async fn send<F, Fut>(
         &self,
         limiter: &Limiter,
+        kind: AiKind,
         build: F,
         cancel: &CancellationToken,
     ) -> Result<(Response, Usage), AiError>
@@ -342,12 +347,18 @@ impl Provider {
                 () = cancel.cancelled() => return Err(cancelled()),
             };
             drop(permit);
+            let status = sent.as_ref().ok().map(|response| response.status().as_u16());
             let error = match sent {
-                Ok(response) if response.status().is_success() => return Ok((response, usage)),
+                Ok(response) if response.status().is_success() => {
+                    metrics::global().ai_request(&self.name, kind, status, false);
+                    return Ok((response, usage));
+                }
                 Ok(response) => self.classify(response).await,
                 Err(error) => self.transient(ErrorCode::Network, format!("request failed: {}", error.without_url())),
             };
-            if !error.retryable || attempt >= self.settings.max_retries {
+            let retrying = error.retryable && attempt < self.settings.max_retries;
+            metrics::global().ai_request(&self.name, kind, status, retrying);
+            if !retrying {
                 return Err(error);
             }
             let wait = error.retry_after.unwrap_or_else(|| backoff(attempt));

@@ -32,9 +32,12 @@ pub mod layers;
 pub mod time;
 
 mod dashboard;
+mod events;
 mod health;
 mod jobs;
+mod metrics;
 mod openapi;
+mod pipelines;
 mod process;
 mod queue;
 mod recordings;
@@ -202,6 +205,9 @@ fn routes() -> OpenApiRouter<ApiState> {
         .merge(jobs::routes())
         .merge(queue::routes())
         .merge(openapi::routes())
+        .merge(events::routes())
+        .merge(pipelines::routes())
+        .merge(metrics::routes())
         .merge(dashboard::routes())
         .merge(session::routes())
 }

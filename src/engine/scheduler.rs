@@ -30,6 +30,7 @@ use crate::error::ErrorCode;
 use crate::job::checkpoint::Checkpoints;
 use crate::job::progress::{self, ProgressReporter, ProgressSink, Tracker};
 use crate::job::{JobSpec, StageError, StageOutput};
+use crate::metrics;
 use crate::pipeline::{OnFailure, Pipeline, StageSpec, Trigger};
 use crate::retry;
 use crate::stage::{Stage, StageContext};
@@ -312,6 +313,9 @@ impl Run<'_> {
                 // A task stopped before its turn made no attempt and has no duration.
                 if finished.attempts > 0 {
                     self.durations.insert(finished.index, finished.elapsed);
+                    let stage = &self.pipeline.stages[finished.index].id;
+                    let succeeded = finished.result.is_ok();
+                    metrics::global().stage_finished(&self.pipeline.name, stage, succeeded, finished.elapsed);
                 }
                 (finished.index, finished.result, finished.attempts)
             }
@@ -557,6 +561,7 @@ impl StageTask {
                 Err(error) if error.retryable && attempt < max_attempts && !stop.is_cancelled() => {
                     let wait = retry::delay(&self.spec.retry, attempt, &error);
                     tracing::info!(stage = %id, attempt, ?wait, %error, "attempt failed; retrying");
+                    metrics::global().stage_retried(&self.job.pipeline, id);
                     let message = format!("attempt {attempt} failed: {error}; retrying in {}", HumanDuration(wait));
                     self.tracker.say(id, message);
                     tokio::select! {
