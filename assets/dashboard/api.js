@@ -107,6 +107,8 @@ export async function follow(path, onEvent, { signal, lastEventId = null } = {})
     }
     if (response.status === 401) throw new AuthRequired('the server asks for credentials');
     if (!response.ok) throw new ApiFailure(response.status, await response.json().catch(() => null), path);
+    // 204: resumed after the final event; nothing more will come.
+    if (response.status === 204 || !response.body) return last;
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = '';

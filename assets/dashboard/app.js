@@ -403,18 +403,20 @@ function jobView(id) {
   function onEvent({ id: eventId, data }) {
     if (!data) return false;
     const type = data.type;
+    const at = Date.parse(data.at) || Date.now();
     if (type === 'progress' && live.status) {
-      Object.assign(live.status.job, { progress: data.percent ?? live.status.job.progress, stage: data.stage ?? live.status.job.stage, message: data.message ?? '' });
+      const p = data.progress || {};
+      Object.assign(live.status.job, { progress: p.percent ?? live.status.job.progress, stage: p.stage ?? live.status.job.stage, message: p.message ?? '' });
       if (live.status.job.state === 'waiting' || live.status.job.state === 'delayed') live.status.job.state = 'active';
       showJob();
     } else if (type === 'stage') {
       const entry = live.stages.get(data.stage) || {};
-      if (data.status === 'running') Object.assign(entry, { start: data.at, end: null, status: 'running' });
-      else Object.assign(entry, { end: data.at, status: data.status });
+      if (data.status === 'running') Object.assign(entry, { start: at, end: null, status: 'running' });
+      else Object.assign(entry, { end: at, status: data.status });
       live.stages.set(data.stage, entry);
       showTimeline();
     } else if (type === 'state') {
-      history.append(h('li', {}, `${new Date(data.at).toLocaleTimeString()}: `, stateWord(data.state), data.reason ? ` — ${data.reason}` : ''));
+      history.append(h('li', {}, `${new Date(at).toLocaleTimeString()}: `, stateWord(data.state), data.reason ? ` — ${data.reason}` : ''));
       if (live.status) { live.status.job.state = data.state; showJob(); }
       if (FINAL.has(data.state)) {
         load().catch(failed);
@@ -499,13 +501,17 @@ function pipelineCard(name, reply) {
       h('thead', {}, h('tr', {}, ['Stage', 'Kind', 'Needs', 'Parameters'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, stages.map((s) => h('tr', { 'data-stage': s.id },
         h('td', {}, h('strong', {}, s.id)),
-        h('td', {}, s.kind || s.uses || '—'),
+        h('td', {}, s.uses || '—', s.kind ? h('span', { class: 'message' }, ` (${s.pluginKind ? `plugin: ${s.pluginKind}` : s.kind})`) : null),
         h('td', {}, (s.needs || []).join(', ') || '—'),
         h('td', {}, paramsOf(s))))))));
 }
 
 function paramsOf(stage) {
-  const params = stage.with || stage.params || stage.parameters || {};
+  const params = { ...(stage.with || {}) };
+  if (stage.if) params.if = stage.if;
+  if (stage.forEach) params.for_each = stage.forEach;
+  if (stage.trigger && stage.trigger !== 'all_success') params.trigger = stage.trigger;
+  if (stage.timeout) params.timeout = stage.timeout;
   const entries = Object.entries(params);
   if (!entries.length) return '—';
   return h('dl', { class: 'facts' }, entries.flatMap(([k, v]) => [h('dt', {}, k),

@@ -42,6 +42,7 @@ mod process;
 mod queue;
 mod recordings;
 mod session;
+mod usage;
 
 use caller::Callers;
 use error::ApiError;
@@ -210,6 +211,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .merge(metrics::routes())
         .merge(dashboard::routes())
         .merge(session::routes())
+        .merge(usage::routes())
 }
 
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.
