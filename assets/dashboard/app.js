@@ -139,7 +139,9 @@ const filters = { state: '', pipeline: '', recording: '', cursor: null, previous
 
 function queueView() {
   const paused = h('span', { id: 'queue-running' }, '…');
-  const buttons = h('span', { class: 'toolbar', hidden: !session.canWrite },
+  // The queue as a whole (figures, workers, controls) is for service tokens; a user sees their own jobs only.
+  const wholeQueue = !session.owner;
+  const buttons = h('span', { class: 'toolbar', hidden: !session.canWrite || !wholeQueue },
     h('button', { type: 'button', id: 'pause', onclick: () => act('/api/queue/pause', 'Queue paused.') }, 'Pause'),
     h('button', { type: 'button', id: 'resume', hidden: true, onclick: () => act('/api/queue/resume', 'Queue resumed.') }, 'Resume'),
     h('button', { type: 'button', id: 'retry-failed', onclick: retryAllFailed }, 'Retry all failed'));
@@ -168,14 +170,15 @@ function queueView() {
   pipelineSelect.addEventListener('change', apply);
 
   $('view').replaceChildren(h('section', { 'aria-labelledby': 'queue-title' },
-    h('h1', { id: 'queue-title' }, 'Queue'),
-    h('p', { class: 'toolbar' }, h('span', {}, 'Queue: ', paused), buttons),
-    h('h2', {}, 'Jobs by state'), counts,
-    h('h2', {}, 'Throughput'), chart,
-    h('h2', {}, 'Workers'),
-    h('div', { class: 'table-wrap' }, h('table', {},
-      h('thead', {}, h('tr', {}, ['Host', 'PID', 'Version', 'Concurrency', 'Running', 'Last heartbeat'].map((t) => h('th', { scope: 'col' }, t)))),
-      workers)),
+    h('h1', { id: 'queue-title' }, wholeQueue ? 'Queue' : 'Your jobs'),
+    h('div', { hidden: !wholeQueue },
+      h('p', { class: 'toolbar' }, h('span', {}, 'Queue: ', paused), buttons),
+      h('h2', {}, 'Jobs by state'), counts,
+      h('h2', {}, 'Throughput'), chart,
+      h('h2', {}, 'Workers'),
+      h('div', { class: 'table-wrap' }, h('table', {},
+        h('thead', {}, h('tr', {}, ['Host', 'PID', 'Version', 'Concurrency', 'Running', 'Last heartbeat'].map((t) => h('th', { scope: 'col' }, t)))),
+        workers))),
     h('h2', { id: 'jobs-title' }, 'Jobs'), form,
     h('div', { class: 'table-wrap' }, h('table', { 'aria-labelledby': 'jobs-title' },
       h('thead', {}, h('tr', {},
@@ -195,8 +198,8 @@ function queueView() {
     if (filters.pipeline) query.set('pipeline', filters.pipeline);
     if (filters.recording) query.set('recordingId', filters.recording);
     if (filters.cursor) query.set('cursor', filters.cursor);
-    const [stats, list] = await Promise.all([get('/api/queue/stats'), get(`/api/jobs?${query}`)]);
-    showStats(stats.stats || stats);
+    const [stats, list] = await Promise.all([wholeQueue ? get('/api/queue/stats') : null, get(`/api/jobs?${query}`)]);
+    if (stats) showStats(stats.stats || stats);
     showJobs(list);
   }
 

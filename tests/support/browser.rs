@@ -11,7 +11,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 /// The W3C name of an element reference in replies.
-const ELEMENT: &str = "element-6066-11e4-a52f-4a16d8b1c2bb";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// The Chromium binary: `ECHO_TEST_CHROMIUM`, else Debian's (the real binary, not its wrapper script).
 fn chromium() -> String {
