@@ -147,7 +147,7 @@ function queueView() {
     h('button', { type: 'button', id: 'retry-failed', onclick: retryAllFailed }, 'Retry all failed'));
   const counts = h('dl', { class: 'counts', id: 'counts' });
   const chart = h('figure', { class: 'chart' }, h('div', { id: 'chart' }),
-    h('figcaption', { id: 'chart-caption' }, 'Completed (solid line) and failed (dashed line) jobs per minute.'));
+    h('figcaption', { id: 'chart-caption' }, 'Completed (solid line, dots) and failed (dashed line, squares) jobs per minute.'));
   const workers = h('tbody', { id: 'workers' });
   const jobs = h('tbody', { id: 'jobs' });
   const stateSelect = h('select', { id: 'filter-state', name: 'state' }, h('option', { value: '' }, 'any'),
@@ -281,13 +281,17 @@ function throughput(minutes) {
   add('text', { x: 2, y: H - B }, '0');
   if (minutes.length) {
     add('text', { x: L, y: H - 4 }, time(minutes[0].minute));
-    add('text', { x: W - 50, y: H - 4 }, time(minutes[minutes.length - 1].minute));
+    add('text', { x: W - 2, y: H - 4, 'text-anchor': 'end' }, time(minutes[minutes.length - 1].minute));
   }
   const x = (i) => L + (minutes.length < 2 ? (W - L) / 2 : (i * (W - L - 4)) / (minutes.length - 1));
   const y = (v) => H - B - (v / top) * (H - B - 8);
   for (const key of ['completed', 'failed']) {
     const points = minutes.map((m, i) => `${x(i).toFixed(1)},${y(m[key] || 0).toFixed(1)}`).join(' ');
     if (points) add('polyline', { points, class: key });
+    // Markers too, so a single minute shows: a filled circle for completed, a hollow square for failed.
+    minutes.forEach((m, i) => (key === 'completed'
+      ? add('circle', { cx: x(i), cy: y(m.completed || 0), r: 3, class: 'completed dot' })
+      : add('rect', { x: x(i) - 3, y: y(m.failed || 0) - 3, width: 6, height: 6, class: 'failed' })));
   }
   return svg;
 }
@@ -353,7 +357,9 @@ function jobView(id) {
       [job.stage, job.message].filter(Boolean).join(': ')));
     cancel.hidden = !session.canWrite || FINAL.has(job.state);
     retry.hidden = !session.canWrite || !(job.state === 'failed' || job.state === 'cancelled');
-    failure.replaceChildren(...(job.error ? [h('h2', {}, 'Error'),
+    // A completed job's `error` is an earlier attempt's: the state changes below keep it.
+    const heading = job.state === 'failed' || job.state === 'cancelled' ? 'Error' : 'Error of an earlier attempt';
+    failure.replaceChildren(...(job.error && job.state !== 'completed' ? [h('h2', {}, heading),
       h('p', { class: 'error' }, failedStage ? `Stage ${failedStage} failed: ` : '', job.error)] : []));
     results.replaceChildren(...(job.state === 'completed' && job.recordingId ? [
       fileButton('Transcript (text)', `/api/recording/${enc(job.recordingId)}/transcript`, 'text/plain', `${job.recordingId}.txt`),
