@@ -31,7 +31,29 @@ async fn an_unknown_route_is_a_json_404_and_the_openapi_document_is_served() {
     let reply = app.get("/openapi.json").await;
     assert_eq!(reply.status, 200);
     assert!(reply.body["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{}", reply.text);
-    assert!(reply.body["paths"]["/health"].is_object());
+    for (path, method) in [
+        ("/health", "get"),
+        ("/openapi.json", "get"),
+        ("/api/process-recording", "post"),
+        ("/api/batch-process", "post"),
+        ("/api/recording/{id}/status", "get"),
+        ("/api/job/{id}/status", "get"),
+        ("/api/job/{id}/cancel", "post"),
+        ("/api/job/{id}/retry", "post"),
+        ("/api/job/{id}/logs", "get"),
+        ("/api/jobs", "get"),
+        ("/api/queue/stats", "get"),
+        ("/api/queue/clean", "post"),
+        ("/api/queue/pause", "post"),
+        ("/api/queue/resume", "post"),
+        ("/api/queue/retry-failed", "post"),
+    ] {
+        assert!(reply.body["paths"][path][method].is_object(), "{method} {path} is documented");
+    }
+    for schema in ["ErrorBody", "ProcessRecording", "ProcessReply", "BatchProcess", "JobStatusReply", "Health"] {
+        assert!(reply.body["components"]["schemas"][schema].is_object(), "{schema} is documented");
+    }
+    assert_eq!(reply.body["info"]["version"], env!("CARGO_PKG_VERSION"));
     app.stop().await;
 }
 

@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use echo_worker::store::Store as _;
 use serde_json::{Value, json};
 use support::app::{Reply, TestApp};
 use support::jwt::{self, JwksServer, SigningKey};
@@ -149,6 +150,21 @@ async fn a_user_sees_queues_cancels_and_retries_only_their_own_recordings() {
         assert!(reply.code().ends_with("not_found"), "{}", reply.text);
         assert!(!reply.text.contains("user-alice"), "{}", reply.text);
     }
+    let logs = app.get_as(&bob, &format!("/api/job/{job}/logs")).await;
+    assert_eq!(logs.status, 404, "{}", logs.text);
+    assert_eq!(app.get_as(&alice, &format!("/api/job/{job}/logs")).await.status, 200);
+
+    // Job lists hold only the caller's own jobs; the queue as a whole is for services.
+    let listed = |reply: &Reply| -> Vec<String> {
+        reply.body["jobs"].as_array().unwrap().iter().map(|job| job["jobId"].as_str().unwrap().to_string()).collect()
+    };
+    let other = queue_recording(&app, FULL, "rec-service").await;
+    assert_eq!(other.status, 202, "{}", other.text);
+    assert_eq!(listed(&app.get_as(&alice, "/api/jobs").await), vec![job.clone()]);
+    assert!(listed(&app.get_as(&bob, "/api/jobs").await).is_empty());
+    assert_eq!(listed(&app.get_as(FULL, "/api/jobs").await).len(), 2);
+    assert_eq!(app.get_as(&bob, "/api/queue/stats").await.status, 403);
+
     let unknown = app.get_as(&bob, "/api/recording/rec-nobody/status").await;
     assert_eq!((unknown.status, unknown.code()), (theirs[0].status, theirs[0].code()));
 

@@ -142,3 +142,58 @@ impl FromRequestParts<ApiState> for Caller {
         state.callers.identify(parts).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn callers_are_configured_by_tokens_or_supabase_and_refuse_a_bad_key_set_url() {
+        let mut settings = Settings::default();
+        assert!(!Callers::from_settings(&settings).unwrap().is_configured(), "nothing set: open");
+        settings.auth.read_only_tokens = vec![Secret::new("look")];
+        assert!(Callers::from_settings(&settings).unwrap().is_configured());
+        let mut settings = Settings::default();
+        settings.supabase.url = Some("https://proj.supabase.co".into());
+        assert!(Callers::from_settings(&settings).unwrap().is_configured(), "SUPABASE_URL brings the key set");
+        settings.supabase.jwks_url = Some("ftp://proj.supabase.co/keys".into());
+        let error = Callers::from_settings(&settings).unwrap_err().to_string();
+        assert!(error.contains("ftp://proj.supabase.co/keys") && error.contains("http(s)"), "{error}");
+    }
+
+    #[test]
+    fn auth_errors_become_401_403_and_an_opaque_503() {
+        let unauthorized = ApiError::from(AuthError::Expired);
+        assert_eq!((unauthorized.status, unauthorized.code), (StatusCode::UNAUTHORIZED, "token_expired"));
+        let forbidden = ApiError::from(AuthError::ReadOnly);
+        assert_eq!((forbidden.status, forbidden.code), (StatusCode::FORBIDDEN, "read_only_token"));
+        let unavailable = ApiError::from(AuthError::KeysUnavailable {
+            url: "https://proj.supabase.co/auth/v1/.well-known/jwks.json".into(),
+            reason: "connection refused".into(),
+        });
+        assert_eq!(
+            (unavailable.status, unavailable.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "signing_keys_unavailable")
+        );
+        assert!(!unavailable.message.contains("proj.supabase.co") && !unavailable.message.contains("refused"));
+        assert!(unavailable.retry_after().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_header_that_is_not_text_is_malformed() {
+        let mut settings = Settings::default();
+        settings.auth.tokens = vec![Secret::new("full")];
+        let callers = Callers::from_settings(&settings).unwrap();
+        let request = axum::http::Request::builder()
+            .header(AUTHORIZATION, axum::http::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap())
+            .body(())
+            .unwrap();
+        let (parts, ()) = request.into_parts();
+        let error = callers.identify(&parts).await.unwrap_err();
+        assert_eq!((error.status, error.code), (StatusCode::UNAUTHORIZED, "malformed_authorization"));
+        let request = axum::http::Request::builder().header(AUTHORIZATION, "Bearer full").body(()).unwrap();
+        let (parts, ()) = request.into_parts();
+        assert_eq!(callers.identify(&parts).await.unwrap().principal(), &Principal::Service { read_only: false });
+    }
+}
