@@ -31,6 +31,7 @@ use utoipa_axum::routes;
 use super::caller::Caller;
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery};
+use super::jobs::visible_job;
 use super::{ApiState, time};
 use crate::queue::{Event, EventKind, Job, Queue, QueueError};
 
@@ -212,27 +213,6 @@ async fn job_events(
     let hint = futures_util::stream::once(async { Ok(SseEvent::default().retry(RECONNECT)) });
     let stream = futures_util::StreamExt::chain(hint, follow.into_stream());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive")).into_response())
-}
-
-/// The job `id`, when the caller may see it.
-async fn visible_job(state: &ApiState, caller: &Caller, id: &str) -> Result<Job, ApiError> {
-    let id = uuid::Uuid::try_parse(id).map(|id| id.to_string()).map_err(|_| {
-        let shown: String = id.chars().filter(|c| !c.is_control()).take(80).collect();
-        ApiError::bad_request("invalid_id", format!("`{shown}` is not a job id: job ids are UUIDs"))
-            .with_details(serde_json::json!({ "field": "id" }))
-    })?;
-    let not_found = || ApiError::not_found("job_not_found", format!("no job with id `{id}`"));
-    let job = state.queue.get(&id).await?.ok_or_else(not_found)?;
-    if caller.owner().is_some() {
-        let owner = match &job.spec.recording_id {
-            Some(recording) => state.store.get(recording).await?.and_then(|row| row.owner_id),
-            None => None,
-        };
-        if !caller.may_see(owner.as_deref()) {
-            return Err(not_found());
-        }
-    }
-    Ok(job)
 }
 
 fn invalid_event_id(place: &str, shown: &str) -> ApiError {
