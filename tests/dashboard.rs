@@ -420,3 +420,51 @@ async fn the_session_route_says_what_the_caller_may_do() {
     assert_eq!((reply.status, reply.code()), (401, "token_expired"), "{}", reply.text);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_usage_route_adds_up_what_the_fake_provider_billed_and_refuses_unknown_and_foreign_jobs() {
+    let fake = Fake::start().await;
+    *fake.delay.lock().unwrap() = Duration::from_millis(100);
+    let app = app_with_worker(&fake).await;
+    let job = queue_tone(&app, None, "rec-usage", 4).await;
+    let status = app.until_final(&job, JOB_WAIT).await;
+    assert_eq!(status.body["job"]["state"], "completed", "{}", status.text);
+    let reply = app.get(&format!("/api/job/{job}/usage")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let billed_audio: f64 = fake.seen(Kind::Transcription).iter().map(|seen| seen.audio_seconds).sum();
+    let billed_prompt: u64 = fake.seen(Kind::Chat).iter().map(|seen| seen.prompt_tokens).sum();
+    let billed_completion: u64 = fake.seen(Kind::Chat).iter().map(|seen| seen.completion_tokens).sum();
+    let requests = (fake.seen(Kind::Transcription).len() + fake.seen(Kind::Chat).len()) as u64;
+    let usage = &reply.body["usage"];
+    assert!((usage["audioSeconds"].as_f64().unwrap() - billed_audio).abs() < 0.01, "{usage} vs {billed_audio}");
+    assert!(billed_audio > 3.5, "the 4 s tone was transcribed: {billed_audio}");
+    assert_eq!(usage["promptTokens"], billed_prompt, "{usage}");
+    assert_eq!(usage["completionTokens"], billed_completion, "{usage}");
+    assert_eq!(usage["requests"], requests, "{usage}");
+    assert!(reply.body["stages"]["transcript"]["audioSeconds"].as_f64().unwrap() > 3.5, "{}", reply.text);
+    assert!(reply.body["stages"]["analysis"]["promptTokens"].as_u64().unwrap() > 0, "{}", reply.text);
+
+    let reply = app.get("/api/job/6f1c2b9e-0000-4000-8000-000000000000/usage").await;
+    assert_eq!((reply.status, reply.code()), (404, "job_not_found"), "{}", reply.text);
+    let reply = app.get("/api/job/not-a-uuid/usage").await;
+    assert_eq!((reply.status, reply.code()), (400, "invalid_id"), "{}", reply.text);
+    app.stop().await;
+
+    // Another user's job answers 404, as if it did not exist; its owner and a service token see it.
+    let app = app_with_auth().await;
+    let alice = support::jwt::hs256(&support::jwt::user_claims("a1a1a1a1-0000-4000-8000-00000000000a"), SECRET);
+    let bob = support::jwt::hs256(&support::jwt::user_claims("b2b2b2b2-0000-4000-8000-00000000000b"), SECRET);
+    let job = queue_tone(&app, Some(&alice), "rec-usage-alice", 1).await;
+    let path = format!("/api/job/{job}/usage");
+    let reply = get_as(&app, &bob, &path).await;
+    assert_eq!((reply.status, reply.code()), (404, "job_not_found"), "{}", reply.text);
+    let reply = get_as(&app, &alice, &path).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(
+        reply.body["usage"],
+        json!({ "audioSeconds": 0.0, "promptTokens": 0, "completionTokens": 0, "requests": 0 })
+    );
+    assert_eq!(get_as(&app, LOOK, &path).await.status, 200);
+    assert_eq!(app.get(&path).await.status, 401, "no token");
+    app.stop().await;
+}
