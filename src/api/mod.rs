@@ -31,6 +31,7 @@ pub mod extract;
 pub mod layers;
 pub mod time;
 
+mod dashboard;
 mod direct;
 mod events;
 mod health;
@@ -42,7 +43,9 @@ mod pipelines;
 mod process;
 mod queue;
 mod recordings;
+mod session;
 mod transcript;
+mod usage;
 
 use caller::Callers;
 use error::ApiError;
@@ -216,6 +219,9 @@ fn routes() -> OpenApiRouter<ApiState> {
         .merge(metrics::routes())
         .merge(openapi::routes())
         .merge(legacy::routes())
+        .merge(dashboard::routes())
+        .merge(session::routes())
+        .merge(usage::routes())
 }
 
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
 pub mod app;
+pub mod browser;
 pub mod fake_ai;
 pub mod hook;
 pub mod jwt;
