@@ -556,6 +556,18 @@ impl Wake {
     }
 }
 
+/// A counter for guards that count nothing.
+static DONE: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a take script call in flight while it lives.
+struct Taking<'a>(&'a AtomicUsize);
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Counts a waiting take while it lives.
 struct Waiter<'a>(&'a Wake);
 
@@ -569,13 +581,16 @@ impl Drop for Waiter<'_> {
 /// per [`IDLE_BLOCK`] in any case (so that a wake-up lost elsewhere delays a job by that much at most).
 async fn run_blocker(inner: Arc<Inner>) {
     let wake = &inner.wake;
-    let mut connection: Option<(u64, MultiplexedConnection)> = None;
+    let mut connection = inner.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     loop {
         if wake.waiters.load(Ordering::Acquire) == 0 {
+            // Kept for the next task, which then needs no new connection.
+            *inner.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = connection.take();
             wake.running.store(false, Ordering::Release);
             if wake.waiters.load(Ordering::Acquire) == 0 || wake.running.swap(true, Ordering::AcqRel) {
                 return;
             }
+            connection = inner.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         }
         let block = wake
             .due()
@@ -648,6 +663,11 @@ struct Inner {
     head: StdMutex<Vec<String>>,
     /// Dedicated connections for blocking event reads, kept between calls.
     readers: StdMutex<Vec<(u64, MultiplexedConnection)>>,
+    /// The blocking task's connection while no task runs, so that a task started again does not connect again.
+    blocking: StdMutex<Option<(u64, MultiplexedConnection)>>,
+    /// Take script calls in flight (takes, and completions that take the next job); each offers this many head
+    /// ids and a few more, since those before it may take the first ones.
+    taking: AtomicUsize,
     memory_policy: MemoryPolicy,
 }
 
@@ -718,8 +738,12 @@ impl Inner {
         self.settings.max_events.max(1).to_string()
     }
 
-    fn head(&self) -> Vec<String> {
-        self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    /// The head ids a take of `want` jobs offers, counting itself in flight until the guard drops.
+    fn candidates(&self, want: usize) -> (Vec<String>, Taking<'_>) {
+        let before = self.taking.fetch_add(1, Ordering::AcqRel);
+        let head = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = (want + before + 4).min(head.len());
+        (head[..count].to_vec(), Taking(&self.taking))
     }
 
     fn set_head(&self, head: Vec<String>) {
@@ -732,10 +756,11 @@ impl Inner {
         let lease_ms = millis(self.settings.lease).max(1).to_string();
         let max_events = self.max_events();
         let head_size = HEAD.to_string();
-        let want = want.max(1).to_string();
+        let want_n = want.max(1);
+        let want = want_n.to_string();
         let k = &self.keys;
         for _ in 0..4 {
-            let candidates = self.head();
+            let (candidates, _taking) = self.candidates(want_n);
             let job_keys: Vec<String> = candidates.iter().map(|id| k.job(id)).collect();
             let mut keys =
                 vec![k.meta.as_str(), &k.wait, &k.delayed, &k.active, &k.marker, &k.events, &k.prio, &k.seq, &k.fseq];
@@ -949,6 +974,8 @@ impl RedisQueue {
                 link,
                 wake: Wake::default(),
                 head: StdMutex::new(Vec::new()),
+                blocking: StdMutex::new(None),
+                taking: AtomicUsize::new(0),
                 readers: StdMutex::new(Vec::new()),
                 memory_policy,
             }),
@@ -1189,7 +1216,7 @@ impl Queue for RedisQueue {
         let [job, cp, log] = k.job_keys(id);
         let result = serde_json::to_string(&result).map_err(|error| QueueError::Invalid(error.to_string()))?;
         let notes = note_args(id, notes)?;
-        let candidates = if next.is_some() { inner.head() } else { Vec::new() };
+        let (candidates, _taking) = if next.is_some() { inner.candidates(1) } else { (Vec::new(), Taking(&DONE)) };
         let job_keys: Vec<String> = candidates.iter().map(|id| k.job(id)).collect();
         let mut keys = vec![
             job.as_str(),
