@@ -161,6 +161,7 @@ macro_rules! contract_tests {
                 complete_and_take_writes_the_notes_completes_and_takes_the_next,
                 complete_and_take_refuses_a_stale_lease_and_state_events,
                 notes_are_fenced_and_resume_says_whether_checkpoints_exist,
+                many_takers_at_once_all_get_jobs,
             );
         }
     };
@@ -1283,6 +1284,39 @@ mod contract {
         assert!(matches!(gone, Err(QueueError::LeaseLost(_))), "{gone:?}");
         assert!(queue.complete_and_take(&id, &current.token, json!({}), &noted, None).await.unwrap().is_none());
         assert_eq!(state(&*queue, &id).await, JobState::Completed);
+    }
+
+    pub async fn many_takers_at_once_all_get_jobs(backend: &dyn Backend) {
+        let queue = backend.open(settings()).await;
+        let jobs = 300;
+        let outcomes = queue.enqueue_many((0..jobs).map(|_| new_job("meeting")).collect()).await.unwrap();
+        assert!(outcomes.iter().all(Result::is_ok));
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut takers = tokio::task::JoinSet::new();
+        for n in 0..50 {
+            let (queue, done) = (queue.clone(), done.clone());
+            takers.spawn(async move {
+                let me = worker(&format!("taker-{n}"));
+                // Bounded: far more rounds than jobs, each one waiting at most 100 ms.
+                for _ in 0..(4 * jobs) {
+                    if done.load(std::sync::atomic::Ordering::Acquire) >= jobs {
+                        break;
+                    }
+                    if let Some(lease) = queue.take(&me, ms(100)).await.unwrap() {
+                        queue.complete(&lease.job.id, &lease.token, json!({})).await.unwrap();
+                        done.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    }
+                }
+            });
+        }
+        within("50 takers draining 300 jobs", Duration::from_secs(60), async {
+            while takers.join_next().await.is_some() {}
+        })
+        .await;
+        assert_eq!(done.load(std::sync::atomic::Ordering::Acquire), jobs, "every job taken and completed once");
+        let stats = queue.stats().await.unwrap();
+        assert_eq!(stats.counts[&JobState::Completed], jobs as u64);
+        assert_eq!(stats.counts[&JobState::Waiting], 0);
     }
 
     pub async fn notes_are_fenced_and_resume_says_whether_checkpoints_exist(backend: &dyn Backend) {

@@ -47,8 +47,8 @@ const BLOCKER_BACKOFF: Duration = Duration::from_secs(1);
 /// Ids of the head of `wait` passed to each take (see take_jobs in common.lua): as many as a busy worker process
 /// may have takes in flight at once (each of its finishing jobs takes the next), so that they rarely miss.
 const HEAD: usize = 64;
-/// Head ids a take offers on either side of where it expects the head to be when it runs.
-const WINDOW: usize = 4;
+/// Head ids a take offers beyond those that the takes ahead of it and its own want may use.
+const SPARE: usize = 4;
 /// Jobs per enqueue script call.
 const ENQUEUE_BATCH: usize = 200;
 /// Jobs per recovery, retry or purge script call.
@@ -740,16 +740,15 @@ impl Inner {
         self.settings.max_events.max(1).to_string()
     }
 
-    /// The head ids a take of `want` jobs offers, counting itself in flight until the guard drops. Calls go out
-    /// in order on one connection, so the takes sent before this one and not answered yet will have taken about
-    /// that many head ids when it runs: it offers a window around that position (a miss costs a retry, never a
-    /// wrong job: the script checks).
+    /// The head ids a take of `want` jobs offers, counting itself in flight until the guard drops: the takes sent
+    /// before it and not answered yet may take up to that many head ids first, so it offers the head up to there
+    /// and a few more (a miss costs a retry, never a wrong job: the script checks). The offer always starts at
+    /// the head, since takes ahead of it may also miss and take nothing.
     fn candidates(&self, want: usize) -> (Vec<String>, Taking<'_>) {
         let before = self.taking.fetch_add(1, Ordering::AcqRel);
         let head = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let end = (before + want + WINDOW).min(head.len());
-        let start = before.saturating_sub(WINDOW).min(end);
-        (head[start..end].to_vec(), Taking(&self.taking))
+        let end = (before + want + SPARE).min(head.len());
+        (head[..end].to_vec(), Taking(&self.taking))
     }
 
     fn set_head(&self, head: Vec<String>) {

@@ -168,30 +168,7 @@ pub(super) async fn renew_loop(shared: Arc<Shared>, done: CancellationToken) {
             }
         };
         for ((id, held), answer) in held.iter().zip(answers) {
-            match answer {
-                Renewal::Held => held.mark_renewed(),
-                Renewal::CancelRequested => {
-                    held.mark_renewed();
-                    if held.why().is_none() {
-                        tracing::info!(job = %id, "cancel asked: stopping the job");
-                    }
-                    held.stop(Stop::Cancel);
-                }
-                // The job's own ending call got there first: the lease ended, it was not lost.
-                Renewal::Lost if held.is_ending() => {
-                    tracing::debug!(job = %id, "lease ended by its job's own final call while renewing");
-                }
-                Renewal::Lost => {
-                    if held.why() != Some(Stop::Lost) {
-                        tracing::warn!(
-                            job = %id,
-                            "lease lost (it expired and the job was recovered by another worker, or the job is gone): \
-                             stopping our copy; nothing more is written about it"
-                        );
-                    }
-                    held.stop(Stop::Lost);
-                }
-            }
+            heard(id, held, answer);
         }
         for (_, held) in &held {
             if let Some(sink) = &held.sink
@@ -202,6 +179,34 @@ pub(super) async fn renew_loop(shared: Arc<Shared>, done: CancellationToken) {
                 let sink = sink.clone();
                 tokio::spawn(async move { sink.flush().await });
             }
+        }
+    }
+}
+
+/// Acts on what a renewal said about one held job.
+fn heard(id: &str, held: &Held, answer: Renewal) {
+    match answer {
+        Renewal::Held => held.mark_renewed(),
+        Renewal::CancelRequested => {
+            held.mark_renewed();
+            if held.why().is_none() {
+                tracing::info!(job = %id, "cancel asked: stopping the job");
+            }
+            held.stop(Stop::Cancel);
+        }
+        // The job's own ending call got there first: the lease ended, it was not lost.
+        Renewal::Lost if held.is_ending() => {
+            tracing::debug!(job = %id, "lease ended by its job's own final call while renewing");
+        }
+        Renewal::Lost => {
+            if held.why() != Some(Stop::Lost) {
+                tracing::warn!(
+                    job = %id,
+                    "lease lost (it expired and the job was recovered by another worker, or the job is gone): \
+                     stopping our copy; nothing more is written about it"
+                );
+            }
+            held.stop(Stop::Lost);
         }
     }
 }
@@ -219,5 +224,21 @@ mod tests {
         held.stop(Stop::Lost);
         assert_eq!(held.why(), Some(Stop::Cancel), "the first reason wins");
         assert!(held.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn a_renewal_racing_the_jobs_own_completion_is_not_a_lost_lease() {
+        let held = Held::new(LeaseToken("t".into()));
+        heard("job", &held, Renewal::Held);
+        assert_eq!(held.why(), None);
+        held.ending();
+        heard("job", &held, Renewal::Lost);
+        assert_eq!(held.why(), None, "the completion ended the lease; nothing is stopped");
+        assert!(!held.cancel.is_cancelled());
+
+        let other = Held::new(LeaseToken("u".into()));
+        heard("job", &other, Renewal::Lost);
+        assert_eq!(other.why(), Some(Stop::Lost), "without an ending call under way, a lost lease stops the copy");
+        assert!(other.cancel.is_cancelled());
     }
 }
