@@ -99,7 +99,7 @@ async fn transcode_once(input: &Path, work: &Path) -> Duration {
         job: Arc::new(JobSpec::default()),
         stage_id: "transcode".into(),
         params: serde_json::json!({ "input": input, "split_at_silence": true }),
-        work_dir: work.to_path_buf(),
+        work_dir: Arc::new(echo_worker::stage::WorkDir::existing(work)),
         inputs: Arc::new(Default::default()),
         progress: echo_worker::job::progress::ProgressReporter::detached(),
         cancel: CancellationToken::new(),

@@ -16,7 +16,8 @@ use echo_worker::queue::memory::MemoryQueue;
 use echo_worker::queue::redis::{RedisOptions, RedisQueue};
 use echo_worker::queue::{
     CancelOutcome, Definition, DefinitionFile, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobState,
-    LeaseToken, MAX_PRIORITY, MIN_PRIORITY, NewJob, Progress, Queue, QueueError, QueueSettings, Renewal, WorkerInfo,
+    LeaseToken, MAX_PRIORITY, MIN_PRIORITY, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Renewal,
+    WorkerInfo,
 };
 use echo_worker::secret::SecretUrl;
 use serde_json::json;
@@ -156,6 +157,11 @@ macro_rules! contract_tests {
                 take_returns_none_when_its_wait_ends,
                 list_pages_jobs_in_run_order,
                 progress_and_stage_events_are_stored_and_streamed,
+                take_many_takes_ready_jobs_in_run_order_up_to_its_max,
+                complete_and_take_writes_the_notes_completes_and_takes_the_next,
+                complete_and_take_refuses_a_stale_lease_and_state_events,
+                notes_are_fenced_and_resume_says_whether_checkpoints_exist,
+                many_takers_at_once_all_get_jobs,
             );
         }
     };
@@ -1133,6 +1139,227 @@ mod contract {
         );
         let missing = queue.progress("no-such-job", &lease.token, progress).await;
         assert!(matches!(missing, Err(QueueError::LeaseLost(_))), "{missing:?}");
+    }
+
+    pub async fn take_many_takes_ready_jobs_in_run_order_up_to_its_max(backend: &dyn Backend) {
+        let queue = backend.open(settings()).await;
+        let worker = worker("w");
+        assert!(queue.take_many(&worker, Duration::ZERO, 5).await.unwrap().is_empty(), "nothing to take yet");
+        let late = enqueue(&*queue, NewJob { priority: 5, ..new_job("meeting") }).await;
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(enqueue(&*queue, new_job("meeting")).await);
+        }
+        assert!(queue.take_many(&worker, Duration::ZERO, 0).await.unwrap().is_empty(), "max 0 takes nothing");
+        let first = within("take_many", ms(3000), queue.take_many(&worker, TAKE_WAIT, 3)).await.unwrap();
+        let taken: Vec<&str> = first.iter().map(|lease| lease.job.id.as_str()).collect();
+        assert_eq!(taken, ids[..3].iter().map(String::as_str).collect::<Vec<_>>(), "run order, at most max");
+        let tokens: std::collections::BTreeSet<&str> = first.iter().map(|lease| lease.token.0.as_str()).collect();
+        assert_eq!(tokens.len(), 3, "one lease token per job");
+        for lease in &first {
+            assert_eq!(lease.job.state, JobState::Active);
+            assert_eq!(lease.job.attempts, 1);
+            assert!(!lease.resume, "a new job has no checkpoints");
+            assert_eq!(state(&*queue, &lease.job.id).await, JobState::Active);
+        }
+        let pairs: Vec<(JobId, LeaseToken)> = first.iter().map(|l| (l.job.id.clone(), l.token.clone())).collect();
+        assert_eq!(queue.renew(&pairs).await.unwrap(), vec![Renewal::Held; 3]);
+        // Tokens are not interchangeable between the jobs of one take.
+        let swapped = queue.complete(&first[0].job.id, &first[1].token, json!({})).await;
+        assert!(matches!(swapped, Err(QueueError::LeaseLost(_))), "{swapped:?}");
+        for lease in &first {
+            queue.complete(&lease.job.id, &lease.token, json!({ "ok": true })).await.unwrap();
+        }
+        let rest = queue.take_many(&worker, Duration::ZERO, 10).await.unwrap();
+        let rest: Vec<&str> = rest.iter().map(|lease| lease.job.id.as_str()).collect();
+        assert_eq!(rest, [ids[3].as_str(), late.as_str()], "what is left, fewer than max");
+        // Paused: nothing, even with jobs waiting; a wait ends empty.
+        enqueue(&*queue, new_job("meeting")).await;
+        queue.set_paused(true).await.unwrap();
+        let started = Instant::now();
+        assert!(queue.take_many(&worker, ms(300), 5).await.unwrap().is_empty());
+        assert!(started.elapsed() >= ms(250), "it waited out its wait");
+        queue.set_paused(false).await.unwrap();
+        assert_eq!(within("take_many", ms(3000), queue.take_many(&worker, TAKE_WAIT, 5)).await.unwrap().len(), 1);
+    }
+
+    pub async fn complete_and_take_writes_the_notes_completes_and_takes_the_next(backend: &dyn Backend) {
+        let queue = backend.open(settings()).await;
+        let worker = worker("w");
+        let first = enqueue(&*queue, new_job("meeting")).await;
+        let second = enqueue(&*queue, new_job("meeting")).await;
+        let lease = take(&*queue, &worker).await;
+        assert_eq!(lease.job.id, first);
+        let progress = Progress { percent: 100, stage: Some("work".into()), message: "completed".into() };
+        let notes = Notes {
+            events: vec![
+                EventKind::Stage { stage: "work".into(), status: "running".into() },
+                EventKind::Progress(progress.clone()),
+                EventKind::Stage { stage: "work".into(), status: "succeeded".into() },
+            ],
+            log: vec!["attempt 1 started".into(), "completed in 0.0 s".into()],
+        };
+        let next = queue
+            .complete_and_take(&first, &lease.token, json!({ "ok": 1 }), &notes, Some(&worker))
+            .await
+            .unwrap()
+            .expect("the next job comes with the completion");
+        assert_eq!(next.job.id, second);
+        assert_eq!(next.job.state, JobState::Active);
+        assert_eq!(next.job.worker.as_deref(), Some(worker.id.as_str()));
+        assert!(!next.resume);
+        let done = get(&*queue, &first).await;
+        assert_eq!(done.state, JobState::Completed);
+        assert_eq!(done.result, Some(json!({ "ok": 1 })));
+        assert_eq!(done.progress, Some(progress.clone()), "the last progress noted is stored");
+        let lines: Vec<String> = queue.logs(&first).await.unwrap().into_iter().map(|log| log.line).collect();
+        assert_eq!(lines, ["attempt 1 started", "completed in 0.0 s"]);
+        let events = all_events(&*queue).await;
+        let kinds: Vec<&EventKind> = events.iter().filter(|e| e.job_id == first).map(|e| &e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                &EventKind::State { state: JobState::Waiting, reason: None },
+                &EventKind::State { state: JobState::Active, reason: None },
+                &notes.events[0],
+                &notes.events[1],
+                &notes.events[2],
+                &EventKind::State { state: JobState::Completed, reason: None },
+            ],
+            "the notes come before the final state"
+        );
+        assert_eq!(states_of(&events, &second), [(JobState::Waiting, None), (JobState::Active, None)]);
+        // Nothing left: the job completes and nothing is taken; without a worker nothing is taken either.
+        let none = queue.complete_and_take(&second, &next.token, json!({}), &Notes::default(), Some(&worker)).await;
+        assert!(matches!(none, Ok(None)), "{none:?}");
+        assert_eq!(state(&*queue, &second).await, JobState::Completed);
+        let third = enqueue(&*queue, new_job("meeting")).await;
+        let fourth = enqueue(&*queue, new_job("meeting")).await;
+        let lease = take(&*queue, &worker).await;
+        assert_eq!(lease.job.id, third);
+        let taken = queue.complete_and_take(&third, &lease.token, json!({}), &Notes::default(), None).await.unwrap();
+        assert!(taken.is_none(), "no worker named, nothing taken");
+        assert_eq!(state(&*queue, &fourth).await, JobState::Waiting);
+        // Paused: the completion happens, nothing is taken.
+        let lease = take(&*queue, &worker).await;
+        let fifth = enqueue(&*queue, new_job("meeting")).await;
+        queue.set_paused(true).await.unwrap();
+        let taken =
+            queue.complete_and_take(&fourth, &lease.token, json!({}), &Notes::default(), Some(&worker)).await.unwrap();
+        assert!(taken.is_none(), "paused: nothing taken");
+        assert_eq!(state(&*queue, &fourth).await, JobState::Completed);
+        assert_eq!(state(&*queue, &fifth).await, JobState::Waiting);
+    }
+
+    pub async fn complete_and_take_refuses_a_stale_lease_and_state_events(backend: &dyn Backend) {
+        let queue = backend.open(settings()).await;
+        let (one, two) = (worker("one"), worker("two"));
+        let id = enqueue(&*queue, new_job("meeting")).await;
+        let waiting = enqueue(&*queue, new_job("meeting")).await;
+        let stale = take(&*queue, &one).await;
+        assert_eq!(stale.job.id, id);
+        let noted =
+            Notes { events: vec![EventKind::Stage { stage: "work".into(), status: "running".into() }], log: vec![] };
+        // A state event is the queue's to write: refused, nothing written, the job still held.
+        let bad = Notes {
+            events: vec![EventKind::State { state: JobState::Completed, reason: None }],
+            log: vec!["never written".into()],
+        };
+        let refused = queue.complete_and_take(&id, &stale.token, json!({}), &bad, Some(&one)).await;
+        assert!(matches!(&refused, Err(QueueError::Invalid(message)) if message.contains(&id)), "{refused:?}");
+        assert_eq!(state(&*queue, &id).await, JobState::Active);
+        assert!(queue.logs(&id).await.unwrap().is_empty());
+        // The lease passes to another worker: the stale holder completes nothing, writes nothing, takes nothing.
+        tokio::time::sleep(PAST_LEASE).await;
+        assert_eq!(queue.recover_stalled().await.unwrap(), vec![id.clone()]);
+        let current = take(&*queue, &two).await;
+        assert_eq!(current.job.id, id);
+        let lost = queue.complete_and_take(&id, &stale.token, json!({ "stale": true }), &noted, Some(&one)).await;
+        assert!(matches!(lost, Err(QueueError::LeaseLost(_))), "{lost:?}");
+        assert_eq!(state(&*queue, &waiting).await, JobState::Waiting, "a refused call takes nothing");
+        let job = get(&*queue, &id).await;
+        assert_eq!((job.state, job.result), (JobState::Active, None));
+        let events = all_events(&*queue).await;
+        assert!(!events.iter().any(|e| e.job_id == id && e.kind == noted.events[0]), "no note of the stale holder");
+        let gone = queue.complete_and_take("no-such-job", &stale.token, json!({}), &noted, Some(&one)).await;
+        assert!(matches!(gone, Err(QueueError::LeaseLost(_))), "{gone:?}");
+        assert!(queue.complete_and_take(&id, &current.token, json!({}), &noted, None).await.unwrap().is_none());
+        assert_eq!(state(&*queue, &id).await, JobState::Completed);
+    }
+
+    pub async fn many_takers_at_once_all_get_jobs(backend: &dyn Backend) {
+        let queue = backend.open(settings()).await;
+        let jobs = 300;
+        let outcomes = queue.enqueue_many((0..jobs).map(|_| new_job("meeting")).collect()).await.unwrap();
+        assert!(outcomes.iter().all(Result::is_ok));
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut takers = tokio::task::JoinSet::new();
+        for n in 0..50 {
+            let (queue, done) = (queue.clone(), done.clone());
+            takers.spawn(async move {
+                let me = worker(&format!("taker-{n}"));
+                // Bounded: far more rounds than jobs, each one waiting at most 100 ms.
+                for _ in 0..(4 * jobs) {
+                    if done.load(std::sync::atomic::Ordering::Acquire) >= jobs {
+                        break;
+                    }
+                    if let Some(lease) = queue.take(&me, ms(100)).await.unwrap() {
+                        queue.complete(&lease.job.id, &lease.token, json!({})).await.unwrap();
+                        done.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    }
+                }
+            });
+        }
+        within("50 takers draining 300 jobs", Duration::from_secs(60), async {
+            while takers.join_next().await.is_some() {}
+        })
+        .await;
+        assert_eq!(done.load(std::sync::atomic::Ordering::Acquire), jobs, "every job taken and completed once");
+        let stats = queue.stats().await.unwrap();
+        assert_eq!(stats.counts[&JobState::Completed], jobs as u64);
+        assert_eq!(stats.counts[&JobState::Waiting], 0);
+    }
+
+    pub async fn notes_are_fenced_and_resume_says_whether_checkpoints_exist(backend: &dyn Backend) {
+        let queue = backend.open(settings()).await;
+        let worker = worker("w");
+        let id = enqueue(&*queue, new_job("meeting")).await;
+        let lease = take(&*queue, &worker).await;
+        assert!(!lease.resume, "nothing saved yet");
+        let progress = Progress { percent: 30, stage: Some("work".into()), message: "a third".into() };
+        let notes = Notes {
+            events: vec![
+                EventKind::Stage { stage: "work".into(), status: "running".into() },
+                EventKind::Progress(progress.clone()),
+            ],
+            log: vec!["attempt 1 started".into()],
+        };
+        queue.note(&id, &lease.token, &notes).await.unwrap();
+        assert_eq!(get(&*queue, &id).await.progress, Some(progress.clone()));
+        let lines: Vec<String> = queue.logs(&id).await.unwrap().into_iter().map(|log| log.line).collect();
+        assert_eq!(lines, ["attempt 1 started"]);
+        let events = all_events(&*queue).await;
+        let kinds: Vec<&EventKind> = events.iter().filter(|e| e.job_id == id).map(|e| &e.kind).skip(2).collect();
+        assert_eq!(kinds, [&notes.events[0], &notes.events[1]]);
+        let bad = Notes { events: vec![EventKind::State { state: JobState::Failed, reason: None }], log: vec![] };
+        assert!(matches!(queue.note(&id, &lease.token, &bad).await, Err(QueueError::Invalid(_))));
+        let stale = queue.note(&id, &LeaseToken("not-the-token".into()), &notes).await;
+        assert!(matches!(stale, Err(QueueError::LeaseLost(_))), "{stale:?}");
+        // A failed attempt that saved a checkpoint: the retry is told to read them.
+        queue.save_checkpoint(&id, &lease.token, "download", &checkpoint(json!({ "bytes": 1 }))).await.unwrap();
+        let retry = Failure { retry_after: Some(ms(1)), ..failure("network down", true) };
+        assert!(matches!(queue.fail(&id, &lease.token, retry).await.unwrap(), FailOutcome::Retrying { .. }));
+        let again = take(&*queue, &worker).await;
+        assert_eq!(again.job.id, id);
+        assert!(again.resume, "checkpoints were saved: read them");
+        assert!(!queue.checkpoints(&id).await.unwrap().is_empty());
+        // A job released without checkpoints comes back with nothing to read.
+        let other = enqueue(&*queue, new_job("meeting")).await;
+        queue.complete(&id, &again.token, json!({})).await.unwrap();
+        let lease = take(&*queue, &worker).await;
+        assert_eq!(lease.job.id, other);
+        queue.release(&other, &lease.token).await.unwrap();
+        assert!(!take(&*queue, &worker).await.resume);
     }
 }
 

@@ -21,7 +21,7 @@ use echo_worker::queue::memory::MemoryQueue;
 use echo_worker::queue::redis::{RedisOptions, RedisQueue};
 use echo_worker::queue::{
     CancelOutcome, Enqueued, Event, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease, LeaseToken, LogLine,
-    NewJob, Progress, Queue, QueueError, Renewal, Stats, WorkerInfo,
+    NewJob, Notes, Progress, Queue, QueueError, Renewal, Stats, WorkerInfo,
 };
 use echo_worker::store::{NewRecording, RecordingStatus, SqlStore, Store};
 use echo_worker::worker::{Worker, WorkerOptions, WorkerSummary};
@@ -456,6 +456,25 @@ impl Queue for Outage {
     async fn take(&self, worker: &WorkerInfo, wait: Duration) -> Result<Option<Lease>, QueueError> {
         self.check()?;
         self.inner.take(worker, wait).await
+    }
+    async fn take_many(&self, worker: &WorkerInfo, wait: Duration, max: usize) -> Result<Vec<Lease>, QueueError> {
+        self.check()?;
+        self.inner.take_many(worker, wait, max).await
+    }
+    async fn complete_and_take(
+        &self,
+        id: &str,
+        token: &LeaseToken,
+        result: Value,
+        notes: &Notes,
+        next: Option<&WorkerInfo>,
+    ) -> Result<Option<Lease>, QueueError> {
+        self.check()?;
+        self.inner.complete_and_take(id, token, result, notes, next).await
+    }
+    async fn note(&self, id: &str, token: &LeaseToken, notes: &Notes) -> Result<(), QueueError> {
+        self.check()?;
+        self.inner.note(id, token, notes).await
     }
     async fn renew(&self, leases: &[(JobId, LeaseToken)]) -> Result<Vec<Renewal>, QueueError> {
         self.check()?;
@@ -1410,7 +1429,7 @@ async fn checkpoints_in_the_queue_are_written_under_the_lease_and_refused_once_i
         last_heartbeat: 0,
     };
     let lease = queue.take(&worker, Duration::from_secs(1)).await.unwrap().expect("a job");
-    let checkpoints = QueueCheckpoints::new(queue.clone(), &id, lease.token.clone());
+    let checkpoints = QueueCheckpoints::new(queue.clone(), &id, lease.token.clone(), lease.resume);
     checkpoints.save(&id, "twice", &StageOutput::from(json!({ "n": 1 }))).await.unwrap();
     assert_eq!(checkpoints.load(&id).await.unwrap()["twice"].value, json!({ "n": 1 }));
     let other = checkpoints.load("another-job").await.unwrap_err();

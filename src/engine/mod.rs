@@ -15,7 +15,6 @@
 
 pub mod registry;
 pub mod scheduler;
-pub mod workdir;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -255,7 +254,7 @@ impl Engine {
         job: JobSpec,
         sink: Arc<dyn ProgressSink>,
         cancel: CancellationToken,
-        work_dir: &std::path::Path,
+        work_dir: Arc<crate::stage::WorkDir>,
     ) -> Result<JobReport, EngineError> {
         scheduler::run(self, pipeline, job, sink, cancel, Some(work_dir)).await
     }

@@ -14,7 +14,6 @@
 //! abort-on-drop handles, and drop guards cancel the tokens, so dropping the run future stops all of it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +23,6 @@ use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::workdir::WorkDir;
 use super::{Engine, EngineError, JobFailure, JobReport, JobStatus, StageReport, StageStatus, failure};
 use crate::error::ErrorCode;
 use crate::job::checkpoint::Checkpoints;
@@ -33,7 +31,7 @@ use crate::job::{JobSpec, StageError, StageOutput};
 use crate::metrics;
 use crate::pipeline::{OnFailure, Pipeline, StageSpec, Trigger};
 use crate::retry;
-use crate::stage::{Stage, StageContext};
+use crate::stage::{Stage, StageContext, WorkDir};
 use crate::template::Renderer;
 use crate::units::HumanDuration;
 
@@ -47,22 +45,13 @@ pub(super) async fn run(
     job: JobSpec,
     sink: Arc<dyn ProgressSink>,
     cancel: CancellationToken,
-    kept: Option<&Path>,
+    kept: Option<Arc<WorkDir>>,
 ) -> Result<JobReport, EngineError> {
     engine.check(pipeline)?;
     let saved = engine.checkpoints.load(&job.id).await?;
-    let root = &engine.settings.work_root;
     // A directory the caller keeps (a worker keeps one while a retry of the job may come back to it) is used as
-    // it is; otherwise the run makes its own, removed when the run ends.
-    let (work_dir, path) = match kept {
-        Some(path) => (None, path.to_path_buf()),
-        None => {
-            let dir =
-                WorkDir::create(root, &job.id).map_err(|source| EngineError::WorkDir { root: root.clone(), source })?;
-            let path = dir.path().to_path_buf();
-            (Some(dir), path)
-        }
-    };
+    // it is; otherwise the run has its own, made when a stage first asks for it and removed when the run ends.
+    let path = kept.unwrap_or_else(|| Arc::new(WorkDir::new(&engine.settings.work_root, &job.id)));
     let tracker = Arc::new(Tracker::new(pipeline.stages.iter().map(|stage| (stage.id.clone(), stage.weight))));
     // Everything the run starts is tied to it: if the run future is dropped (its caller aborted), the guards
     // stop the emitter, cancel every stage's token and abort every task, so nothing goes on without a job.
@@ -81,7 +70,7 @@ pub(super) async fn run(
         pipeline,
         job: Arc::new(job),
         saved,
-        work_dir: path,
+        work_dir: path.clone(),
         tracker: tracker.clone(),
         stop: cancel.child_token(),
         slots: pipeline.stages.iter().map(|_| Slot::Pending).collect(),
@@ -107,7 +96,9 @@ pub(super) async fn run(
     // The emitter only awaits the sink; if it panicked there is nothing left to report.
     let _ = emitter.await;
     let report = run.report(status);
-    drop(work_dir);
+    // The run's handle on the work directory went with it; this last one removes the directory (if a stage made
+    // it) unless the caller keeps a handle for a retry.
+    drop(path);
     Ok(report)
 }
 
@@ -136,7 +127,7 @@ struct Run<'a> {
     pipeline: &'a Pipeline,
     job: Arc<JobSpec>,
     saved: HashMap<String, StageOutput>,
-    work_dir: PathBuf,
+    work_dir: Arc<WorkDir>,
     tracker: Arc<Tracker>,
     stop: CancellationToken,
     slots: Vec<Slot>,
@@ -408,7 +399,7 @@ struct StageTask {
     stage: Arc<dyn Stage>,
     job: Arc<JobSpec>,
     inputs: Arc<BTreeMap<String, Value>>,
-    work_dir: PathBuf,
+    work_dir: Arc<WorkDir>,
     tracker: Arc<Tracker>,
     index: usize,
     stop: CancellationToken,

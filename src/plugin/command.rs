@@ -113,10 +113,14 @@ impl Stage for CommandStage {
             args.push(self.plugin.render_text_async(&self.renderer, arg, &context, &location, &ctx.cancel).await?);
         }
 
+        let work_dir = ctx
+            .work_dir
+            .ensure()
+            .map_err(|error| StageError::transient(ErrorCode::Io, format!("plugin `{name}`: {error}")))?;
         let mut command = Command::new(&self.program);
         command
             .args(&args)
-            .current_dir(&ctx.work_dir)
+            .current_dir(work_dir)
             .env_clear()
             .envs(self.environment())
             .env("ECHO_JOB_ID", &ctx.job.id)

@@ -14,8 +14,7 @@ use tokio::time::Instant;
 
 use super::{
     CancelOutcome, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease, LeaseToken,
-    LogLine, MAX_PRIORITY, MIN_PRIORITY, MinuteCounts, NewJob, Progress, Queue, QueueError, QueueSettings, Renewal,
-    Stats, WorkerInfo,
+    LogLine, MinuteCounts, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Renewal, Stats, WorkerInfo,
 };
 use crate::job::StageOutput;
 
@@ -70,30 +69,6 @@ fn key_time(ms: u64) -> i64 {
 /// The key that allows one live job: the explicit idempotency key, else the recording id.
 fn live_key(spec: &NewJob) -> Option<&str> {
     spec.idempotency_key.as_deref().or(spec.recording_id.as_deref())
-}
-
-/// Refuses a request that no backend would run.
-fn validate(spec: &NewJob) -> Result<(), QueueError> {
-    let what = match &spec.recording_id {
-        Some(recording) => format!("job for pipeline `{}` (recording {recording})", spec.pipeline),
-        None => format!("job for pipeline `{}`", spec.pipeline),
-    };
-    if spec.pipeline.trim().is_empty() {
-        return Err(QueueError::Invalid("the pipeline name is empty".into()));
-    }
-    if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&spec.priority) {
-        return Err(QueueError::Invalid(format!(
-            "{what}: priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
-            spec.priority
-        )));
-    }
-    if spec.max_attempts == 0 {
-        return Err(QueueError::Invalid(format!("{what}: max_attempts is 0; a job needs at least 1 attempt")));
-    }
-    if spec.idempotency_key.as_deref().is_some_and(|key| key.trim().is_empty()) {
-        return Err(QueueError::Invalid(format!("{what}: the idempotency key is empty")));
-    }
-    Ok(())
 }
 
 /// The wait before the attempt after `attempt` (1 for the first): the failure's own wait when it gave one,
@@ -260,7 +235,7 @@ impl State {
     }
 
     fn enqueue(&mut self, spec: NewJob, now: u64) -> Result<Enqueued, QueueError> {
-        validate(&spec)?;
+        spec.check()?;
         if let Some(holder) = live_key(&spec).and_then(|key| self.keys.get(key)) {
             return Ok(Enqueued::Existing(holder.clone()));
         }
@@ -333,8 +308,35 @@ impl State {
             entry.lease = Some(held);
         });
         self.emit_state(now, &id, JobState::Active, None);
-        let job = self.jobs.get(&id)?.job.clone();
-        Some(Lease { job, token })
+        let entry = self.jobs.get(&id)?;
+        Some(Lease { job: entry.job.clone(), token, resume: !entry.checkpoints.is_empty() })
+    }
+
+    /// Appends a line to a job's log, keeping the newest `max_log_lines`.
+    fn log(&mut self, id: &str, now: u64, line: &str) {
+        let cap = usize::try_from(self.settings.max_log_lines).unwrap_or(usize::MAX);
+        if let Some(entry) = self.jobs.get_mut(id) {
+            entry.logs.push_back(LogLine { at: now, line: line.to_owned() });
+            while entry.logs.len() > cap {
+                entry.logs.pop_front();
+            }
+        }
+    }
+
+    /// Writes a held job's notes: its events in order, the last progress as its progress, its log lines.
+    fn note(&mut self, id: &str, token: &LeaseToken, now: u64, notes: &Notes) -> Result<(), QueueError> {
+        notes.check(id)?;
+        let entry = self.held(id, token, now)?;
+        if let Some(progress) = notes.last_progress() {
+            entry.job.progress = Some(progress.clone());
+        }
+        for event in &notes.events {
+            self.emit(now, id, event.clone());
+        }
+        for line in &notes.log {
+            self.log(id, now, line);
+        }
+        Ok(())
     }
 
     /// The entry of a job `token` still holds, or [`QueueError::LeaseLost`].
@@ -526,28 +528,34 @@ impl Queue for MemoryQueue {
     }
 
     async fn take(&self, worker: &WorkerInfo, wait: Duration) -> Result<Option<Lease>, QueueError> {
+        Ok(self.take_many(worker, wait, 1).await?.pop())
+    }
+
+    async fn take_many(&self, worker: &WorkerInfo, wait: Duration, max: usize) -> Result<Vec<Lease>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let deadline = Instant::now() + wait;
         loop {
             let notified = self.ready.notified();
             tokio::pin!(notified);
             // Registered before looking, so a change made after the look wakes this taker.
             notified.as_mut().enable();
-            let (lease, due_in) = self.with(|state, now| {
+            let (leases, due_in) = self.with(|state, now| {
                 state.promote_due(now);
                 if state.paused {
-                    return (None, None);
+                    return (Vec::new(), None);
                 }
-                match state.take_next(now, worker) {
-                    Some(lease) => (Some(lease), None),
-                    None => (None, state.next_due().map(|due| Duration::from_millis(due.saturating_sub(now)))),
-                }
+                let leases: Vec<Lease> = std::iter::from_fn(|| state.take_next(now, worker)).take(max).collect();
+                let due_in = state.next_due().map(|due| Duration::from_millis(due.saturating_sub(now)));
+                (leases, due_in)
             });
-            if lease.is_some() {
-                return Ok(lease);
+            if !leases.is_empty() {
+                return Ok(leases);
             }
             let started = Instant::now();
             if started >= deadline {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let wake_at = due_in.map_or(deadline, |due_in| deadline.min(started + due_in));
             tokio::select! {
@@ -581,6 +589,31 @@ impl Queue for MemoryQueue {
             state.finish(id, JobState::Completed, now, None);
             Ok(())
         })
+    }
+
+    async fn complete_and_take(
+        &self,
+        id: &str,
+        token: &LeaseToken,
+        result: Value,
+        notes: &Notes,
+        next: Option<&WorkerInfo>,
+    ) -> Result<Option<Lease>, QueueError> {
+        self.with(|state, now| {
+            state.note(id, token, now, notes)?;
+            state.held(id, token, now)?.job.result = Some(result);
+            state.finish(id, JobState::Completed, now, None);
+            let Some(worker) = next else { return Ok(None) };
+            state.promote_due(now);
+            if state.paused {
+                return Ok(None);
+            }
+            Ok(state.take_next(now, worker))
+        })
+    }
+
+    async fn note(&self, id: &str, token: &LeaseToken, notes: &Notes) -> Result<(), QueueError> {
+        self.with(|state, now| state.note(id, token, now, notes))
     }
 
     async fn fail(&self, id: &str, token: &LeaseToken, failure: Failure) -> Result<FailOutcome, QueueError> {
@@ -805,15 +838,7 @@ impl Queue for MemoryQueue {
     }
 
     async fn log(&self, id: &str, line: &str) -> Result<(), QueueError> {
-        self.with(|state, now| {
-            let cap = usize::try_from(state.settings.max_log_lines).unwrap_or(usize::MAX);
-            if let Some(entry) = state.jobs.get_mut(id) {
-                entry.logs.push_back(LogLine { at: now, line: line.to_owned() });
-                while entry.logs.len() > cap {
-                    entry.logs.pop_front();
-                }
-            }
-        });
+        self.with(|state, now| state.log(id, now, line));
         Ok(())
     }
 

@@ -138,6 +138,42 @@ pub struct NewJob {
     pub callback_url: Option<String>,
 }
 
+impl NewJob {
+    /// Refuses a request that no backend would run, saying what is wrong with which job.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`]: an empty pipeline name, a priority out of range, zero attempts, an empty
+    /// idempotency key, or a delay of more than ten years.
+    pub fn check(&self) -> Result<(), QueueError> {
+        let what = match &self.recording_id {
+            Some(recording) => format!("job for pipeline `{}` (recording {recording})", self.pipeline),
+            None => format!("job for pipeline `{}`", self.pipeline),
+        };
+        if self.pipeline.trim().is_empty() {
+            return Err(QueueError::Invalid("the pipeline name is empty".into()));
+        }
+        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&self.priority) {
+            return Err(QueueError::Invalid(format!(
+                "{what}: priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
+                self.priority
+            )));
+        }
+        if self.max_attempts == 0 {
+            return Err(QueueError::Invalid(format!("{what}: max_attempts is 0; a job needs at least 1 attempt")));
+        }
+        if self.idempotency_key.as_deref().is_some_and(|key| key.trim().is_empty()) {
+            return Err(QueueError::Invalid(format!("{what}: the idempotency key is empty")));
+        }
+        if self.delay.is_some_and(|delay| delay > MAX_DELAY) {
+            return Err(QueueError::Invalid(format!("{what}: a delay longer than ten years")));
+        }
+        Ok(())
+    }
+}
+
+/// Longest delay a job may ask for.
+pub const MAX_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Most urgent priority.
 pub const MIN_PRIORITY: i32 = -(1 << 20);
 /// Least urgent priority. The range keeps `priority × 2³² + sequence` exact in a Redis sorted-set score.
@@ -200,6 +236,48 @@ pub struct Lease {
     pub job: Job,
     /// The token for every write about it.
     pub token: LeaseToken,
+    /// The job may have checkpoints (an earlier attempt saved some): read them before running. `false` means
+    /// nothing was ever saved for it, so there is nothing to restore.
+    pub resume: bool,
+}
+
+/// What a worker held back about a job while it ran, written in the same call that ends it (see
+/// [`Queue::complete_and_take`]), so that a short job costs one round trip at its end instead of one per note.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Notes {
+    /// Stage and progress events, oldest first, appended before the job's final state event. The last progress
+    /// among them also becomes the job's stored progress. State events are not notes: they are refused.
+    pub events: Vec<EventKind>,
+    /// Lines for the job's log, oldest first.
+    pub log: Vec<String>,
+}
+
+impl Notes {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.log.is_empty()
+    }
+
+    /// Refuses state events, which only the queue writes.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] naming the job and the event.
+    pub fn check(&self, id: &str) -> Result<(), QueueError> {
+        match self.events.iter().find(|event| matches!(event, EventKind::State { .. })) {
+            Some(event) => Err(QueueError::Invalid(format!(
+                "notes about job {id} carry a state event ({event:?}); only the queue writes state events"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The last progress among the events.
+    pub fn last_progress(&self) -> Option<&Progress> {
+        self.events.iter().rev().find_map(|event| match event {
+            EventKind::Progress(progress) => Some(progress),
+            _ => None,
+        })
+    }
 }
 
 /// What a renewal found for one lease.
@@ -465,6 +543,14 @@ pub trait Queue: Send + Sync {
     /// [`QueueError::Unavailable`].
     async fn take(&self, worker: &WorkerInfo, wait: Duration) -> Result<Option<Lease>, QueueError>;
 
+    /// Takes up to `max` ready jobs at once (at least one, waiting up to `wait` for the first, as [`Queue::take`]
+    /// does), in run order: one round trip for many free slots. Empty when the wait ends with nothing ready, while
+    /// the queue is paused, or when `max` is 0.
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`].
+    async fn take_many(&self, worker: &WorkerInfo, wait: Duration, max: usize) -> Result<Vec<Lease>, QueueError>;
+
     /// Extends every given lease by the lease length, in one round trip, and says for each whether it is
     /// still held and whether a cancel was asked.
     ///
@@ -477,6 +563,28 @@ pub trait Queue: Send + Sync {
     /// # Errors
     /// [`QueueError::LeaseLost`]; [`QueueError::Unavailable`].
     async fn complete(&self, id: &str, token: &LeaseToken, result: Value) -> Result<(), QueueError>;
+
+    /// Finishes a held job with its result after writing the notes held back about it, and, when `next` names the
+    /// worker, takes the next ready job for it in the same round trip (never waiting; nothing while paused). The
+    /// job is completed whether or not another is taken.
+    ///
+    /// # Errors
+    /// [`QueueError::LeaseLost`] (nothing is written, nothing taken); [`QueueError::Invalid`] for notes with a
+    /// state event; [`QueueError::Unavailable`].
+    async fn complete_and_take(
+        &self,
+        id: &str,
+        token: &LeaseToken,
+        result: Value,
+        notes: &Notes,
+        next: Option<&WorkerInfo>,
+    ) -> Result<Option<Lease>, QueueError>;
+
+    /// Writes the notes held back about a held job (stage and progress events, log lines) in one round trip.
+    ///
+    /// # Errors
+    /// [`QueueError::LeaseLost`]; [`QueueError::Invalid`] for a state event; [`QueueError::Unavailable`].
+    async fn note(&self, id: &str, token: &LeaseToken, notes: &Notes) -> Result<(), QueueError>;
 
     /// Records a failed attempt of a held job: retried after a backoff while attempts are left and the failure
     /// is retryable, failed for good otherwise.

@@ -31,8 +31,7 @@ use tokio::time::Instant;
 
 use super::{
     CancelOutcome, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease, LeaseToken,
-    LogLine, MAX_PRIORITY, MIN_PRIORITY, MinuteCounts, NewJob, Progress, Queue, QueueError, QueueSettings, Renewal,
-    Stats, WorkerInfo,
+    LogLine, MinuteCounts, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Renewal, Stats, WorkerInfo,
 };
 use crate::job::StageOutput;
 use crate::secret::SecretUrl;
@@ -45,8 +44,11 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 const IDLE_BLOCK: Duration = Duration::from_secs(5);
 /// Pause after the blocking connection failed, so that a Redis outage is not a busy loop.
 const BLOCKER_BACKOFF: Duration = Duration::from_secs(1);
-/// Ids of the head of `wait` passed to each take (see take.lua).
-const HEAD: usize = 32;
+/// Ids of the head of `wait` passed to each take (see take_jobs in common.lua): as many as a busy worker process
+/// may have takes in flight at once (each of its finishing jobs takes the next), so that they rarely miss.
+const HEAD: usize = 64;
+/// Head ids a take offers beyond those that the takes ahead of it and its own want may use.
+const SPARE: usize = 4;
 /// Jobs per enqueue script call.
 const ENQUEUE_BATCH: usize = 200;
 /// Jobs per recovery, retry or purge script call.
@@ -466,6 +468,36 @@ fn decode_job(id: &str, state: &str, fields: &HashMap<String, String>) -> Result
     })
 }
 
+/// A job the take script handed out: its fields (HGETALL) as a lease.
+fn leased(value: Value) -> Result<Lease, QueueError> {
+    let fields = fields(value);
+    let id = fields.get("id").cloned().unwrap_or_default();
+    let token = fields
+        .get("token")
+        .cloned()
+        .ok_or_else(|| QueueError::Corrupt { id: id.clone(), message: "taken without a lease token".into() })?;
+    let resume = fields.get("fresh").is_none_or(|fresh| fresh != "1");
+    let job = decode_job(&id, "active", &fields)?;
+    Ok(Lease { job, token: LeaseToken(token), resume })
+}
+
+/// The notes as ARGV for write_notes (common.lua): the events, the progress to store, the log lines.
+fn note_args(id: &str, notes: &Notes) -> Result<Vec<String>, QueueError> {
+    notes.check(id)?;
+    let invalid = |error: serde_json::Error| QueueError::Invalid(format!("notes about job {id}: {error}"));
+    let mut args = vec![notes.events.len().to_string()];
+    for event in &notes.events {
+        args.push(serde_json::to_string(event).map_err(invalid)?);
+    }
+    args.push(match notes.last_progress() {
+        Some(progress) => serde_json::to_string(progress).map_err(invalid)?,
+        None => String::new(),
+    });
+    args.push(notes.log.len().to_string());
+    args.extend(notes.log.iter().cloned());
+    Ok(args)
+}
+
 /// One stream entry, `[id, [field, value, ...]]`.
 fn decode_event(entry: Value) -> Option<Event> {
     let mut entry = array(entry).into_iter();
@@ -526,6 +558,18 @@ impl Wake {
     }
 }
 
+/// A counter for guards that count nothing.
+static DONE: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a take script call in flight while it lives.
+struct Taking<'a>(&'a AtomicUsize);
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Counts a waiting take while it lives.
 struct Waiter<'a>(&'a Wake);
 
@@ -539,13 +583,16 @@ impl Drop for Waiter<'_> {
 /// per [`IDLE_BLOCK`] in any case (so that a wake-up lost elsewhere delays a job by that much at most).
 async fn run_blocker(inner: Arc<Inner>) {
     let wake = &inner.wake;
-    let mut connection: Option<(u64, MultiplexedConnection)> = None;
+    let mut connection = inner.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     loop {
         if wake.waiters.load(Ordering::Acquire) == 0 {
+            // Kept for the next task, which then needs no new connection.
+            *inner.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = connection.take();
             wake.running.store(false, Ordering::Release);
             if wake.waiters.load(Ordering::Acquire) == 0 || wake.running.swap(true, Ordering::AcqRel) {
                 return;
             }
+            connection = inner.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         }
         let block = wake
             .due()
@@ -618,13 +665,18 @@ struct Inner {
     head: StdMutex<Vec<String>>,
     /// Dedicated connections for blocking event reads, kept between calls.
     readers: StdMutex<Vec<(u64, MultiplexedConnection)>>,
+    /// The blocking task's connection while no task runs, so that a task started again does not connect again.
+    blocking: StdMutex<Option<(u64, MultiplexedConnection)>>,
+    /// Take script calls in flight (takes, and completions that take the next job); each offers this many head
+    /// ids and a few more, since those before it may take the first ones.
+    taking: AtomicUsize,
     memory_policy: MemoryPolicy,
 }
 
 /// What one take script call found.
 enum Took {
-    /// A job, and how many are still waiting.
-    Job(Box<Lease>, u64),
+    /// Jobs, and how many are still waiting.
+    Jobs(Vec<Lease>, u64),
     /// Nothing ready (or paused); the next delayed job is due after this long.
     Idle(Option<Duration>),
     /// Other takers kept getting the head first: jobs are there, ask again.
@@ -688,40 +740,47 @@ impl Inner {
         self.settings.max_events.max(1).to_string()
     }
 
-    fn head(&self) -> Vec<String> {
-        self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    /// The head ids a take of `want` jobs offers, counting itself in flight until the guard drops: the takes sent
+    /// before it and not answered yet may take up to that many head ids first, so it offers the head up to there
+    /// and a few more (a miss costs a retry, never a wrong job: the script checks). The offer always starts at
+    /// the head, since takes ahead of it may also miss and take nothing.
+    fn candidates(&self, want: usize) -> (Vec<String>, Taking<'_>) {
+        let before = self.taking.fetch_add(1, Ordering::AcqRel);
+        let head = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let end = (before + want + SPARE).min(head.len());
+        (head[..end].to_vec(), Taking(&self.taking))
     }
 
     fn set_head(&self, head: Vec<String>) {
         *self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = head;
     }
 
-    /// One take script call (plus a second when the head moved under it).
-    async fn take_once(&self, worker: &WorkerInfo) -> Result<Took, QueueError> {
-        let token = LeaseToken(uuid::Uuid::new_v4().to_string());
+    /// Take script calls until jobs are taken, nothing is ready, or the head kept moving.
+    async fn take_once(&self, worker: &WorkerInfo, want: usize) -> Result<Took, QueueError> {
+        let token = uuid::Uuid::new_v4().to_string();
         let lease_ms = millis(self.settings.lease).max(1).to_string();
         let max_events = self.max_events();
         let head_size = HEAD.to_string();
+        let want_n = want.max(1);
+        let want = want_n.to_string();
         let k = &self.keys;
         for _ in 0..4 {
-            let candidates = self.head();
+            let (candidates, _taking) = self.candidates(want_n);
             let job_keys: Vec<String> = candidates.iter().map(|id| k.job(id)).collect();
             let mut keys =
                 vec![k.meta.as_str(), &k.wait, &k.delayed, &k.active, &k.marker, &k.events, &k.prio, &k.seq, &k.fseq];
             keys.extend(job_keys.iter().map(String::as_str));
             let count = candidates.len().to_string();
-            let mut args = vec![lease_ms.as_str(), &worker.id, &token.0, &max_events, &head_size, &count];
+            let mut args = vec![lease_ms.as_str(), &worker.id, &token, &max_events, &head_size, &want, &count];
             args.extend(candidates.iter().map(String::as_str));
             let reply = array(self.script::<Value>(&TAKE, &keys, &args).await?);
             match first_code(&reply) {
                 1 => {
                     let remaining = reply.get(1).and_then(int).unwrap_or(0);
                     let mut reply = reply.into_iter().skip(2);
-                    let fields = fields(reply.next().unwrap_or(Value::Nil));
                     self.set_head(texts(reply.next().unwrap_or(Value::Nil)));
-                    let id = fields.get("id").cloned().unwrap_or_default();
-                    let job = decode_job(&id, "active", &fields)?;
-                    return Ok(Took::Job(Box::new(Lease { job, token }), u64::try_from(remaining).unwrap_or(0)));
+                    let leases = reply.map(leased).collect::<Result<Vec<_>, _>>()?;
+                    return Ok(Took::Jobs(leases, u64::try_from(remaining).unwrap_or(0)));
                 }
                 3 => self.set_head(texts(reply.into_iter().nth(1).unwrap_or(Value::Nil))),
                 _ => {
@@ -920,6 +979,8 @@ impl RedisQueue {
                 link,
                 wake: Wake::default(),
                 head: StdMutex::new(Vec::new()),
+                blocking: StdMutex::new(None),
+                taking: AtomicUsize::new(0),
                 readers: StdMutex::new(Vec::new()),
                 memory_policy,
             }),
@@ -934,28 +995,6 @@ impl RedisQueue {
     /// The prefix every key of this queue starts with (`<prefix>{<queue>}:`).
     pub fn key_prefix(&self) -> &str {
         &self.inner.keys.base
-    }
-
-    fn check(job: &NewJob) -> Result<(), QueueError> {
-        if job.pipeline.trim().is_empty() {
-            return Err(QueueError::Invalid("the pipeline name is empty".into()));
-        }
-        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&job.priority) {
-            return Err(QueueError::Invalid(format!(
-                "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
-                job.priority
-            )));
-        }
-        if job.max_attempts == 0 {
-            return Err(QueueError::Invalid("max_attempts must be at least 1".into()));
-        }
-        if job.idempotency_key.as_deref().is_some_and(str::is_empty) {
-            return Err(QueueError::Invalid("the idempotency key is empty".into()));
-        }
-        if job.delay.is_some_and(|delay| delay > Duration::from_secs(10 * 365 * 24 * 3600)) {
-            return Err(QueueError::Invalid("a delay longer than ten years".into()));
-        }
-        Ok(())
     }
 
     /// Enqueues valid jobs, one script call per batch.
@@ -1033,7 +1072,7 @@ async fn memory_policy(mut connection: ConnectionManager) -> MemoryPolicy {
 #[async_trait::async_trait]
 impl Queue for RedisQueue {
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
-        Self::check(&job)?;
+        job.check()?;
         let mut done = self.enqueue_batch(&[(Self::new_id(), job)]).await?;
         done.pop().ok_or_else(|| QueueError::Unavailable("enqueue returned nothing".into()))
     }
@@ -1042,7 +1081,7 @@ impl Queue for RedisQueue {
         let mut results: Vec<Option<Result<Enqueued, QueueError>>> = Vec::with_capacity(jobs.len());
         let mut valid = Vec::new();
         for (index, job) in jobs.into_iter().enumerate() {
-            match Self::check(&job) {
+            match job.check() {
                 Ok(()) => {
                     valid.push((index, (Self::new_id(), job)));
                     results.push(None);
@@ -1079,15 +1118,22 @@ impl Queue for RedisQueue {
     }
 
     async fn take(&self, worker: &WorkerInfo, wait: Duration) -> Result<Option<Lease>, QueueError> {
+        Ok(self.take_many(worker, wait, 1).await?.pop())
+    }
+
+    async fn take_many(&self, worker: &WorkerInfo, wait: Duration, max: usize) -> Result<Vec<Lease>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let inner = &self.inner;
         let wake = &inner.wake;
         let deadline = Instant::now() + wait;
         // Ask Redis at once unless the last look found nothing and the blocking task is watching for news.
         if !wake.empty.load(Ordering::Acquire) || !wake.running.load(Ordering::Acquire) || wait.is_zero() {
-            match inner.take_once(worker).await? {
-                Took::Job(lease, _) => {
+            match inner.take_once(worker, max).await? {
+                Took::Jobs(leases, _) => {
                     wake.empty.store(false, Ordering::Release);
-                    return Ok(Some(*lease));
+                    return Ok(leases);
                 }
                 Took::Idle(due) => {
                     wake.empty.store(true, Ordering::Release);
@@ -1097,7 +1143,7 @@ impl Queue for RedisQueue {
                 Took::Busy => wake.notify.notify_one(),
             }
             if wait.is_zero() {
-                return Ok(None);
+                return Ok(Vec::new());
             }
         }
         wake.waiters.fetch_add(1, Ordering::AcqRel);
@@ -1108,16 +1154,16 @@ impl Queue for RedisQueue {
         loop {
             tokio::select! {
                 () = wake.notify.notified() => {}
-                () = tokio::time::sleep_until(deadline) => return Ok(None),
+                () = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
             }
-            match inner.take_once(worker).await? {
-                Took::Job(lease, remaining) => {
+            match inner.take_once(worker, max).await? {
+                Took::Jobs(leases, remaining) => {
                     wake.empty.store(false, Ordering::Release);
                     let others = wake.waiters.load(Ordering::Acquire).saturating_sub(1);
                     for _ in 0..remaining.min(others as u64) {
                         wake.notify.notify_one();
                     }
-                    return Ok(Some(*lease));
+                    return Ok(leases);
                 }
                 Took::Idle(due) => {
                     wake.empty.store(true, Ordering::Release);
@@ -1155,20 +1201,107 @@ impl Queue for RedisQueue {
     }
 
     async fn complete(&self, id: &str, token: &LeaseToken, result: Json) -> Result<(), QueueError> {
-        let s = &self.inner.settings;
-        let k = &self.inner.keys;
+        self.complete_and_take(id, token, result, &Notes::default(), None).await.map(drop)
+    }
+
+    async fn complete_and_take(
+        &self,
+        id: &str,
+        token: &LeaseToken,
+        result: Json,
+        notes: &Notes,
+        next: Option<&WorkerInfo>,
+    ) -> Result<Option<Lease>, QueueError> {
+        if !valid_id(id) {
+            return Err(QueueError::LeaseLost(id.to_string()));
+        }
+        let inner = &self.inner;
+        let s = &inner.settings;
+        let k = &inner.keys;
         let [job, cp, log] = k.job_keys(id);
         let result = serde_json::to_string(&result).map_err(|error| QueueError::Invalid(error.to_string()))?;
-        let keys =
-            [job.as_str(), &cp, &log, &k.active, &k.completed, &k.events, &k.ikeys, &k.trash, &k.per_minute_completed];
+        let notes = note_args(id, notes)?;
+        let (candidates, _taking) = if next.is_some() { inner.candidates(1) } else { (Vec::new(), Taking(&DONE)) };
+        let job_keys: Vec<String> = candidates.iter().map(|id| k.job(id)).collect();
+        let mut keys = vec![
+            job.as_str(),
+            &cp,
+            &log,
+            &k.active,
+            &k.completed,
+            &k.events,
+            &k.ikeys,
+            &k.trash,
+            &k.per_minute_completed,
+        ];
+        if next.is_some() {
+            keys.extend([k.meta.as_str(), &k.wait, &k.delayed, &k.marker, &k.prio, &k.seq, &k.fseq]);
+            keys.extend(job_keys.iter().map(String::as_str));
+        }
         let keep_ms = millis(s.keep_completed_for).to_string();
         let keep = s.keep_completed.to_string();
-        let max_events = self.inner.max_events();
-        let args = [id, &token.0, &result, &keep_ms, &keep, &max_events];
-        let reply = array(self.inner.script::<Value>(&COMPLETE, &keys, &args).await?);
+        let max_events = inner.max_events();
+        let max_lines = s.max_log_lines.max(1).to_string();
+        let lease_ms = millis(s.lease).max(1).to_string();
+        let next_token = uuid::Uuid::new_v4().to_string();
+        let head_size = HEAD.to_string();
+        let worker = next.map_or("", |worker| worker.id.as_str());
+        let mut args = vec![
+            id,
+            &token.0,
+            &result,
+            &keep_ms,
+            &keep,
+            &max_events,
+            &max_lines,
+            &lease_ms,
+            worker,
+            &next_token,
+            &head_size,
+        ];
+        args.extend(notes.iter().map(String::as_str));
+        let count = candidates.len().to_string();
+        args.push(&count);
+        args.extend(candidates.iter().map(String::as_str));
+        let reply = array(inner.script::<Value>(&COMPLETE, &keys, &args).await?);
         Inner::fenced(id, first_code(&reply))?;
-        self.inner.after_finish(reply.get(1).and_then(int).unwrap_or(0)).await;
-        Ok(())
+        let mut reply = reply.into_iter().skip(1);
+        let trash = reply.next().as_ref().and_then(int).unwrap_or(0);
+        let took = reply.next().as_ref().and_then(int).unwrap_or(0);
+        let lease = match took {
+            1 => {
+                let remaining = reply.next().as_ref().and_then(int).unwrap_or(0);
+                inner.set_head(texts(reply.next().unwrap_or(Value::Nil)));
+                if remaining > 0 {
+                    inner.wake.empty.store(false, Ordering::Release);
+                }
+                Some(leased(reply.next().unwrap_or(Value::Nil))?)
+            }
+            3 => {
+                // The head moved under us: remember where it is now; the worker takes with take_many.
+                let _ = reply.next();
+                inner.set_head(texts(reply.next().unwrap_or(Value::Nil)));
+                None
+            }
+            _ => None,
+        };
+        inner.after_finish(trash).await;
+        Ok(lease)
+    }
+
+    async fn note(&self, id: &str, token: &LeaseToken, notes: &Notes) -> Result<(), QueueError> {
+        if !valid_id(id) {
+            return Err(QueueError::LeaseLost(id.to_string()));
+        }
+        let k = &self.inner.keys;
+        let (job, log) = (k.job(id), k.log(id));
+        let notes = note_args(id, notes)?;
+        let max_events = self.inner.max_events();
+        let max_lines = self.inner.settings.max_log_lines.max(1).to_string();
+        let mut args = vec![id, &token.0, &max_events, &max_lines];
+        args.extend(notes.iter().map(String::as_str));
+        let reply = array(self.inner.script::<Value>(&NOTE, &[&job, &k.events, &k.active, &log], &args).await?);
+        Inner::fenced(id, first_code(&reply))
     }
 
     async fn fail(&self, id: &str, token: &LeaseToken, failure: Failure) -> Result<FailOutcome, QueueError> {
@@ -1546,16 +1679,12 @@ impl Queue for RedisQueue {
     }
 
     async fn progress(&self, id: &str, token: &LeaseToken, progress: Progress) -> Result<(), QueueError> {
-        let stored = serde_json::to_string(&progress).map_err(|error| QueueError::Invalid(error.to_string()))?;
-        let event = serde_json::to_string(&EventKind::Progress(progress))
-            .map_err(|error| QueueError::Invalid(error.to_string()))?;
-        self.note(id, token, &event, &stored).await
+        self.note(id, token, &Notes { events: vec![EventKind::Progress(progress)], log: Vec::new() }).await
     }
 
     async fn stage_event(&self, id: &str, token: &LeaseToken, stage: &str, status: &str) -> Result<(), QueueError> {
-        let event = serde_json::to_string(&EventKind::Stage { stage: stage.to_string(), status: status.to_string() })
-            .map_err(|error| QueueError::Invalid(error.to_string()))?;
-        self.note(id, token, &event, "").await
+        let event = EventKind::Stage { stage: stage.to_string(), status: status.to_string() };
+        self.note(id, token, &Notes { events: vec![event], log: Vec::new() }).await
     }
 
     async fn log(&self, id: &str, line: &str) -> Result<(), QueueError> {
@@ -1649,21 +1778,6 @@ impl Queue for RedisQueue {
 }
 
 impl RedisQueue {
-    async fn note(&self, id: &str, token: &LeaseToken, event: &str, progress: &str) -> Result<(), QueueError> {
-        if !valid_id(id) {
-            return Err(QueueError::NotFound(id.to_string()));
-        }
-        let k = &self.inner.keys;
-        let job = k.job(id);
-        let max_events = self.inner.max_events();
-        let reply = array(
-            self.inner
-                .script::<Value>(&NOTE, &[&job, &k.events, &k.active], &[id, &token.0, event, progress, &max_events])
-                .await?,
-        );
-        Inner::fenced(id, first_code(&reply))
-    }
-
     /// Retries jobs by id; each outcome on its own.
     async fn retry_ids(
         &self,

@@ -7,16 +7,17 @@
 //! [`StageRegistry`].
 
 pub mod builtin;
+pub mod workdir;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 pub use builtin::BuiltinKind;
+pub use workdir::WorkDir;
 
 use crate::job::checkpoint::Checkpoints;
 use crate::job::progress::ProgressReporter;
@@ -69,8 +70,9 @@ pub struct StageContext {
     pub stage_id: String,
     /// The stage's `with` values, rendered.
     pub params: Value,
-    /// The job's private work directory; removed when the job ends.
-    pub work_dir: PathBuf,
+    /// The job's private work directory, made when a stage first calls [`WorkDir::ensure`]; removed when the job
+    /// ends.
+    pub work_dir: Arc<WorkDir>,
     /// Outputs of the stage's ancestors, by stage id.
     pub inputs: Arc<BTreeMap<String, Value>>,
     /// Where to report sub-progress (fraction and message).

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::job::StageOutput;
 use crate::job::checkpoint::{CheckpointError, Checkpoints};
@@ -15,12 +16,16 @@ pub struct QueueCheckpoints {
     queue: Arc<dyn Queue>,
     job_id: String,
     token: LeaseToken,
+    /// Whether the queue may hold checkpoints of the job: it said so when the job was taken
+    /// ([`crate::queue::Lease::resume`]), or this attempt saved some.
+    stored: AtomicBool,
 }
 
 impl QueueCheckpoints {
-    /// Checkpoints of `job_id`, written under `token`.
-    pub fn new(queue: Arc<dyn Queue>, job_id: impl Into<String>, token: LeaseToken) -> Self {
-        Self { queue, job_id: job_id.into(), token }
+    /// Checkpoints of `job_id`, written under `token`; `resume` is the lease's word on whether any exist yet
+    /// (when not, loading them costs no round trip until this attempt saves one).
+    pub fn new(queue: Arc<dyn Queue>, job_id: impl Into<String>, token: LeaseToken, resume: bool) -> Self {
+        Self { queue, job_id: job_id.into(), token, stored: AtomicBool::new(resume) }
     }
 
     /// Refuses a job other than the one this store was made for.
@@ -48,12 +53,17 @@ fn error(job_id: &str, error: &QueueError) -> CheckpointError {
 impl Checkpoints for QueueCheckpoints {
     async fn load(&self, job_id: &str) -> Result<HashMap<String, StageOutput>, CheckpointError> {
         self.same_job(job_id)?;
+        if !self.stored.load(Ordering::Acquire) {
+            return Ok(HashMap::new());
+        }
         let saved = self.queue.checkpoints(job_id).await.map_err(|e| error(job_id, &e))?;
         Ok(saved.into_iter().collect())
     }
 
     async fn save(&self, job_id: &str, key: &str, output: &StageOutput) -> Result<(), CheckpointError> {
         self.same_job(job_id)?;
+        // Set before the write: a save whose answer is lost may still have landed.
+        self.stored.store(true, Ordering::Release);
         self.queue.save_checkpoint(job_id, &self.token, key, output).await.map_err(|e| error(job_id, &e))
     }
 

@@ -3,11 +3,15 @@
 //! about a job: `CancelRequested` stops the job (it is then marked cancelled), `Lost` stops our copy, which
 //! writes nothing more about it.
 //!
+//! The same tick writes the notes (progress, stage events, log lines) of jobs whose notes were held back longer
+//! than [`super::sink::HOLD`] with nothing behind them to carry them out.
+//!
 //! It renews twice a second while it holds jobs, or every third of the lease when that is shorter: a renewal
 //! is the only way a cancel asked from another process reaches the worker, and a cancelled job must stop
 //! within 2 s. An idle worker holds nothing and sends no renewals.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::sink::QueueSink;
 use crate::queue::{JobId, LeaseToken, Renewal};
 
 /// Longest time between two renewals while jobs are held; it bounds how late a cancel is heard.
@@ -38,14 +43,40 @@ pub struct Held {
     pub token: LeaseToken,
     /// Cancelled to stop the job's run.
     pub cancel: CancellationToken,
+    /// Where the job's notes are held back; `None` for a job handed back without running.
+    pub sink: Option<Arc<QueueSink>>,
     stop: Mutex<Option<Stop>>,
     renewed: Mutex<Instant>,
+    /// Set when the call that ends the lease (complete, fail, cancelled, release) is under way: a renewal that
+    /// finds the lease gone meanwhile is that call's doing, not a loss.
+    ending: AtomicBool,
 }
 
 impl Held {
     /// A job just taken with `token`.
     pub fn new(token: LeaseToken) -> Self {
-        Self { token, cancel: CancellationToken::new(), stop: Mutex::new(None), renewed: Mutex::new(Instant::now()) }
+        Self {
+            token,
+            cancel: CancellationToken::new(),
+            sink: None,
+            stop: Mutex::new(None),
+            renewed: Mutex::new(Instant::now()),
+            ending: AtomicBool::new(false),
+        }
+    }
+
+    /// A job just taken with `token`, whose notes go through `sink`.
+    pub fn with_sink(token: LeaseToken, sink: Arc<QueueSink>) -> Self {
+        Self { sink: Some(sink), ..Self::new(token) }
+    }
+
+    /// Says that the call ending the lease is under way.
+    pub fn ending(&self) {
+        self.ending.store(true, Ordering::Release);
+    }
+
+    fn is_ending(&self) -> bool {
+        self.ending.load(Ordering::Acquire)
     }
 
     /// Stops the job's run for `why`; the first reason wins.
@@ -137,26 +168,45 @@ pub(super) async fn renew_loop(shared: Arc<Shared>, done: CancellationToken) {
             }
         };
         for ((id, held), answer) in held.iter().zip(answers) {
-            match answer {
-                Renewal::Held => held.mark_renewed(),
-                Renewal::CancelRequested => {
-                    held.mark_renewed();
-                    if held.why().is_none() {
-                        tracing::info!(job = %id, "cancel asked: stopping the job");
-                    }
-                    held.stop(Stop::Cancel);
-                }
-                Renewal::Lost => {
-                    if held.why() != Some(Stop::Lost) {
-                        tracing::warn!(
-                            job = %id,
-                            "lease lost (it expired and the job was recovered by another worker, or the job is gone): \
-                             stopping our copy; nothing more is written about it"
-                        );
-                    }
-                    held.stop(Stop::Lost);
-                }
+            heard(id, held, answer);
+        }
+        for (_, held) in &held {
+            if let Some(sink) = &held.sink
+                && !held.is_ending()
+                && held.why().is_none()
+                && sink.flush_due()
+            {
+                let sink = sink.clone();
+                tokio::spawn(async move { sink.flush().await });
             }
+        }
+    }
+}
+
+/// Acts on what a renewal said about one held job.
+fn heard(id: &str, held: &Held, answer: Renewal) {
+    match answer {
+        Renewal::Held => held.mark_renewed(),
+        Renewal::CancelRequested => {
+            held.mark_renewed();
+            if held.why().is_none() {
+                tracing::info!(job = %id, "cancel asked: stopping the job");
+            }
+            held.stop(Stop::Cancel);
+        }
+        // The job's own ending call got there first: the lease ended, it was not lost.
+        Renewal::Lost if held.is_ending() => {
+            tracing::debug!(job = %id, "lease ended by its job's own final call while renewing");
+        }
+        Renewal::Lost => {
+            if held.why() != Some(Stop::Lost) {
+                tracing::warn!(
+                    job = %id,
+                    "lease lost (it expired and the job was recovered by another worker, or the job is gone): \
+                     stopping our copy; nothing more is written about it"
+                );
+            }
+            held.stop(Stop::Lost);
         }
     }
 }
@@ -174,5 +224,21 @@ mod tests {
         held.stop(Stop::Lost);
         assert_eq!(held.why(), Some(Stop::Cancel), "the first reason wins");
         assert!(held.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn a_renewal_racing_the_jobs_own_completion_is_not_a_lost_lease() {
+        let held = Held::new(LeaseToken("t".into()));
+        heard("job", &held, Renewal::Held);
+        assert_eq!(held.why(), None);
+        held.ending();
+        heard("job", &held, Renewal::Lost);
+        assert_eq!(held.why(), None, "the completion ended the lease; nothing is stopped");
+        assert!(!held.cancel.is_cancelled());
+
+        let other = Held::new(LeaseToken("u".into()));
+        heard("job", &other, Renewal::Lost);
+        assert_eq!(other.why(), Some(Stop::Lost), "without an ending call under way, a lost lease stops the copy");
+        assert!(other.cancel.is_cancelled());
     }
 }

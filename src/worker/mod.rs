@@ -37,12 +37,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::callback::Callbacks;
 use crate::definition::{self, DefinitionError};
-use crate::engine::workdir::WorkDir;
 use crate::engine::{Engine, EngineError, JobReport, JobStatus, Kinds, StageRegistry, StageStatus};
 use crate::job::JobSpec;
 use crate::job::progress::{ProgressSink, Tee};
 use crate::pipeline::Pipeline;
-use crate::queue::{Definition, FailOutcome, Failure, Job, JobState, Lease, Queue, QueueError, WorkerInfo};
+use crate::queue::{Definition, FailOutcome, Failure, Job, JobState, Lease, LeaseToken, Queue, QueueError, WorkerInfo};
+use crate::stage::WorkDir;
 use crate::store::{NewRecording, RecordingStatus, Store, StoreError, StoreSink};
 use checkpoints::QueueCheckpoints;
 use lease::{Held, Leases, Stop};
@@ -154,7 +154,7 @@ pub(crate) struct Shared {
     leases: Leases,
     outage: Outage,
     /// Work directories of jobs whose retry is pending, by job id, with when they were kept.
-    kept: Mutex<HashMap<String, (WorkDir, Instant)>>,
+    kept: Mutex<HashMap<String, (Arc<WorkDir>, Instant)>>,
     compiled: Mutex<HashMap<String, Arc<Runnable>>>,
     summary: Mutex<WorkerSummary>,
     /// Sends a job's callback after it ends; `None` sends none.
@@ -187,11 +187,11 @@ impl Shared {
         Ok(runnable)
     }
 
-    fn take_kept(&self, id: &str) -> Option<WorkDir> {
+    fn take_kept(&self, id: &str) -> Option<Arc<WorkDir>> {
         self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id).map(|(dir, _)| dir)
     }
 
-    fn keep(&self, id: &str, dir: WorkDir) {
+    fn keep(&self, id: &str, dir: Arc<WorkDir>) {
         self.kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -309,30 +309,46 @@ impl Worker {
                 },
                 () = shutdown.cancelled() => break,
             };
+            // Every free slot is filled by one take: one round trip for many jobs.
+            let mut slots = vec![permit];
+            while let Ok(permit) = permits.clone().try_acquire_owned() {
+                slots.push(permit);
+            }
+            let want = slots.len();
             let (queue, info) = (shared.queue.clone(), shared.info_now());
             let asked = Instant::now();
             // The take runs on a task of its own: a shutdown does not drop it halfway (a job taken by a dropped
-            // call would wait for its lease to run out); a job it brings after the shutdown is handed back.
-            let mut take = tokio::spawn(async move { queue.take(&info, TAKE_WAIT).await });
+            // call would wait for its lease to run out); jobs it brings after the shutdown are handed back.
+            let mut take = tokio::spawn(async move { queue.take_many(&info, TAKE_WAIT, want).await });
             let taken = tokio::select! {
                 taken = &mut take => taken,
                 () = shutdown.cancelled() => {
                     let shared = shared.clone();
                     jobs.spawn(async move {
-                        if let Ok(Ok(Ok(Some(lease)))) = tokio::time::timeout(TAKE_WAIT * 4, take).await {
-                            hand_back(&shared, &lease).await;
+                        if let Ok(Ok(Ok(leases))) = tokio::time::timeout(TAKE_WAIT * 4, take).await {
+                            for lease in leases {
+                                hand_back(&shared, &lease.job.id, &lease.token).await;
+                            }
                         }
                     });
                     break;
                 }
             };
             match taken {
-                Ok(Ok(Some(lease))) => {
+                Ok(Ok(leases)) if !leases.is_empty() => {
                     shared.outage.ok();
                     backoff.reset();
-                    jobs.spawn(run_job(shared.clone(), lease, permit));
+                    let mut slots = slots.into_iter();
+                    for lease in leases {
+                        match slots.next() {
+                            Some(permit) => {
+                                jobs.spawn(run_job(shared.clone(), lease, permit, shutdown.clone()));
+                            }
+                            None => hand_back(&shared, &lease.job.id, &lease.token).await,
+                        }
+                    }
                 }
-                Ok(Ok(None)) => {
+                Ok(Ok(_)) => {
                     shared.outage.ok();
                     backoff.reset();
                     // A paused queue answers at once; wait a little rather than ask again in a loop.
@@ -464,34 +480,50 @@ async fn prune_kept(shared: &Shared) {
 /// How a run of a job turned out, before the queue is told.
 enum Ran {
     /// The engine ran it.
-    Report(JobReport, WorkDir),
+    Report(JobReport, Arc<WorkDir>),
     /// It could not start; `retryable` says whether another attempt can help.
-    NotStarted { message: String, retryable: bool, dir: Option<WorkDir> },
+    NotStarted { message: String, retryable: bool, dir: Option<Arc<WorkDir>> },
 }
 
-/// Runs one taken job to its end and tells the queue and the store.
-async fn run_job(shared: Arc<Shared>, lease: Lease, _permit: tokio::sync::OwnedSemaphorePermit) {
-    let Lease { job, token } = lease;
-    let held = Arc::new(Held::new(token));
-    shared.leases.insert(&job.id, held.clone());
-    let began = Instant::now();
-    shared.log(&job.id, &format!("attempt {} started on worker {}", job.attempts, shared.info.id)).await;
-    let ran = execute(&shared, &job, &held).await;
-    finish(&shared, &job, &held, ran, began).await;
-    shared.leases.remove(&job.id);
-    if let Some(callbacks) = &shared.callbacks {
-        callbacks.job_ended(shared.queue.clone(), &job, &shared.info.id);
+/// Runs one taken job to its end and tells the queue and the store; then, holding the same slot, the next job
+/// that completing it took (until the worker shuts down).
+async fn run_job(
+    shared: Arc<Shared>,
+    lease: Lease,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let mut next = Some(lease);
+    while let Some(lease) = next.take() {
+        let Lease { job, token, resume } = lease;
+        if shutdown.is_cancelled() {
+            hand_back(&shared, &job.id, &token).await;
+            break;
+        }
+        let sink = Arc::new(QueueSink::new(shared.queue.clone(), &job.id, token.clone()));
+        let held = Arc::new(Held::with_sink(token, sink.clone()));
+        shared.leases.insert(&job.id, held.clone());
+        let began = Instant::now();
+        sink.log(format!("attempt {} started on worker {}", job.attempts, shared.info.id));
+        let ran = execute(&shared, &job, &held, resume).await;
+        next = finish(&shared, &job, &held, ran, began, &shutdown).await;
+        shared.leases.remove(&job.id);
+        if let Some(callbacks) = &shared.callbacks {
+            callbacks.job_ended(shared.queue.clone(), &job, &shared.info.id);
+        }
     }
 }
 
 /// Compiles the job's definition and runs it.
-async fn execute(shared: &Shared, job: &Job, held: &Held) -> Ran {
+async fn execute(shared: &Shared, job: &Job, held: &Held, resume: bool) -> Ran {
     let runnable = match shared.runnable(&job.spec.definition) {
         Ok(runnable) => runnable,
         Err(error) => {
             if let DefinitionError::Invalid(problems) = &error {
                 for problem in problems {
-                    shared.log(&job.id, &format!("definition: {problem}")).await;
+                    if let Some(sink) = &held.sink {
+                        sink.log(format!("definition: {problem}"));
+                    }
                 }
             }
             return Ran::NotStarted { message: error.to_string(), retryable: false, dir: None };
@@ -503,17 +535,10 @@ async fn execute(shared: &Shared, job: &Job, held: &Held) -> Ran {
         // The row follows the job; a database hiccup must not stop the job itself.
         tracing::warn!(job = %job.id, recording = %recording, %error, "could not mark the recording processing");
     }
-    let dir = match shared.take_kept(&job.id) {
-        Some(dir) => dir,
-        None => match WorkDir::create(&shared.engine.settings().work_root, &job.id) {
-            Ok(dir) => dir,
-            Err(error) => {
-                let root = shared.engine.settings().work_root.display().to_string();
-                let message = format!("cannot create a work directory under {root}: {error}");
-                return Ran::NotStarted { message, retryable: true, dir: None };
-            }
-        },
-    };
+    // Made when a stage first asks for it.
+    let dir = shared
+        .take_kept(&job.id)
+        .unwrap_or_else(|| Arc::new(WorkDir::new(&shared.engine.settings().work_root, &job.id)));
     let spec = JobSpec {
         id: job.id.clone(),
         recording_id: job.spec.recording_id.clone(),
@@ -522,14 +547,17 @@ async fn execute(shared: &Shared, job: &Job, held: &Held) -> Ran {
         source: job.spec.source.clone(),
         trusted_source: job.spec.trusted_source,
     };
-    let checkpoints = Arc::new(QueueCheckpoints::new(shared.queue.clone(), &job.id, held.token.clone()));
+    let checkpoints = Arc::new(QueueCheckpoints::new(shared.queue.clone(), &job.id, held.token.clone(), resume));
     let engine = shared.engine.with_registry(runnable.registry.clone()).with_checkpoints(checkpoints);
-    let mut sinks: Vec<Arc<dyn ProgressSink>> =
-        vec![Arc::new(QueueSink::new(shared.queue.clone(), &job.id, held.token.clone()))];
+    let mut sinks: Vec<Arc<dyn ProgressSink>> = Vec::new();
+    if let Some(sink) = &held.sink {
+        sinks.push(sink.clone());
+    }
     if let Some(recording) = &job.spec.recording_id {
         sinks.push(Arc::new(StoreSink::new(shared.store.clone(), recording.clone())));
     }
-    match engine.run_in(&runnable.pipeline, spec, Arc::new(Tee(sinks)), held.cancel.clone(), dir.path()).await {
+    let sink: Arc<dyn ProgressSink> = if sinks.len() == 1 { sinks.remove(0) } else { Arc::new(Tee(sinks)) };
+    match engine.run_in(&runnable.pipeline, spec, sink, held.cancel.clone(), dir.clone()).await {
         Ok(report) => Ran::Report(report, dir),
         Err(error) => {
             let retryable = matches!(error, EngineError::WorkDir { .. } | EngineError::Checkpoints(_));
@@ -558,27 +586,41 @@ async fn start_row(store: &dyn Store, recording: &str, job: &Job) -> Result<(), 
     store.set_status(recording, RecordingStatus::Processing, Some(&message), None).await.map(drop)
 }
 
-/// Tells the queue, the job's log and the recording row how the run ended.
-async fn finish(shared: &Shared, job: &Job, held: &Held, ran: Ran, began: Instant) {
+/// Tells the queue, the job's log and the recording row how the run ended; returns the next job that
+/// completing this one took for the same slot, if any.
+async fn finish(
+    shared: &Shared,
+    job: &Job,
+    held: &Held,
+    ran: Ran,
+    began: Instant,
+    shutdown: &CancellationToken,
+) -> Option<Lease> {
     let id = job.id.as_str();
     let took = format!("{:.1} s", began.elapsed().as_secs_f64());
     match held.why() {
         Some(Stop::Lost) => {
             shared.count(|s| s.lost += 1);
-            return;
+            return None;
         }
         Some(Stop::Shutdown) => {
+            flush_notes(held).await;
             if let Ran::Report(report, _) = &ran {
                 save_report(shared, job, held, report).await;
             }
-            hand_back(shared, &Lease { job: job.clone(), token: held.token.clone() }).await;
-            return;
+            held.ending();
+            hand_back(shared, id, &held.token).await;
+            return None;
         }
         Some(Stop::Cancel) => {
             if let Ran::Report(report, _) = &ran {
-                stage_events(shared, job, held, report).await;
+                note_stages(held, report);
+            }
+            flush_notes(held).await;
+            if let Ran::Report(report, _) = &ran {
                 save_report(shared, job, held, report).await;
             }
+            held.ending();
             let told =
                 until_told(shared, held, "marking a job cancelled", || shared.queue.cancelled(id, &held.token)).await;
             if told.is_ok() || confirmed(shared, id, JobState::Cancelled).await {
@@ -591,39 +633,59 @@ async fn finish(shared: &Shared, job: &Job, held: &Held, ran: Ran, began: Instan
                     }
                 }
             }
-            return;
+            return None;
         }
         None => {}
     }
     let (report, dir) = match ran {
         Ran::Report(report, dir) => (report, Some(dir)),
         Ran::NotStarted { message, retryable, dir } => {
+            flush_notes(held).await;
             let failure = Failure { message: message.clone(), retryable, retry_after: None };
             fail(shared, job, held, failure, dir, None).await;
-            return;
+            return None;
         }
     };
-    stage_events(shared, job, held, &report).await;
-    for line in stage_lines(&report) {
-        shared.log(id, &line).await;
+    note_stages(held, &report);
+    if let Some(sink) = &held.sink {
+        for line in stage_lines(&report) {
+            sink.log(line);
+        }
     }
     match report.status {
         JobStatus::Succeeded => {
             let result = serde_json::to_value(&report).unwrap_or(Value::Null);
-            let told =
-                until_told(shared, held, "completing a job", || shared.queue.complete(id, &held.token, result.clone()))
-                    .await;
-            if told.is_ok() || confirmed(shared, id, JobState::Completed).await {
+            held.ending();
+            let mut notes = match &held.sink {
+                Some(sink) => sink.take_all().await,
+                None => crate::queue::Notes::default(),
+            };
+            notes.log.push(format!("completed in {took}"));
+            // The next job for this slot comes with the completion, unless the worker is stopping. Only the first
+            // call asks for one: a retry after a lost reply must not take a second job for one slot.
+            let info = shared.info_now();
+            let first = std::sync::atomic::AtomicBool::new(!shutdown.is_cancelled());
+            let told = until_told(shared, held, "completing a job", || {
+                let next = first.swap(false, std::sync::atomic::Ordering::AcqRel).then_some(&info);
+                shared.queue.complete_and_take(id, &held.token, result.clone(), &notes, next)
+            })
+            .await;
+            let (done, next) = match told {
+                Ok(next) => (true, next),
+                Err(_) => (confirmed(shared, id, JobState::Completed).await, None),
+            };
+            if done {
                 shared.count(|s| s.completed += 1);
-                shared.log(id, &format!("completed in {took}")).await;
                 if let Some(recording) = &job.spec.recording_id
                     && let Err(error) = settle(shared.store.as_ref(), recording, &report).await
                 {
                     tracing::warn!(job = id, %error, "could not record the completed job in its recording row");
                 }
             }
+            next
         }
         JobStatus::Failed => {
+            flush_notes(held).await;
             let failure = report.failure.as_ref();
             let message = failure.map_or_else(
                 || "failed".to_string(),
@@ -635,10 +697,14 @@ async fn finish(shared: &Shared, job: &Job, held: &Held, ran: Ran, began: Instan
             let retryable = failure.is_some_and(|f| f.retryable);
             save_report(shared, job, held, &report).await;
             fail(shared, job, held, Failure { message, retryable, retry_after: None }, dir, Some(&report)).await;
+            None
         }
         JobStatus::Cancelled => {
             // Only a stop of ours cancels a run, and those were handled above; hand it back to be safe.
-            hand_back(shared, &Lease { job: job.clone(), token: held.token.clone() }).await;
+            flush_notes(held).await;
+            held.ending();
+            hand_back(shared, id, &held.token).await;
+            None
         }
     }
 }
@@ -649,11 +715,12 @@ async fn fail(
     job: &Job,
     held: &Held,
     failure: Failure,
-    dir: Option<WorkDir>,
+    dir: Option<Arc<WorkDir>>,
     report: Option<&JobReport>,
 ) {
     let id = job.id.as_str();
     let message = failure.message.clone();
+    held.ending();
     let told = until_told(shared, held, "failing a job", || shared.queue.fail(id, &held.token, failure.clone())).await;
     match told {
         Ok(FailOutcome::Retrying { at }) => {
@@ -691,13 +758,19 @@ async fn fail(
 }
 
 /// Hands a held job back to waiting (a worker shutting down): another worker takes it at once.
-async fn hand_back(shared: &Shared, lease: &Lease) {
-    let id = lease.job.id.as_str();
-    let held = Held::new(lease.token.clone());
-    if until_told(shared, &held, "handing a job back", || shared.queue.release(id, &lease.token)).await.is_ok() {
+async fn hand_back(shared: &Shared, id: &str, token: &LeaseToken) {
+    let held = Held::new(token.clone());
+    if until_told(shared, &held, "handing a job back", || shared.queue.release(id, token)).await.is_ok() {
         shared.count(|s| s.released += 1);
         shared.log(id, &format!("handed back to the queue: worker {} is shutting down", shared.info.id)).await;
         tracing::info!(job = id, "handed back to the queue");
+    }
+}
+
+/// Writes the notes held back about a job now (before a call that is not the completion).
+async fn flush_notes(held: &Held) {
+    if let Some(sink) = &held.sink {
+        sink.flush().await;
     }
 }
 
@@ -750,8 +823,10 @@ async fn confirmed(shared: &Shared, id: &str, state: JobState) -> bool {
     matches!(shared.queue.get(id).await, Ok(Some(job)) if job.state == state && job.worker.as_deref() == Some(shared.info.id.as_str()))
 }
 
-/// Each stage's final status as a stage event (the `running` ones went out live).
-async fn stage_events(shared: &Shared, job: &Job, held: &Held, report: &JobReport) {
+/// Each stage's final status as a stage event, held with the job's other notes (the `running` ones were noted
+/// as they started).
+fn note_stages(held: &Held, report: &JobReport) {
+    let Some(sink) = &held.sink else { return };
     for (stage, outcome) in &report.stages {
         let status = match outcome.status {
             StageStatus::Succeeded => "succeeded",
@@ -761,10 +836,7 @@ async fn stage_events(shared: &Shared, job: &Job, held: &Held, report: &JobRepor
             StageStatus::Cancelled => "cancelled",
             StageStatus::NotRun => continue,
         };
-        if let Err(error) = shared.queue.stage_event(&job.id, &held.token, stage, status).await {
-            tracing::debug!(job = %job.id, %stage, %error, "stage event not written");
-            return;
-        }
+        sink.stage(stage, status);
     }
 }
 

@@ -86,7 +86,7 @@ pub async fn run_stage_with(
         job,
         stage_id: "under_test".into(),
         params,
-        work_dir: work_dir.to_path_buf(),
+        work_dir: Arc::new(echo_worker::stage::WorkDir::existing(work_dir)),
         inputs: Arc::new(inputs),
         progress: ProgressReporter::detached(),
         cancel,

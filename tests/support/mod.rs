@@ -151,7 +151,11 @@ impl Stage for TestStage {
             "write_file" => {
                 let path = match ctx.params.get("path").and_then(Value::as_str) {
                     Some(path) => Path::new(path).to_path_buf(),
-                    None => ctx.work_dir.join(format!("{}.txt", ctx.stage_id)),
+                    None => ctx
+                        .work_dir
+                        .ensure()
+                        .map_err(|e| StageError::transient(ErrorCode::Io, e.to_string()))?
+                        .join(format!("{}.txt", ctx.stage_id)),
                 };
                 std::fs::write(&path, "data").map_err(|e| StageError::permanent(ErrorCode::Io, e.to_string()))?;
                 self.lab.events.lock().unwrap().push(Event {

@@ -6,12 +6,10 @@ local job, cp, log, active, cancelled, events, ikeys, trash = KEYS[1], KEYS[2], 
   KEYS[6], KEYS[7], KEYS[8]
 local id, token = ARGV[1], ARGV[2]
 local keep_ms, keep_n, max_events = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local now = now_ms()
-local held = check_lease(job, active, id, token, now)
-if held ~= 1 then
-  return { held }
+local now, refused = end_lease(job, active, id, token)
+if not now then
+  return { refused }
 end
-redis.call('ZREM', active, id)
 redis.call('HDEL', job, 'cancel')
 finish(job, cp, log, ikeys, cancelled, id, 'cancelled', now, keep_ms)
 emit(events, max_events, id, now, state_event('cancelled', 'cancelled on request'))

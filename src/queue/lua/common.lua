@@ -1,7 +1,8 @@
 -- Shared by every queue script (prepended by redis.rs). Times come from the Redis server's clock only.
 -- Job hash fields: id, state (queued|active|completed|failed|cancelled; waiting vs delayed is membership of
 -- the `wait` or `delayed` zset), spec (the NewJob as JSON), prio, max, ikey, pipeline, attempts, stalls,
--- created, started, finished, ready, worker, token, progress, result, error, cancel.
+-- created, started, finished, ready, worker, token, progress, result, error, cancel, fresh (set at enqueue,
+-- cleared by the first checkpoint: nothing to restore while it is there).
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -32,9 +33,17 @@ local function wait_score(wait_key, seq_key, fseq_key, priority, front)
   return base + TWO31 + (redis.call('INCR', seq_key) % TWO31)
 end
 
-local function emit(events_key, max_events, id, now, kind)
-  redis.call('XADD', events_key, 'MAXLEN', '~', max_events, '*', 'j', id, 't', int(now), 'e', cjson.encode(kind))
+-- Appends an event already encoded as JSON.
+local function emit_json(events_key, max_events, id, now, json)
+  redis.call('XADD', events_key, 'MAXLEN', '~', max_events, '*', 'j', id, 't', int(now), 'e', json)
 end
+
+local function emit(events_key, max_events, id, now, kind)
+  emit_json(events_key, max_events, id, now, cjson.encode(kind))
+end
+
+-- The `active` state event, the one written for every job taken.
+local ACTIVE_EVENT = '{"type":"state","state":"active"}'
 
 local function state_event(state, reason)
   if reason then
@@ -69,6 +78,109 @@ local function check_lease(job_key, active_key, id, token, now)
     return -4
   end
   return 1
+end
+
+-- The fenced start of every script that ends a holder's lease (complete, fail, cancelled, release): the server's
+-- time when `token` holds the job, with the job out of `active`; else nil and the fencing code.
+local function end_lease(job_key, active_key, id, token)
+  local now = now_ms()
+  local held = check_lease(job_key, active_key, id, token, now)
+  if held ~= 1 then
+    return nil, held
+  end
+  redis.call('ZREM', active_key, id)
+  return now
+end
+
+-- Writes the notes a worker held back about a held job, read from ARGV from index `at`: the number of events,
+-- the events (JSON), the progress to store ('' for none), the number of log lines, the lines. Returns the index
+-- after them.
+local function write_notes(job_key, log_key, events_key, max_events, max_lines, id, now, at)
+  local count = tonumber(ARGV[at])
+  for i = 1, count do
+    emit_json(events_key, max_events, id, now, ARGV[at + i])
+  end
+  at = at + count + 1
+  if ARGV[at] ~= '' then
+    redis.call('HSET', job_key, 'progress', ARGV[at])
+  end
+  local lines = tonumber(ARGV[at + 1])
+  if lines > 0 then
+    local stamped = {}
+    for i = 1, lines do
+      stamped[i] = int(now) .. ' ' .. ARGV[at + 1 + i]
+    end
+    redis.call('RPUSH', log_key, unpack(stamped))
+    redis.call('LTRIM', log_key, -max_lines, -1)
+  end
+  return at + 2 + lines
+end
+
+-- Moves due delayed jobs (at most 100 per call) to the back of waiting.
+local function promote_due(delayed, wait, prio, seq, fseq, events, max_events, now)
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', int(now), 'LIMIT', 0, 100)
+  for _, id in ipairs(due) do
+    local priority = redis.call('HGET', prio, id) or '0'
+    redis.call('HDEL', prio, id)
+    redis.call('ZREM', delayed, id)
+    redis.call('ZADD', wait, int(wait_score(wait, seq, fseq, priority, false)), id)
+    emit(events, max_events, id, now, state_event('waiting'))
+  end
+end
+
+-- When the first delayed job is due, or -1.
+local function next_due(delayed)
+  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  if first[2] then
+    return tonumber(first[2])
+  end
+  return -1
+end
+
+-- Hands up to `want` jobs from the head of wait to `worker`, each under lease token `token`.<n>. The caller
+-- passes the ids it believes are at the head of wait (ARGV[cand_arg ...], `count` of them, their hashes at
+-- KEYS[cand_key ...]); a head id is taken only when it is one of them, so the script touches only keys it was
+-- given. `q` holds the queue's keys: meta, wait, delayed, active, marker, events, prio, seq, fseq.
+-- Returns a status and the taken jobs' fields (HGETALL): 1 with the jobs, 0 nothing ready, 2 paused, 3 the head
+-- was not among the candidates (ask again with the head this returns).
+local function take_jobs(q, lease, worker, token, max_events, want, cand_arg, count, cand_key, now)
+  promote_due(q.delayed, q.wait, q.prio, q.seq, q.fseq, q.events, max_events, now)
+  if redis.call('HGET', q.meta, 'paused') == '1' then
+    return 2, {}
+  end
+  local heads = redis.call('ZRANGE', q.wait, 0, want - 1)
+  if #heads == 0 then
+    return 0, {}
+  end
+  local index = {}
+  for i = 1, count do
+    index[ARGV[cand_arg + i - 1]] = i
+  end
+  local taken = {}
+  for n, id in ipairs(heads) do
+    local i = index[id]
+    if not i then
+      break
+    end
+    local job = KEYS[cand_key + i - 1]
+    redis.call('ZREM', q.wait, id)
+    -- A waiting id without its hash (removed by hand) is dropped.
+    if redis.call('EXISTS', job) == 1 then
+      redis.call('ZADD', q.active, int(now + lease), id)
+      redis.call('HINCRBY', job, 'attempts', 1)
+      redis.call('HSET', job, 'state', 'active', 'token', token .. '.' .. n, 'worker', worker, 'started', int(now))
+      redis.call('HDEL', job, 'cancel', 'finished', 'result')
+      emit_json(q.events, max_events, id, now, ACTIVE_EVENT)
+      taken[#taken + 1] = redis.call('HGETALL', job)
+    end
+  end
+  if #taken == 0 then
+    return 3, {}
+  end
+  if redis.call('ZCARD', q.wait) > 0 then
+    redis.call('ZADD', q.marker, 0, '0')
+  end
+  return 1, taken
 end
 
 -- Keeps a final-state zset within its age and count; jobs over the count go to `trash`, whose keys the caller

@@ -22,7 +22,7 @@ for i = 1, count do
   else
     local job = KEYS[9 + i]
     redis.call('HSET', job, 'id', id, 'state', 'queued', 'prio', priority, 'max', ARGV[a + 5], 'ikey', ikey,
-      'pipeline', ARGV[a + 6], 'spec', ARGV[a + 7], 'attempts', 0, 'stalls', 0, 'created', int(now))
+      'pipeline', ARGV[a + 6], 'spec', ARGV[a + 7], 'attempts', 0, 'stalls', 0, 'created', int(now), 'fresh', 1)
     if ikey ~= '' then
       redis.call('HSET', ikeys, ikey, id)
     end

@@ -9,12 +9,10 @@ local job, cp, log, active, delayed, failed, events, ikeys, prio, trash, metrics
 local id, token, message, retryable = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
 local retry_after, backoff, max_backoff = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local keep_ms, keep_n, max_events = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
-local now = now_ms()
-local held = check_lease(job, active, id, token, now)
-if held ~= 1 then
-  return { held }
+local now, refused = end_lease(job, active, id, token)
+if not now then
+  return { refused }
 end
-redis.call('ZREM', active, id)
 redis.call('HSET', job, 'error', message)
 local attempts = tonumber(redis.call('HGET', job, 'attempts') or '0')
 local max_attempts = tonumber(redis.call('HGET', job, 'max') or '1')

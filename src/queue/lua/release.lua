@@ -7,12 +7,10 @@ local job, cp, log, active, wait, marker, events, seq, fseq, meta, cancelled, ik
   KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 local id, token, max_events = ARGV[1], ARGV[2], ARGV[3]
 local keep_ms, keep_n = tonumber(ARGV[4]), tonumber(ARGV[5])
-local now = now_ms()
-local held = check_lease(job, active, id, token, now)
-if held ~= 1 then
-  return { held }
+local now, refused = end_lease(job, active, id, token)
+if not now then
+  return { refused }
 end
-redis.call('ZREM', active, id)
 redis.call('HINCRBY', job, 'attempts', -1)
 if redis.call('HGET', job, 'cancel') == '1' then
   redis.call('HDEL', job, 'cancel')

@@ -206,7 +206,9 @@ impl Stage for DownloadStage {
                 files: vec![path.clone()],
             });
         }
-        let target: PathBuf = ctx.work_dir.join(file_name(&source));
+        let work_dir =
+            ctx.work_dir.ensure().map_err(|error| StageError::transient(ErrorCode::Io, error.to_string()))?;
+        let target: PathBuf = work_dir.join(file_name(&source));
         let bytes = match self.fetch(&source, &target, &params, &ctx).await {
             Ok(bytes) => bytes,
             Err(error) => {

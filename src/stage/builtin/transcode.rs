@@ -224,7 +224,9 @@ impl Stage for TranscodeStage {
             });
         }
 
-        let dir = ctx.work_dir.join(format!("{}-chunks", ctx.stage_id));
+        let work_dir =
+            ctx.work_dir.ensure().map_err(|error| StageError::transient(ErrorCode::Io, error.to_string()))?;
+        let dir = work_dir.join(format!("{}-chunks", ctx.stage_id));
         std::fs::create_dir_all(&dir)
             .map_err(|error| StageError::transient(ErrorCode::Io, format!("creating {}: {error}", dir.display())))?;
         let extension = codec.extension();
