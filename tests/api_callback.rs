@@ -366,7 +366,7 @@ async fn process_direct_refusals_have_their_status_and_code() {
             &json!({ "fileUrl": media.display().to_string(), "pipeline": "transcribe-only" }),
         )
         .await;
-    assert_eq!((reply.status, reply.code()), (503, "pipeline_unavailable"), "{}", reply.text);
+    assert_eq!((reply.status, reply.code()), (422, "pipeline_unavailable"), "{}", reply.text);
     assert!(reply.body["error"].as_str().unwrap().contains("transcript"), "{}", reply.text);
     bare.stop().await;
 }

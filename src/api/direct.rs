@@ -143,7 +143,7 @@ const BUSY_RETRY_AFTER: u64 = 10;
         (status = 422, description = "The run failed, or took longer than server.direct_timeout", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 429, description = "Every direct slot is busy", body = ErrorBody),
-        (status = 503, description = "The pipeline needs something this server lacks (an AI provider)", body = ErrorBody),
+        (status = 422, description = "The pipeline needs something this server lacks (an AI provider): choose another pipeline", body = ErrorBody),
     )
 )]
 async fn process_direct(
@@ -189,7 +189,7 @@ async fn process_direct(
     limits.job_timeout = state.settings.server.direct_timeout.0;
     let engine = Engine::new(registry, Arc::new(MemoryCheckpoints::default()), limits);
     engine.check(pipeline).map_err(|error| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pipeline_unavailable", error.to_string()).with_retry_after(60)
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "pipeline_unavailable", error.to_string())
     })?;
     let Ok(slot) = direct.slots.clone().try_acquire_owned() else {
         return Err(ApiError::new(

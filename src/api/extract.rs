@@ -155,9 +155,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (bytes, json) = read_body(request, state).await?;
-        let text = without_bom(&bytes).trim_ascii();
-        // `null` is no body too, as `JSON.stringify(null)` sends it.
-        if text.is_empty() || text == b"null" {
+        let raw = without_bom(&bytes);
+        // No bytes at all, or `null` (as `JSON.stringify(null)` sends it), is no body; blank text is not JSON.
+        if raw.is_empty() || raw.trim_ascii() == b"null" {
             return Ok(Self(None));
         }
         if !json {

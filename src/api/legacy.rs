@@ -98,6 +98,7 @@ fn truthy(text: Option<&str>) -> bool {
     responses(
         (status = 200, description = "Queued (or already being processed)", body = ProcessAudioReply),
         (status = 400, description = "A field is missing, mistyped or unknown, or the file URL breaks a download rule", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not JSON", body = super::error::ErrorBody),
         (status = 404, description = "No such recording row", body = super::error::ErrorBody),
     )
 )]
@@ -208,6 +209,7 @@ async fn process_audio(
         (status = 202, description = "A new job", body = super::process::ProcessReply),
         (status = 200, description = "The recording already has a live job: that job", body = super::process::ProcessReply),
         (status = 400, description = "Bad body, or a source the download rules refuse", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not JSON", body = super::error::ErrorBody),
         (status = 404, description = "Unknown pipeline or recording", body = super::error::ErrorBody),
     )
 )]
