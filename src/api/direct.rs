@@ -188,9 +188,9 @@ async fn process_direct(
     let mut limits = state.settings.engine();
     limits.job_timeout = state.settings.server.direct_timeout.0;
     let engine = Engine::new(registry, Arc::new(MemoryCheckpoints::default()), limits);
-    engine.check(pipeline).map_err(|error| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "pipeline_unavailable", error.to_string())
-    })?;
+    engine
+        .check(pipeline)
+        .map_err(|error| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "pipeline_unavailable", error.to_string()))?;
     let Ok(slot) = direct.slots.clone().try_acquire_owned() else {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
