@@ -507,3 +507,96 @@ async fn metrics_parse_as_prometheus_text_and_move_after_a_job() {
     assert!(after.keys().all(|series| !series.contains(&job)), "no job id in a label");
     app.stop().await;
 }
+
+/// Issue 10's end-to-end flow in one run: a generated recording posted to `process-recording` with a
+/// `callbackUrl`; its events followed over SSE until it completes, progress rising; the recording's status
+/// `completed` at 100 with transcript and analysis; the SRT downloads and parses; the callback arrives once with a
+/// valid signature. Then five recordings through `batch-process`, one of them bad: that one alone is rejected,
+/// and the other four complete.
+#[tokio::test]
+async fn a_recording_is_followed_over_sse_to_completed_and_a_batch_rejects_only_its_bad_item() {
+    use support::hook::{Receiver, verify};
+    const SECRET: &str = "whsec_observe_flow_7d1e";
+    let fake = Fake::start().await;
+    let receiver = Receiver::start(&[]).await;
+    let (endpoint, port) = (format!("{}/v1", fake.base), receiver.port);
+    let app = TestApp::builder()
+        .with_worker()
+        .redis()
+        .settings(move |settings, _| {
+            let provider = echo_worker::ai::ProviderSettings::new(
+                echo_worker::ai::ProviderStyle::Openai,
+                endpoint,
+                Some(echo_worker::config::Secret::new(KEY)),
+            );
+            settings.ai.providers.insert("fake".into(), provider);
+            settings.ai.default_provider = Some("fake".into());
+            settings.callback.secret = Some(echo_worker::config::Secret::new(SECRET));
+            settings.download.allow_private = vec![format!("127.0.0.1:{port}")];
+        })
+        .start()
+        .await;
+    let media = support::media::tone(&app.storage(), "flow.wav", 6);
+    let reply = app
+        .process_recording(&json!({ "recordingId": "flow-1", "fileUrl": media, "callbackUrl": receiver.url() }))
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text);
+    let job = reply.body["jobId"].as_str().unwrap().to_string();
+
+    let (status, mut client) = Client::open(&app, &job, None).await;
+    assert_eq!(status, 200);
+    let events = client.rest(Duration::from_secs(120)).await;
+    let final_event = events.last().expect("events");
+    assert!(final_event.is_final() && final_event.json()["state"] == "completed", "{events:?}");
+    let progress: Vec<u64> = events
+        .iter()
+        .filter(|e| e.event.as_deref() == Some("progress"))
+        .filter_map(|e| e.json()["progress"]["percent"].as_u64())
+        .collect();
+    assert!(progress.len() >= 2, "progress events: {events:?}");
+    assert!(progress.windows(2).all(|pair| pair[0] <= pair[1]), "progress only rises: {progress:?}");
+
+    let recording = app.recording_status("flow-1").await;
+    assert_eq!(recording.status, 200, "{}", recording.text);
+    assert_eq!(recording.body["status"]["state"], "completed", "{}", recording.text);
+    assert_eq!(recording.body["status"]["progress"], 100, "{}", recording.text);
+    assert!(!recording.body["transcript"].as_str().unwrap_or_default().is_empty(), "{}", recording.text);
+    let insights = &recording.body["result"]["ai_insights"];
+    assert!(!insights["summary"].as_str().unwrap_or_default().is_empty(), "the analysis is kept: {}", recording.text);
+    assert!(insights["key_points"].as_array().is_some_and(|points| !points.is_empty()), "{}", recording.text);
+
+    let srt = app.get("/api/recording/flow-1/subtitles.srt").await;
+    assert_eq!(srt.status, 200, "{}", srt.text);
+    let first_cue: Vec<&str> = srt.text.split("\n\n").next().unwrap().lines().collect();
+    assert_eq!(first_cue[0], "1", "{}", srt.text);
+    let (start, end) = first_cue[1].split_once(" --> ").expect("an SRT timing line");
+    assert!(start.len() == 12 && end.len() == 12 && start.as_bytes()[8] == b',', "{}", first_cue[1]);
+    assert!(start < end, "{}", first_cue[1]);
+
+    let calls = receiver.until_calls(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.calls().len(), 1, "the callback arrives once");
+    verify(&calls[0], SECRET);
+
+    // Five recordings in one batch, one with a source the download rules refuse.
+    let mut items = Vec::new();
+    for index in 0..4 {
+        let file = support::media::tone(&app.storage(), &format!("batch-{index}.wav"), 3);
+        items.push(json!({ "recordingId": format!("batch-{index}"), "fileUrl": file }));
+    }
+    items.insert(2, json!({ "recordingId": "batch-bad", "fileUrl": "gopher://example.com/a.mp3" }));
+    let batch = app.batch_process(&json!({ "items": items })).await;
+    assert!(batch.status < 300, "{}", batch.text);
+    let results = batch.body["items"].as_array().or_else(|| batch.body["results"].as_array()).expect("per item");
+    assert_eq!(results.len(), 5, "{}", batch.text);
+    let rejected: Vec<&Value> = results.iter().filter(|item| item["accepted"] == false).collect();
+    assert_eq!(rejected.len(), 1, "{}", batch.text);
+    assert_eq!(rejected[0]["recordingId"], "batch-bad", "{}", batch.text);
+    assert!(rejected[0].to_string().contains("gopher"), "the reason names the scheme: {}", batch.text);
+    for item in results.iter().filter(|item| item["accepted"] == true) {
+        let job = item["jobId"].as_str().expect("an accepted item has its job");
+        let last = app.until_final(job, Duration::from_secs(120)).await;
+        assert_eq!(last.body["job"]["state"], "completed", "{}", last.text);
+    }
+    app.stop().await;
+}
