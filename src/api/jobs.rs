@@ -188,7 +188,7 @@ async fn report(state: &ApiState, job: &Job) -> Result<Option<Value>, ApiError> 
     get,
     path = "/api/job/{id}/status",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job id (a UUID)")),
+    params(("id" = String, Path, description = "The job id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "The job", body = JobStatusReply),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -270,7 +270,7 @@ async fn mark(state: &ApiState, job: &Job, status: RecordingStatus, message: &st
     post,
     path = "/api/job/{id}/cancel",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job id (a UUID)")),
+    params(("id" = String, Path, description = "The job id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "Cancelled", body = JobActionReply),
         (status = 202, description = "Running: its worker was asked to stop it", body = JobActionReply),
@@ -315,7 +315,7 @@ async fn cancel_job(
     post,
     path = "/api/job/{id}/retry",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job id (a UUID)")),
+    params(("id" = String, Path, description = "The job id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 202, description = "Queued again", body = JobActionReply),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -508,7 +508,7 @@ pub struct JobLogsReply {
     get,
     path = "/api/job/{id}/logs",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job id (a UUID)")),
+    params(("id" = String, Path, description = "The job id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "The log", body = JobLogsReply),
         (status = 400, description = "Malformed id", body = ErrorBody),

@@ -245,7 +245,7 @@ pub struct BatchProcess {
     pub callback_url: Option<String>,
     /// The old worker's parallelism; accepted, not used (workers decide).
     #[allow(dead_code, reason = "read so that old clients are not refused; nothing uses it")]
-    pub concurrency: Option<u32>,
+    pub concurrency: Option<i32>,
 }
 
 /// How one item of a batch went.

@@ -101,7 +101,7 @@ fn from_report(report: &Value, into: &mut BTreeMap<String, Usage>) {
     get,
     path = "/api/job/{id}/usage",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job id (a UUID)")),
+    params(("id" = String, Path, description = "The job id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "The job's AI usage so far", body = UsageReply),
         (status = 400, description = "Malformed id", body = ErrorBody),
