@@ -161,6 +161,7 @@ macro_rules! contract_tests {
                 complete_and_take_writes_the_notes_completes_and_takes_the_next,
                 complete_and_take_refuses_a_stale_lease_and_state_events,
                 notes_are_fenced_and_resume_says_whether_checkpoints_exist,
+                checkpoints_held_back_in_notes_are_saved_by_note_and_dropped_by_completion,
                 many_takers_at_once_all_get_jobs,
             );
         }
@@ -1198,6 +1199,7 @@ mod contract {
                 EventKind::Stage { stage: "work".into(), status: "succeeded".into() },
             ],
             log: vec!["attempt 1 started".into(), "completed in 0.0 s".into()],
+            ..Notes::default()
         };
         let next = queue
             .complete_and_take(&first, &lease.token, json!({ "ok": 1 }), &notes, Some(&worker))
@@ -1258,12 +1260,15 @@ mod contract {
         let waiting = enqueue(&*queue, new_job("meeting")).await;
         let stale = take(&*queue, &one).await;
         assert_eq!(stale.job.id, id);
-        let noted =
-            Notes { events: vec![EventKind::Stage { stage: "work".into(), status: "running".into() }], log: vec![] };
+        let noted = Notes {
+            events: vec![EventKind::Stage { stage: "work".into(), status: "running".into() }],
+            ..Notes::default()
+        };
         // A state event is the queue's to write: refused, nothing written, the job still held.
         let bad = Notes {
             events: vec![EventKind::State { state: JobState::Completed, reason: None }],
             log: vec!["never written".into()],
+            ..Notes::default()
         };
         let refused = queue.complete_and_take(&id, &stale.token, json!({}), &bad, Some(&one)).await;
         assert!(matches!(&refused, Err(QueueError::Invalid(message)) if message.contains(&id)), "{refused:?}");
@@ -1333,6 +1338,7 @@ mod contract {
                 EventKind::Progress(progress.clone()),
             ],
             log: vec!["attempt 1 started".into()],
+            ..Notes::default()
         };
         queue.note(&id, &lease.token, &notes).await.unwrap();
         assert_eq!(get(&*queue, &id).await.progress, Some(progress.clone()));
@@ -1341,7 +1347,8 @@ mod contract {
         let events = all_events(&*queue).await;
         let kinds: Vec<&EventKind> = events.iter().filter(|e| e.job_id == id).map(|e| &e.kind).skip(2).collect();
         assert_eq!(kinds, [&notes.events[0], &notes.events[1]]);
-        let bad = Notes { events: vec![EventKind::State { state: JobState::Failed, reason: None }], log: vec![] };
+        let bad =
+            Notes { events: vec![EventKind::State { state: JobState::Failed, reason: None }], ..Notes::default() };
         assert!(matches!(queue.note(&id, &lease.token, &bad).await, Err(QueueError::Invalid(_))));
         let stale = queue.note(&id, &LeaseToken("not-the-token".into()), &notes).await;
         assert!(matches!(stale, Err(QueueError::LeaseLost(_))), "{stale:?}");
@@ -1360,6 +1367,40 @@ mod contract {
         assert_eq!(lease.job.id, other);
         queue.release(&other, &lease.token).await.unwrap();
         assert!(!take(&*queue, &worker).await.resume);
+    }
+
+    pub async fn checkpoints_held_back_in_notes_are_saved_by_note_and_dropped_by_completion(backend: &dyn Backend) {
+        let queue = backend.open(settings()).await;
+        let worker = worker("w");
+        let id = enqueue(&*queue, new_job("meeting")).await;
+        let lease = take(&*queue, &worker).await;
+        let held = Notes {
+            checkpoints: vec![
+                ("probe".into(), checkpoint(json!({ "seconds": 3 }))),
+                ("download".into(), checkpoint(json!({ "bytes": 7 }))),
+            ],
+            ..Notes::default()
+        };
+        // A stale holder's checkpoints are refused and nothing is saved.
+        let stale = queue.note(&id, &LeaseToken("not-the-token".into()), &held).await;
+        assert!(matches!(stale, Err(QueueError::LeaseLost(_))), "{stale:?}");
+        assert!(queue.checkpoints(&id).await.unwrap().is_empty());
+        queue.note(&id, &lease.token, &held).await.unwrap();
+        let saved = queue.checkpoints(&id).await.unwrap();
+        assert_eq!(saved.len(), 2);
+        assert_eq!(saved["probe"], checkpoint(json!({ "seconds": 3 })));
+        assert_eq!(saved["download"], checkpoint(json!({ "bytes": 7 })));
+        // The retry of a job whose checkpoints came with its notes is told to read them.
+        let retry = Failure { retry_after: Some(ms(1)), ..failure("network down", true) };
+        assert!(matches!(queue.fail(&id, &lease.token, retry).await.unwrap(), FailOutcome::Retrying { .. }));
+        let again = take(&*queue, &worker).await;
+        assert_eq!(again.job.id, id);
+        assert!(again.resume, "checkpoints came with the notes: read them");
+        // Checkpoints held back until the completion are dropped with the job's others.
+        let last = Notes { checkpoints: vec![("summary".into(), checkpoint(json!("short")))], ..Notes::default() };
+        queue.complete_and_take(&id, &again.token, json!({}), &last, None).await.unwrap();
+        assert_eq!(state(&*queue, &id).await, JobState::Completed);
+        assert!(queue.checkpoints(&id).await.unwrap().is_empty(), "a completed job keeps no checkpoints");
     }
 }
 

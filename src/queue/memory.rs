@@ -336,6 +336,10 @@ impl State {
         for line in &notes.log {
             self.log(id, now, line);
         }
+        let entry = self.held(id, token, now)?;
+        for (key, output) in &notes.checkpoints {
+            entry.checkpoints.insert(key.clone(), output.clone());
+        }
         Ok(())
     }
 

@@ -250,12 +250,15 @@ pub struct Notes {
     pub events: Vec<EventKind>,
     /// Lines for the job's log, oldest first.
     pub log: Vec<String>,
+    /// Stage checkpoints held back (key, output), saved by [`Queue::note`] as [`Queue::save_checkpoint`] would.
+    /// The call that completes the job drops them: a completed job's checkpoints go anyway.
+    pub checkpoints: Vec<(String, StageOutput)>,
 }
 
 impl Notes {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.log.is_empty()
+        self.events.is_empty() && self.log.is_empty() && self.checkpoints.is_empty()
     }
 
     /// Refuses state events, which only the queue writes.
@@ -566,7 +569,9 @@ pub trait Queue: Send + Sync {
 
     /// Finishes a held job with its result after writing the notes held back about it, and, when `next` names the
     /// worker, takes the next ready job for it in the same round trip (never waiting; nothing while paused). The
-    /// job is completed whether or not another is taken.
+    /// job is completed whether or not another is taken. A backend may decline the take when other takes of
+    /// this process are in flight (the Redis backend does, so that concurrent takes need not each offer the
+    /// whole head of the queue); the worker's batched take then fills the slot.
     ///
     /// # Errors
     /// [`QueueError::LeaseLost`] (nothing is written, nothing taken); [`QueueError::Invalid`] for notes with a

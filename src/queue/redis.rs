@@ -481,7 +481,8 @@ fn leased(value: Value) -> Result<Lease, QueueError> {
     Ok(Lease { job, token: LeaseToken(token), resume })
 }
 
-/// The notes as ARGV for write_notes (common.lua): the events, the progress to store, the log lines.
+/// The notes as ARGV for write_notes (common.lua): the events, the progress to store, the log lines. Held-back
+/// checkpoints are not among them: only [`Queue::note`] writes those (a completion drops them).
 fn note_args(id: &str, notes: &Notes) -> Result<Vec<String>, QueueError> {
     notes.check(id)?;
     let invalid = |error: serde_json::Error| QueueError::Invalid(format!("notes about job {id}: {error}"));
@@ -626,7 +627,11 @@ async fn run_blocker(inner: Arc<Inner>) {
                 // Nobody here wants it any more: put the wake-up back for another process.
                 let _ = inner.script::<Value>(&WAKE, &[&inner.keys.marker, &inner.keys.meta], &[]).await;
             }
-            Ok(_) => {
+            Ok(reply) => {
+                // [marker, member, score]: a member other than '0' names a job that just became ready.
+                if let Some(id) = array(reply).get(1).and_then(text).filter(|id| id != "0" && valid_id(id)) {
+                    inner.hint(id);
+                }
                 wake.empty.store(false, Ordering::Release);
                 wake.notify.notify_one();
             }
@@ -749,6 +754,25 @@ impl Inner {
         let head = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let end = (before + want + SPARE).min(head.len());
         (head[..end].to_vec(), Taking(&self.taking))
+    }
+
+    /// The head ids for a completion's take of one job, only while no other take of this process is in flight:
+    /// concurrent takes would each have to offer the head ids all of them may take (dozens of keys per call at
+    /// concurrency 50). A completion that finds another take in flight takes nothing; its slot is filled by the
+    /// worker's next batched take.
+    fn candidates_alone(&self) -> Option<(Vec<String>, Taking<'_>)> {
+        self.taking.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).ok()?;
+        let head = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let end = (1 + SPARE).min(head.len());
+        Some((head[..end].to_vec(), Taking(&self.taking)))
+    }
+
+    /// Puts an id a wake-up named (see `wake` in common.lua) at the front of the head the next take offers.
+    fn hint(&self, id: String) {
+        let mut head = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        head.retain(|known| *known != id);
+        head.insert(0, id);
+        head.truncate(HEAD);
     }
 
     fn set_head(&self, head: Vec<String>) {
@@ -1221,7 +1245,11 @@ impl Queue for RedisQueue {
         let [job, cp, log] = k.job_keys(id);
         let result = serde_json::to_string(&result).map_err(|error| QueueError::Invalid(error.to_string()))?;
         let notes = note_args(id, notes)?;
-        let (candidates, _taking) = if next.is_some() { inner.candidates(1) } else { (Vec::new(), Taking(&DONE)) };
+        let alone = next.and_then(|worker| inner.candidates_alone().map(|taking| (worker, taking)));
+        let (next, (candidates, _taking)) = match alone {
+            Some((worker, taking)) => (Some(worker), taking),
+            None => (None, (Vec::new(), Taking(&DONE))),
+        };
         let job_keys: Vec<String> = candidates.iter().map(|id| k.job(id)).collect();
         let mut keys = vec![
             job.as_str(),
@@ -1294,13 +1322,18 @@ impl Queue for RedisQueue {
             return Err(QueueError::LeaseLost(id.to_string()));
         }
         let k = &self.inner.keys;
-        let (job, log) = (k.job(id), k.log(id));
-        let notes = note_args(id, notes)?;
+        let [job, cp, log] = k.job_keys(id);
+        let mut note = note_args(id, notes)?;
+        note.push(notes.checkpoints.len().to_string());
+        for (key, output) in &notes.checkpoints {
+            let json = serde_json::to_string(output).map_err(|error| QueueError::Invalid(error.to_string()))?;
+            note.extend([key.clone(), json]);
+        }
         let max_events = self.inner.max_events();
         let max_lines = self.inner.settings.max_log_lines.max(1).to_string();
         let mut args = vec![id, &token.0, &max_events, &max_lines];
-        args.extend(notes.iter().map(String::as_str));
-        let reply = array(self.inner.script::<Value>(&NOTE, &[&job, &k.events, &k.active, &log], &args).await?);
+        args.extend(note.iter().map(String::as_str));
+        let reply = array(self.inner.script::<Value>(&NOTE, &[&job, &k.events, &k.active, &log, &cp], &args).await?);
         Inner::fenced(id, first_code(&reply))
     }
 
@@ -1679,12 +1712,12 @@ impl Queue for RedisQueue {
     }
 
     async fn progress(&self, id: &str, token: &LeaseToken, progress: Progress) -> Result<(), QueueError> {
-        self.note(id, token, &Notes { events: vec![EventKind::Progress(progress)], log: Vec::new() }).await
+        self.note(id, token, &Notes { events: vec![EventKind::Progress(progress)], ..Notes::default() }).await
     }
 
     async fn stage_event(&self, id: &str, token: &LeaseToken, stage: &str, status: &str) -> Result<(), QueueError> {
         let event = EventKind::Stage { stage: stage.to_string(), status: status.to_string() };
-        self.note(id, token, &Notes { events: vec![event], log: Vec::new() }).await
+        self.note(id, token, &Notes { events: vec![event], ..Notes::default() }).await
     }
 
     async fn log(&self, id: &str, line: &str) -> Result<(), QueueError> {

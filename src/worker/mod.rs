@@ -547,7 +547,11 @@ async fn execute(shared: &Shared, job: &Job, held: &Held, resume: bool) -> Ran {
         source: job.spec.source.clone(),
         trusted_source: job.spec.trusted_source,
     };
-    let checkpoints = Arc::new(QueueCheckpoints::new(shared.queue.clone(), &job.id, held.token.clone(), resume));
+    let mut checkpoints = QueueCheckpoints::new(shared.queue.clone(), &job.id, held.token.clone(), resume);
+    if let Some(sink) = &held.sink {
+        checkpoints = checkpoints.holding_in(sink.clone());
+    }
+    let checkpoints = Arc::new(checkpoints);
     let engine = shared.engine.with_registry(runnable.registry.clone()).with_checkpoints(checkpoints);
     let mut sinks: Vec<Arc<dyn ProgressSink>> = Vec::new();
     if let Some(sink) = &held.sink {

@@ -9,6 +9,13 @@
 //! events, kept in order). Once the job is older than [`HOLD`], notes are written as they come; the renewal task
 //! writes those that wait longer than that with no update behind them ([`QueueSink::flush_due`]). The job's final
 //! state is never held back: the queue writes it in the call that ends the job.
+//!
+//! Stage checkpoints made while the job is young are held back the same way ([`QueueSink::hold_checkpoint`]):
+//! a job that completes drops them (its checkpoints go anyway), so a short job writes none; a job that fails,
+//! is cancelled or is handed back writes them first, so its retry resumes from them. A worker killed within
+//! [`HOLD`] of a job's start loses them, and those stages (under half a second of work) run again. Checkpoints
+//! of paid calls (transcribed chunks) are never held back: [`super::checkpoints::QueueCheckpoints`] writes them
+//! at once.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -16,6 +23,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::job::StageOutput;
 use crate::job::progress::{ProgressSink, ProgressUpdate};
 use crate::queue::{EventKind, LeaseToken, Notes, Progress, Queue};
 
@@ -82,6 +90,20 @@ impl QueueSink {
         let mut state = self.lock();
         state.pending.events.push(EventKind::Stage { stage: stage.to_string(), status: status.to_string() });
         state.note();
+    }
+
+    /// Holds a stage checkpoint back with the notes while the job is young; `false` when it is past [`HOLD`] (the
+    /// caller then writes it itself, and an older copy held back under the same key is dropped so that it cannot
+    /// overwrite the newer one later).
+    pub fn hold_checkpoint(&self, key: &str, output: &StageOutput) -> bool {
+        let young = !self.past_hold();
+        let mut state = self.lock();
+        state.pending.checkpoints.retain(|(held, _)| held != key);
+        if young {
+            state.pending.checkpoints.push((key.to_string(), output.clone()));
+            state.note();
+        }
+        young
     }
 
     /// Everything held back, for the call that ends the job; nothing is left to write.

@@ -52,10 +52,16 @@ local function state_event(state, reason)
   return { type = 'state', state = state }
 end
 
--- Wakes one blocked worker, unless the queue is paused (resuming wakes them).
-local function wake(marker_key, meta_key)
+-- Wakes one blocked worker, unless the queue is paused (resuming wakes them). `hint`, when given, is the id of a
+-- job that just became ready: the process woken by it offers that id to its take (see take_jobs), so a job
+-- enqueued into an idle queue is taken in one call. At most 64 hints wait in the marker (a hint is only a hint:
+-- a stale one costs a take that finds the head elsewhere); the member '0' wakes without one.
+local function wake(marker_key, meta_key, hint)
   if redis.call('HGET', meta_key, 'paused') ~= '1' then
-    redis.call('ZADD', marker_key, 0, '0')
+    redis.call('ZADD', marker_key, 0, hint or '0')
+    if hint and redis.call('ZCARD', marker_key) > 64 then
+      redis.call('ZREMRANGEBYRANK', marker_key, 64, -1)
+    end
   end
 end
 

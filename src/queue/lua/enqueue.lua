@@ -9,6 +9,7 @@ local count = tonumber(ARGV[2])
 local now = now_ms()
 local out = {}
 local added = false
+local first_ready = nil
 for i = 1, count do
   local a = 2 + (i - 1) * 7
   local id, ikey, priority, delay = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
@@ -35,6 +36,7 @@ for i = 1, count do
     else
       redis.call('ZADD', wait, int(wait_score(wait, seq, fseq, priority, false)), id)
       emit(events, max_events, id, now, state_event('waiting'))
+      first_ready = first_ready or id
     end
     added = true
     out[#out + 1] = 1
@@ -42,6 +44,6 @@ for i = 1, count do
   end
 end
 if added then
-  wake(marker, meta)
+  wake(marker, meta, first_ready)
 end
 return out
