@@ -66,7 +66,18 @@ pub struct Compiled {
 
 /// SHA-256 of a text, lowercase hex.
 pub fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    out
 }
 
 /// One number for a whole definition: every file's name, stored hash and the hash of its text as carried, so that
@@ -80,7 +91,7 @@ pub fn digest(definition: &Definition) -> String {
             hasher.update([0]);
         }
     }
-    hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
+    hex(&hasher.finalize())
 }
 
 fn carried(catalog: &Catalog, path: &Path) -> Result<DefinitionFile, DefinitionError> {
@@ -166,6 +177,14 @@ mod tests {
 
     fn shipped() -> Catalog {
         Catalog::load(Path::new("pipelines"), Path::new("plugins")).unwrap()
+    }
+
+    #[test]
+    fn hashes_are_sha256_in_lowercase_hex() {
+        // FIPS 180-2's test vectors.
+        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
     }
 
     #[test]

@@ -1224,11 +1224,10 @@ mod contract {
                 &EventKind::State { state: JobState::Waiting, reason: None },
                 &EventKind::State { state: JobState::Active, reason: None },
                 &notes.events[0],
-                &notes.events[1],
                 &notes.events[2],
                 &EventKind::State { state: JobState::Completed, reason: None },
             ],
-            "the notes come before the final state"
+            "the notes come before the final state; a completion streams no progress (it is stored)"
         );
         assert_eq!(states_of(&events, &second), [(JobState::Waiting, None), (JobState::Active, None)]);
         // Nothing left: the job completes and nothing is taken; without a worker nothing is taken either.

@@ -232,10 +232,22 @@ async fn a_real_pipeline_completes(queue: Arc<dyn Queue>, lab: &Lab) {
     };
     assert!(stage("loudness", "running") && stage("loudness", "succeeded"), "{events:?}");
     assert!(stage("transcode", "running") && stage("persist", "succeeded"), "{events:?}");
+    // Progress reached 100, stored with the job. Streamed progress never goes back; a job that ends within the
+    // notes' hold streams none (its `completed` event follows, and is the last).
+    assert_eq!(job.progress.as_ref().map(|p| p.percent), Some(100), "{:?}", job.progress);
+    let streamed: Vec<u8> = events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            echo_worker::queue::EventKind::Progress(p) => Some(p.percent),
+            _ => None,
+        })
+        .collect();
+    assert!(streamed.windows(2).all(|pair| pair[0] <= pair[1]), "{streamed:?}");
     assert!(
-        events
-            .iter()
-            .any(|event| matches!(&event.kind, echo_worker::queue::EventKind::Progress(p) if p.percent == 100)),
+        matches!(
+            events.last().map(|e| &e.kind),
+            Some(echo_worker::queue::EventKind::State { state: JobState::Completed, .. })
+        ),
         "{events:?}"
     );
     let logs: Vec<String> = queue.logs(&id).await.unwrap().into_iter().map(|line| line.line).collect();

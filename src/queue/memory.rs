@@ -603,9 +603,16 @@ impl Queue for MemoryQueue {
         notes: &Notes,
         next: Option<&WorkerInfo>,
     ) -> Result<Option<Lease>, QueueError> {
+        let notes_progress = notes.last_progress().cloned();
         self.with(|state, now| {
-            state.note(id, token, now, notes)?;
-            state.held(id, token, now)?.job.result = Some(result);
+            let mut notes = notes.clone();
+            notes.events.retain(|event| !matches!(event, EventKind::Progress(_)));
+            state.note(id, token, now, &notes)?;
+            let entry = state.held(id, token, now)?;
+            if let Some(progress) = &notes_progress {
+                entry.job.progress = Some(progress.clone());
+            }
+            entry.job.result = Some(result);
             state.finish(id, JobState::Completed, now, None);
             let Some(worker) = next else { return Ok(None) };
             state.promote_due(now);

@@ -569,7 +569,8 @@ pub trait Queue: Send + Sync {
 
     /// Finishes a held job with its result after writing the notes held back about it, and, when `next` names the
     /// worker, takes the next ready job for it in the same round trip (never waiting; nothing while paused). The
-    /// job is completed whether or not another is taken. A backend may decline the take when other takes of
+    /// job is completed whether or not another is taken. Progress events among the notes are not streamed (the
+    /// `completed` event that follows says more); the last progress is stored. A backend may decline the take when other takes of
     /// this process are in flight (the Redis backend does, so that concurrent takes need not each offer the
     /// whole head of the queue); the worker's batched take then fills the slot.
     ///

@@ -44,8 +44,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 const IDLE_BLOCK: Duration = Duration::from_secs(5);
 /// Pause after the blocking connection failed, so that a Redis outage is not a busy loop.
 const BLOCKER_BACKOFF: Duration = Duration::from_secs(1);
-/// Ids of the head of `wait` passed to each take (see take_jobs in common.lua): as many as a busy worker process
-/// may have takes in flight at once (each of its finishing jobs takes the next), so that they rarely miss.
+/// Most ids of the head of `wait` a take reply brings for the next take to offer (see take_jobs in common.lua);
+/// a reply brings as many as this process's last batched take wanted and [`SPARE`] more.
 const HEAD: usize = 64;
 /// Head ids a take offers beyond those that the takes ahead of it and its own want may use.
 const SPARE: usize = 4;
@@ -418,14 +418,29 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// [`text`] of an owned value, without copying its bytes when they are UTF-8.
+fn into_text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(
+            String::from_utf8(bytes).unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned()),
+        ),
+        Value::SimpleString(text) => Some(text),
+        other => text(&other),
+    }
+}
+
 fn texts(value: Value) -> Vec<String> {
-    array(value).iter().filter_map(text).collect()
+    array(value).into_iter().filter_map(into_text).collect()
 }
 
 /// A flat `[field, value, ...]` reply as a map.
 fn fields(value: Value) -> HashMap<String, String> {
-    let items = texts(value);
-    items.chunks_exact(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect()
+    let mut items = texts(value).into_iter();
+    let mut map = HashMap::with_capacity(items.len() / 2);
+    while let (Some(field), Some(value)) = (items.next(), items.next()) {
+        map.insert(field, value);
+    }
+    map
 }
 
 fn first_code(reply: &[Value]) -> i64 {
@@ -482,12 +497,15 @@ fn leased(value: Value) -> Result<Lease, QueueError> {
 }
 
 /// The notes as ARGV for write_notes (common.lua): the events, the progress to store, the log lines. Held-back
-/// checkpoints are not among them: only [`Queue::note`] writes those (a completion drops them).
-fn note_args(id: &str, notes: &Notes) -> Result<Vec<String>, QueueError> {
+/// checkpoints are not among them: only [`Queue::note`] writes those (a completion drops them). A completion
+/// streams no progress events either (see [`Queue::complete_and_take`]).
+fn note_args(id: &str, notes: &Notes, completing: bool) -> Result<Vec<String>, QueueError> {
     notes.check(id)?;
     let invalid = |error: serde_json::Error| QueueError::Invalid(format!("notes about job {id}: {error}"));
-    let mut args = vec![notes.events.len().to_string()];
-    for event in &notes.events {
+    let events: Vec<&EventKind> =
+        notes.events.iter().filter(|event| !(completing && matches!(event, EventKind::Progress(_)))).collect();
+    let mut args = vec![events.len().to_string()];
+    for event in events {
         args.push(serde_json::to_string(event).map_err(invalid)?);
     }
     args.push(match notes.last_progress() {
@@ -568,6 +586,15 @@ struct Taking<'a>(&'a AtomicUsize);
 impl Drop for Taking<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Lowers a flag when dropped, however the work it guards ends.
+struct Lowered<'a>(&'a AtomicBool);
+
+impl Drop for Lowered<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -675,6 +702,10 @@ struct Inner {
     /// Take script calls in flight (takes, and completions that take the next job); each offers this many head
     /// ids and a few more, since those before it may take the first ones.
     taking: AtomicUsize,
+    /// The `want` of this process's last batched take: replies bring that many head ids and a few more.
+    head_want: AtomicUsize,
+    /// A purge of the trash is under way in this process (see `after_finish`).
+    purging: AtomicBool,
     memory_policy: MemoryPolicy,
 }
 
@@ -775,6 +806,11 @@ impl Inner {
         head.truncate(HEAD);
     }
 
+    /// How many head ids a take reply brings: enough for the next batched take, at most [`HEAD`].
+    fn head_size(&self) -> String {
+        (self.head_want.load(Ordering::Relaxed) + SPARE).min(HEAD).to_string()
+    }
+
     fn set_head(&self, head: Vec<String>) {
         *self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = head;
     }
@@ -784,8 +820,9 @@ impl Inner {
         let token = uuid::Uuid::new_v4().to_string();
         let lease_ms = millis(self.settings.lease).max(1).to_string();
         let max_events = self.max_events();
-        let head_size = HEAD.to_string();
         let want_n = want.max(1);
+        self.head_want.store(want_n, Ordering::Relaxed);
+        let head_size = self.head_size();
         let want = want_n.to_string();
         let k = &self.keys;
         for _ in 0..4 {
@@ -847,10 +884,15 @@ impl Inner {
     }
 
     /// After a finishing script: purges evicted jobs once enough have piled up.
+    /// Deletes jobs past the retention count once enough wait for it. One purge at a time per process: the
+    /// completions finishing meanwhile leave the trash to it (concurrent purges would read the same ids and
+    /// each declare hundreds of keys to delete them once).
     async fn after_finish(&self, trash: i64) {
-        if trash >= PURGE_AT
-            && let Err(error) = self.purge_trash().await
-        {
+        if trash < PURGE_AT || self.purging.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _purging = Lowered(&self.purging);
+        if let Err(error) = self.purge_trash().await {
             tracing::warn!(%error, "could not delete jobs past the retention count; will try again");
         }
     }
@@ -1005,6 +1047,8 @@ impl RedisQueue {
                 head: StdMutex::new(Vec::new()),
                 blocking: StdMutex::new(None),
                 taking: AtomicUsize::new(0),
+                head_want: AtomicUsize::new(1),
+                purging: AtomicBool::new(false),
                 readers: StdMutex::new(Vec::new()),
                 memory_policy,
             }),
@@ -1244,7 +1288,7 @@ impl Queue for RedisQueue {
         let k = &inner.keys;
         let [job, cp, log] = k.job_keys(id);
         let result = serde_json::to_string(&result).map_err(|error| QueueError::Invalid(error.to_string()))?;
-        let notes = note_args(id, notes)?;
+        let notes = note_args(id, notes, true)?;
         let alone = next.and_then(|worker| inner.candidates_alone().map(|taking| (worker, taking)));
         let (next, (candidates, _taking)) = match alone {
             Some((worker, taking)) => (Some(worker), taking),
@@ -1272,7 +1316,7 @@ impl Queue for RedisQueue {
         let max_lines = s.max_log_lines.max(1).to_string();
         let lease_ms = millis(s.lease).max(1).to_string();
         let next_token = uuid::Uuid::new_v4().to_string();
-        let head_size = HEAD.to_string();
+        let head_size = inner.head_size();
         let worker = next.map_or("", |worker| worker.id.as_str());
         let mut args = vec![
             id,
@@ -1323,7 +1367,7 @@ impl Queue for RedisQueue {
         }
         let k = &self.inner.keys;
         let [job, cp, log] = k.job_keys(id);
-        let mut note = note_args(id, notes)?;
+        let mut note = note_args(id, notes, false)?;
         note.push(notes.checkpoints.len().to_string());
         for (key, output) in &notes.checkpoints {
             let json = serde_json::to_string(output).map_err(|error| QueueError::Invalid(error.to_string()))?;

@@ -209,10 +209,15 @@ local function retain(zset_key, trash_key, now, keep_ms, keep_n)
 end
 
 -- Moves a job to a final state: its idempotency key is free again, and the job, its checkpoints and its log
--- expire after the retention age.
-local function finish(job_key, cp_key, log_key, ikeys_key, zset_key, id, state, now, keep_ms)
-  redis.call('HSET', job_key, 'state', state, 'finished', int(now))
-  redis.call('HDEL', job_key, 'token')
+-- expire after the retention age. `set` and `drop` (optional) are more fields to write and to remove in the same
+-- calls. A completed job's checkpoints are gone already (complete.lua deletes them).
+local function finish(job_key, cp_key, log_key, ikeys_key, zset_key, id, state, now, keep_ms, set, drop)
+  local fields = { 'state', state, 'finished', int(now) }
+  for _, value in ipairs(set or {}) do
+    fields[#fields + 1] = value
+  end
+  redis.call('HSET', job_key, unpack(fields))
+  redis.call('HDEL', job_key, 'token', unpack(drop or {}))
   local ikey = redis.call('HGET', job_key, 'ikey')
   if ikey and ikey ~= '' and redis.call('HGET', ikeys_key, ikey) == id then
     redis.call('HDEL', ikeys_key, ikey)
@@ -220,16 +225,20 @@ local function finish(job_key, cp_key, log_key, ikeys_key, zset_key, id, state, 
   redis.call('ZADD', zset_key, int(now), id)
   local ttl = math.max(1, keep_ms)
   redis.call('PEXPIRE', job_key, ttl)
-  redis.call('PEXPIRE', cp_key, ttl)
+  if state ~= 'completed' then
+    redis.call('PEXPIRE', cp_key, ttl)
+  end
   redis.call('PEXPIRE', log_key, ttl)
 end
 
 -- Counts one job in the per-minute zset (member: the minute, zero-padded so that text order is time order),
--- keeping the last hour, and lets the whole zset expire when nothing happens for two hours.
+-- keeping the last hour, and lets the whole zset expire when nothing happens for two hours. The trim and the
+-- expiry are renewed by the first job of each minute.
 local function count_minute(metrics_key, now)
   local minute = math.floor(now / 60000)
-  redis.call('ZINCRBY', metrics_key, 1, string.format('%012d', minute))
-  redis.call('ZREMRANGEBYLEX', metrics_key, '-', '(' .. string.format('%012d', minute - 60))
-  redis.call('PEXPIRE', metrics_key, 7200000)
+  if tonumber(redis.call('ZINCRBY', metrics_key, 1, string.format('%012d', minute))) == 1 then
+    redis.call('ZREMRANGEBYLEX', metrics_key, '-', '(' .. string.format('%012d', minute - 60))
+    redis.call('PEXPIRE', metrics_key, 7200000)
+  end
 end
 

@@ -16,10 +16,8 @@ if not now then
   return { refused }
 end
 local after = write_notes(job, log, events, max_events, max_lines, id, now, 12)
-redis.call('HSET', job, 'result', result)
-redis.call('HDEL', job, 'cancel')
 redis.call('DEL', cp)
-finish(job, cp, log, ikeys, completed, id, 'completed', now, keep_ms)
+finish(job, cp, log, ikeys, completed, id, 'completed', now, keep_ms, { 'result', result }, { 'cancel' })
 count_minute(metrics, now)
 emit(events, max_events, id, now, state_event('completed'))
 local trash_size = retain(completed, trash, now, keep_ms, keep_n)
