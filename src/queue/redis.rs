@@ -702,7 +702,8 @@ struct Inner {
     /// Take script calls in flight (takes, and completions that take the next job); each offers this many head
     /// ids and a few more, since those before it may take the first ones.
     taking: AtomicUsize,
-    /// The `want` of this process's last batched take: replies bring that many head ids and a few more.
+    /// The `want` of this process's last take, plus the takes in flight before it: replies bring that many head
+    /// ids and a few more.
     head_want: AtomicUsize,
     /// A purge of the trash is under way in this process (see `after_finish`).
     purging: AtomicBool,
@@ -782,6 +783,7 @@ impl Inner {
     /// the head, since takes ahead of it may also miss and take nothing.
     fn candidates(&self, want: usize) -> (Vec<String>, Taking<'_>) {
         let before = self.taking.fetch_add(1, Ordering::AcqRel);
+        self.head_want.store(before + want, Ordering::Relaxed);
         let head = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let end = (before + want + SPARE).min(head.len());
         (head[..end].to_vec(), Taking(&self.taking))
@@ -821,12 +823,11 @@ impl Inner {
         let lease_ms = millis(self.settings.lease).max(1).to_string();
         let max_events = self.max_events();
         let want_n = want.max(1);
-        self.head_want.store(want_n, Ordering::Relaxed);
-        let head_size = self.head_size();
         let want = want_n.to_string();
         let k = &self.keys;
         for _ in 0..4 {
             let (candidates, _taking) = self.candidates(want_n);
+            let head_size = self.head_size();
             let job_keys: Vec<String> = candidates.iter().map(|id| k.job(id)).collect();
             let mut keys =
                 vec![k.meta.as_str(), &k.wait, &k.delayed, &k.active, &k.marker, &k.events, &k.prio, &k.seq, &k.fseq];
