@@ -94,7 +94,7 @@ impl Checkpoints for QueueCheckpoints {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use serde_json::json;
@@ -103,8 +103,15 @@ mod tests {
     use crate::queue::memory::MemoryQueue;
     use crate::queue::{Definition, DefinitionFile, NewJob, QueueSettings, WorkerInfo};
 
-    async fn held_job() -> (Arc<dyn Queue>, String, LeaseToken) {
+    /// A memory queue holding one job, taken: the queue, the job's id and its lease token.
+    pub(crate) async fn held_job() -> (Arc<dyn Queue>, String, LeaseToken) {
         let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(QueueSettings::default()));
+        let (id, token) = take_one(&queue).await;
+        (queue, id, token)
+    }
+
+    /// Enqueues a job on `queue` and takes it: its id and lease token.
+    pub(crate) async fn take_one(queue: &Arc<dyn Queue>) -> (String, LeaseToken) {
         let file = DefinitionFile { file: "p.toml".into(), sha256: "0".repeat(64), text: "name = \"p\"".into() };
         let job = NewJob {
             pipeline: "p".into(),
@@ -130,7 +137,8 @@ mod tests {
             last_heartbeat: 0,
         };
         let lease = queue.take(&worker, std::time::Duration::ZERO).await.unwrap().expect("a job");
-        (queue, id, lease.token)
+        assert_eq!(lease.job.id, id, "the job just enqueued is the one taken");
+        (id, lease.token)
     }
 
     #[tokio::test]
@@ -167,5 +175,28 @@ mod tests {
             Some(&new),
             "the older held copy does not overwrite it"
         );
+    }
+
+    #[tokio::test]
+    async fn checkpoints_of_another_job_are_refused_and_a_stale_lease_saves_nothing() {
+        let (queue, id, token) = held_job().await;
+        let checkpoints = QueueCheckpoints::new(queue.clone(), &id, token, true);
+        let output = StageOutput::from(json!(1));
+        let refused = [
+            checkpoints.load("other").await.unwrap_err(),
+            checkpoints.save("other", "probe", &output).await.unwrap_err(),
+            checkpoints.clear("other").await.unwrap_err(),
+        ];
+        for error in refused {
+            assert_eq!(error.job_id, "other");
+            assert!(error.message.contains(&id), "{error}");
+        }
+        checkpoints.clear(&id).await.unwrap();
+        assert!(checkpoints.load(&id).await.unwrap().is_empty());
+
+        let stale = QueueCheckpoints::new(queue.clone(), &id, LeaseToken("stale".into()), true);
+        let error = stale.save(&id, "probe", &output).await.unwrap_err();
+        assert!(error.message.contains("lease on the job was lost"), "{error}");
+        assert!(queue.checkpoints(&id).await.unwrap().is_empty(), "a stale lease writes nothing");
     }
 }

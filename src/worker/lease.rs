@@ -214,6 +214,9 @@ fn heard(id: &str, held: &Held, answer: Renewal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::memory::MemoryQueue;
+    use crate::queue::{Queue, QueueSettings};
+    use crate::worker::checkpoints::tests::take_one;
 
     #[test]
     fn renewals_come_often_enough_to_hear_a_cancel_within_two_seconds() {
@@ -240,5 +243,152 @@ mod tests {
         heard("job", &other, Renewal::Lost);
         assert_eq!(other.why(), Some(Stop::Lost), "without an ending call under way, a lost lease stops the copy");
         assert!(other.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn leases_hold_what_was_inserted_until_it_is_removed() {
+        let leases = Leases::default();
+        assert!(leases.is_empty());
+        assert_eq!(leases.len(), 0);
+        leases.insert("a", Arc::new(Held::new(LeaseToken("ta".into()))));
+        leases.insert("b", Arc::new(Held::new(LeaseToken("tb".into()))));
+        assert!(!leases.is_empty());
+        assert_eq!(leases.len(), 2);
+        let mut all: Vec<(JobId, String)> =
+            leases.all().into_iter().map(|(id, held)| (id, held.token.0.clone())).collect();
+        all.sort();
+        assert_eq!(all, [("a".to_string(), "ta".to_string()), ("b".to_string(), "tb".to_string())]);
+        leases.remove("a");
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases.all().first().map(|(id, _)| id.as_str()), Some("b"), "the other job is still renewed");
+        leases.remove("b");
+        assert!(leases.is_empty());
+    }
+
+    #[test]
+    fn a_held_or_cancel_asked_answer_marks_the_lease_renewed_and_a_lost_one_does_not() {
+        let held = Held::new(LeaseToken("t".into()));
+        let taken = held.renewed();
+        std::thread::sleep(Duration::from_millis(5));
+        heard("job", &held, Renewal::Held);
+        let renewed = held.renewed();
+        assert!(renewed > taken, "a held lease was extended");
+        std::thread::sleep(Duration::from_millis(5));
+        heard("job", &held, Renewal::CancelRequested);
+        let asked = held.renewed();
+        assert!(asked > renewed, "a lease whose job is asked to cancel was extended too");
+        assert_eq!(held.why(), Some(Stop::Cancel));
+        std::thread::sleep(Duration::from_millis(5));
+        heard("job", &held, Renewal::Lost);
+        assert_eq!(held.renewed(), asked, "a lost lease was not extended");
+    }
+
+    /// Log output, for tests that count warnings.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_lost_lease_and_an_asked_cancel_are_logged_once_not_on_every_renewal() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let (lost, cancelled) = (Held::new(LeaseToken("t".into())), Held::new(LeaseToken("u".into())));
+            for _ in 0..3 {
+                heard("lost-job", &lost, Renewal::Lost);
+                heard("cancelled-job", &cancelled, Renewal::CancelRequested);
+            }
+        });
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("lease lost").count(), 1, "{text}");
+        assert_eq!(text.matches("cancel asked").count(), 1, "{text}");
+    }
+
+    /// A worker's shared state on `queue`, with its SQLite store in `dir`, for driving the renewal task by hand.
+    async fn shared(queue: Arc<dyn Queue>, dir: &std::path::Path) -> Arc<Shared> {
+        let mut settings = crate::config::Settings::default();
+        settings.database.url = crate::config::SecretUrl::new(format!("sqlite://{}", dir.join("echo.db").display()));
+        let store = crate::app::store(&settings).await.unwrap();
+        let kinds = crate::app::kinds(&settings, store.clone()).await.unwrap();
+        let checkpoints = Arc::new(crate::job::checkpoint::MemoryCheckpoints::default());
+        let engine = crate::engine::Engine::new(crate::engine::StageRegistry::new(), checkpoints, settings.engine());
+        let options = super::super::WorkerOptions {
+            concurrency: 1,
+            lease: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(1),
+            pipelines_dir: dir.to_path_buf(),
+            plugins_dir: dir.to_path_buf(),
+        };
+        super::super::Worker::new(queue, store, engine, kinds, options).shared
+    }
+
+    /// Polls `check` every 20 ms for at most `limit`; whether it came true.
+    async fn within(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        check().await
+    }
+
+    #[tokio::test]
+    async fn the_renewal_task_hears_cancels_and_losses_and_writes_notes_that_waited_past_the_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(QueueSettings::default()));
+        let shared = shared(queue.clone(), dir.path()).await;
+        let (running, running_token) = take_one(&queue).await;
+        let (ending, ending_token) = take_one(&queue).await;
+        let running_sink = Arc::new(QueueSink::new(queue.clone(), &running, running_token.clone()));
+        let running_held = Arc::new(Held::with_sink(running_token, running_sink.clone()));
+        let ending_sink = Arc::new(QueueSink::new(queue.clone(), &ending, ending_token.clone()));
+        let ending_held = Arc::new(Held::with_sink(ending_token, ending_sink.clone()));
+        ending_held.ending();
+        let gone = Arc::new(Held::new(LeaseToken("not ours".into())));
+        shared.leases.insert(&running, running_held.clone());
+        shared.leases.insert(&ending, ending_held.clone());
+        shared.leases.insert("gone", gone.clone());
+        running_sink.log("held back while young");
+        ending_sink.log("for the ending call");
+        let done = CancellationToken::new();
+        let task = tokio::spawn(renew_loop(shared.clone(), done.clone()));
+
+        let logged = async || queue.logs(&running).await.unwrap().iter().any(|l| l.line == "held back while young");
+        assert!(
+            within(Duration::from_secs(3), logged).await,
+            "the renewal task wrote the notes that waited past the hold"
+        );
+        // A tick later, any write the renewal task started is done.
+        tokio::time::sleep(CANCEL_CHECK + Duration::from_millis(100)).await;
+        assert!(
+            queue.logs(&ending).await.unwrap().is_empty(),
+            "the notes of a job being ended wait for its ending call"
+        );
+        assert_eq!(ending_sink.take().log, ["for the ending call"]);
+        assert_eq!(gone.why(), Some(Stop::Lost), "a lease the queue does not know is lost");
+        assert_eq!(running_held.why(), None);
+
+        queue.cancel(&running).await.unwrap();
+        let stopped = async || running_held.why().is_some();
+        assert!(within(CANCEL_CHECK * 4, stopped).await, "a cancel asked elsewhere is heard");
+        assert_eq!(running_held.why(), Some(Stop::Cancel));
+        assert!(running_held.cancel.is_cancelled());
+        assert_eq!(ending_held.why(), None, "a job being ended is not stopped");
+
+        done.cancel();
+        tokio::time::timeout(Duration::from_secs(2), task).await.expect("the renewal task ends when told").unwrap();
     }
 }

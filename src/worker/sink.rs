@@ -165,3 +165,114 @@ impl ProgressSink for QueueSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::worker::checkpoints::tests::held_job;
+
+    fn update(percent: u8, stage: Option<&str>, running: &[&str]) -> ProgressUpdate {
+        ProgressUpdate {
+            percent,
+            stage: stage.map(str::to_string),
+            message: format!("at {percent}"),
+            running: running.iter().map(|stage| (*stage).to_string()).collect(),
+            ..ProgressUpdate::default()
+        }
+    }
+
+    fn running(stage: &str) -> EventKind {
+        EventKind::Stage { stage: stage.into(), status: "running".into() }
+    }
+
+    /// The notes written about `id` so far: its stage and progress events, in order.
+    async fn written(queue: &dyn Queue, id: &str) -> Vec<EventKind> {
+        let events = queue.events(None, 1000, Duration::ZERO).await.unwrap();
+        events
+            .into_iter()
+            .filter(|event| event.job_id == id && !matches!(event.kind, EventKind::State { .. }))
+            .map(|event| event.kind)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_young_jobs_notes_wait_keeping_stage_events_in_order_and_only_the_newest_progress() {
+        let (queue, id, token) = held_job().await;
+        let sink = QueueSink::new(queue.clone(), &id, token);
+        assert!(format!("{sink:?}").contains(&id));
+        sink.update(update(10, Some("probe"), &["probe"])).await;
+        sink.stage("probe", "succeeded");
+        sink.update(update(40, Some(""), &["transcribe"])).await;
+        sink.log("a line");
+        assert!(written(queue.as_ref(), &id).await.is_empty(), "held back while the job is young");
+        assert!(queue.logs(&id).await.unwrap().is_empty());
+
+        sink.flush().await;
+        let progress = Progress { percent: 40, stage: None, message: "at 40".into() };
+        let expected = [
+            running("probe"),
+            EventKind::Stage { stage: "probe".into(), status: "succeeded".into() },
+            running("transcribe"),
+            EventKind::Progress(progress.clone()),
+        ];
+        assert_eq!(written(queue.as_ref(), &id).await, expected, "an empty stage name is no stage");
+        assert_eq!(queue.get(&id).await.unwrap().unwrap().progress, Some(progress));
+        let lines: Vec<String> = queue.logs(&id).await.unwrap().into_iter().map(|line| line.line).collect();
+        assert_eq!(lines, ["a line"]);
+
+        sink.update(update(60, Some("transcribe"), &["transcribe"])).await;
+        sink.flush().await;
+        let progress = Progress { percent: 60, stage: Some("transcribe".into()), message: "at 60".into() };
+        let now = written(queue.as_ref(), &id).await;
+        assert_eq!(
+            now[expected.len()..],
+            [EventKind::Progress(progress)],
+            "a stage still running is not announced again"
+        );
+    }
+
+    #[tokio::test]
+    async fn notes_fall_due_after_the_hold_and_an_old_jobs_notes_are_due_at_once() {
+        let (queue, id, token) = held_job().await;
+        let sink = QueueSink::new(queue.clone(), &id, token);
+        assert!(!sink.flush_due(), "nothing held, nothing due");
+        sink.log("early");
+        assert!(!sink.flush_due(), "a young job's note waits");
+        tokio::time::sleep(HOLD + Duration::from_millis(20)).await;
+        assert!(sink.flush_due(), "a note held for longer than the hold is due");
+        sink.flush().await;
+        assert!(!sink.flush_due(), "nothing is left once written");
+        sink.log("late");
+        assert!(sink.flush_due(), "past the hold a new note is due at once");
+        sink.update(update(50, Some("probe"), &["probe"])).await;
+        assert!(!sink.flush_due(), "past the hold a progress update writes the notes itself");
+        let lines: Vec<String> = queue.logs(&id).await.unwrap().into_iter().map(|line| line.line).collect();
+        assert_eq!(lines, ["early", "late"]);
+        let progress = Progress { percent: 50, stage: Some("probe".into()), message: "at 50".into() };
+        assert_eq!(written(queue.as_ref(), &id).await, [running("probe"), EventKind::Progress(progress)]);
+    }
+
+    #[tokio::test]
+    async fn the_ending_call_takes_everything_held_back_with_the_newest_copy_of_each_checkpoint() {
+        let (queue, id, token) = held_job().await;
+        let sink = QueueSink::new(queue.clone(), &id, token);
+        let (old, new, other) =
+            (StageOutput::from(json!("old")), StageOutput::from(json!("new")), StageOutput::from(json!(2)));
+        sink.log("a line");
+        sink.stage("probe", "succeeded");
+        assert!(sink.hold_checkpoint("summary", &old));
+        assert!(sink.hold_checkpoint("probe", &other));
+        assert!(sink.hold_checkpoint("summary", &new));
+        let notes = sink.take_all().await;
+        assert_eq!(notes.log, ["a line"]);
+        assert_eq!(notes.events, [EventKind::Stage { stage: "probe".into(), status: "succeeded".into() }]);
+        assert_eq!(notes.checkpoints, [("probe".to_string(), other), ("summary".to_string(), new)]);
+        assert!(sink.take().is_empty(), "nothing is left to write");
+        assert!(!sink.flush_due());
+        sink.flush().await;
+        assert!(written(queue.as_ref(), &id).await.is_empty());
+        assert!(queue.checkpoints(&id).await.unwrap().is_empty());
+    }
+}
