@@ -45,7 +45,8 @@ const IDLE_BLOCK: Duration = Duration::from_secs(5);
 /// Pause after the blocking connection failed, so that a Redis outage is not a busy loop.
 const BLOCKER_BACKOFF: Duration = Duration::from_secs(1);
 /// Most ids of the head of `wait` a take reply brings for the next take to offer (see take_jobs in common.lua);
-/// a reply brings as many as this process's last batched take wanted and [`SPARE`] more.
+/// a reply brings as many as this process's last take and the takes in flight before it could use, and [`SPARE`]
+/// more.
 const HEAD: usize = 64;
 /// Head ids a take offers beyond those that the takes ahead of it and its own want may use.
 const SPARE: usize = 4;
