@@ -323,22 +323,29 @@ impl State {
         }
     }
 
-    /// Writes a held job's notes: its events in order, the last progress as its progress, its log lines.
-    fn note(&mut self, id: &str, token: &LeaseToken, now: u64, notes: &Notes) -> Result<(), QueueError> {
+    /// Writes a held job's notes: the last progress as its progress, its held-back checkpoints, its events in
+    /// order ([`Notes::streamed`]), its log lines.
+    fn note(
+        &mut self,
+        id: &str,
+        token: &LeaseToken,
+        now: u64,
+        notes: &Notes,
+        completing: bool,
+    ) -> Result<(), QueueError> {
         notes.check(id)?;
         let entry = self.held(id, token, now)?;
         if let Some(progress) = notes.last_progress() {
             entry.job.progress = Some(progress.clone());
         }
-        for event in &notes.events {
+        for (key, output) in &notes.checkpoints {
+            entry.checkpoints.insert(key.clone(), output.clone());
+        }
+        for event in notes.streamed(completing) {
             self.emit(now, id, event.clone());
         }
         for line in &notes.log {
             self.log(id, now, line);
-        }
-        let entry = self.held(id, token, now)?;
-        for (key, output) in &notes.checkpoints {
-            entry.checkpoints.insert(key.clone(), output.clone());
         }
         Ok(())
     }
@@ -603,16 +610,9 @@ impl Queue for MemoryQueue {
         notes: &Notes,
         next: Option<&WorkerInfo>,
     ) -> Result<Option<Lease>, QueueError> {
-        let notes_progress = notes.last_progress().cloned();
         self.with(|state, now| {
-            let mut notes = notes.clone();
-            notes.events.retain(|event| !matches!(event, EventKind::Progress(_)));
-            state.note(id, token, now, &notes)?;
-            let entry = state.held(id, token, now)?;
-            if let Some(progress) = &notes_progress {
-                entry.job.progress = Some(progress.clone());
-            }
-            entry.job.result = Some(result);
+            state.note(id, token, now, notes, true)?;
+            state.held(id, token, now)?.job.result = Some(result);
             state.finish(id, JobState::Completed, now, None);
             let Some(worker) = next else { return Ok(None) };
             state.promote_due(now);
@@ -624,7 +624,7 @@ impl Queue for MemoryQueue {
     }
 
     async fn note(&self, id: &str, token: &LeaseToken, notes: &Notes) -> Result<(), QueueError> {
-        self.with(|state, now| state.note(id, token, now, notes))
+        self.with(|state, now| state.note(id, token, now, notes, false))
     }
 
     async fn fail(&self, id: &str, token: &LeaseToken, failure: Failure) -> Result<FailOutcome, QueueError> {

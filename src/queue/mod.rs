@@ -274,6 +274,12 @@ impl Notes {
         }
     }
 
+    /// The events a call streams: all of them, except that a completion streams no progress (the `completed`
+    /// event that follows says more; the last progress is still stored).
+    pub fn streamed(&self, completing: bool) -> impl Iterator<Item = &EventKind> {
+        self.events.iter().filter(move |event| !(completing && matches!(event, EventKind::Progress(_))))
+    }
+
     /// The last progress among the events.
     pub fn last_progress(&self) -> Option<&Progress> {
         self.events.iter().rev().find_map(|event| match event {

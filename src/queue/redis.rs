@@ -503,8 +503,7 @@ fn leased(value: Value) -> Result<Lease, QueueError> {
 fn note_args(id: &str, notes: &Notes, completing: bool) -> Result<Vec<String>, QueueError> {
     notes.check(id)?;
     let invalid = |error: serde_json::Error| QueueError::Invalid(format!("notes about job {id}: {error}"));
-    let events: Vec<&EventKind> =
-        notes.events.iter().filter(|event| !(completing && matches!(event, EventKind::Progress(_)))).collect();
+    let events: Vec<&EventKind> = notes.streamed(completing).collect();
     let mut args = vec![events.len().to_string()];
     for event in events {
         args.push(serde_json::to_string(event).map_err(invalid)?);
