@@ -264,14 +264,16 @@ impl Callbacks {
         self.inner.settings.secret.is_some()
     }
 
-    /// Called by a worker after it settled `job`: when the job asked for a callback and has ended for good
-    /// under this worker (`worker` is its id; a job whose lease went to another worker is that worker's to
-    /// report), sends the callback on a task of its own and returns at once. The outcome goes to the job's log.
-    pub fn job_ended(&self, queue: Arc<dyn Queue>, job: &Job, worker: &str) {
+    /// Called after `job` was settled: when the job asked for a callback and has ended for good, sends the
+    /// callback on a task of its own and returns at once. The outcome goes to the job's log. `worker` names the
+    /// worker that settled it, and the callback is sent only if the job ended under that worker (a job whose
+    /// lease went to another worker is that worker's to report); `None` is for a job the queue ended without a
+    /// worker (see `ending`).
+    pub fn job_ended(&self, queue: Arc<dyn Queue>, job: &Job, worker: Option<&str>) {
         if job.spec.callback_url.is_none() {
             return;
         }
-        let (this, id, worker) = (self.clone(), job.id.clone(), worker.to_string());
+        let (this, id, worker) = (self.clone(), job.id.clone(), worker.map(str::to_string));
         self.inner.tasks.spawn(async move {
             let job = match queue.get(&id).await {
                 Ok(Some(job)) => job,
@@ -281,7 +283,7 @@ impl Callbacks {
                     return;
                 }
             };
-            if !job.state.is_final() || job.worker.as_deref() != Some(worker.as_str()) {
+            if !job.state.is_final() || worker.is_some_and(|worker| job.worker.as_deref() != Some(worker.as_str())) {
                 return;
             }
             this.report(queue.as_ref(), &job).await;

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use crate::app;
 use crate::catalog::Catalog;
 use crate::config::Settings;
+use crate::ending::Endings;
 use crate::intake::{Intake, Submission};
 use crate::queue::{CancelOutcome, EventKind, Job, JobState, Queue};
 use crate::store::{RecordingStatus, Store};
@@ -37,6 +38,9 @@ const MEDIA_EXTENSIONS: [&str; 22] = [
 const EVENT_WAIT: Duration = Duration::from_secs(2);
 /// How often `--wait` also reads the jobs themselves, in case the capped stream dropped an event it needed.
 const RECHECK: Duration = Duration::from_secs(5);
+/// How long `cancel` waits for the callback of a job it cancelled before it ran (its retries included) before
+/// exiting; the job's log says when one was abandoned.
+const CALLBACK_WAIT: Duration = Duration::from_secs(30);
 
 /// What `echo-worker enqueue` was asked to do.
 #[derive(Debug, Clone)]
@@ -448,9 +452,10 @@ pub async fn cancel(settings: &Settings, id: &str, json: bool) -> anyhow::Result
         CancelOutcome::AlreadyFinal(state) => ("already_final", format!("job {id} had already ended: {state}")),
     };
     if outcome == CancelOutcome::Cancelled {
-        let store = app::store(settings).await?;
-        let recording = queue.get(id).await?.and_then(|job| job.spec.recording_id);
-        mark(store.as_ref(), recording.as_deref(), RecordingStatus::Cancelled, "cancelled").await;
+        // No worker will report this job's end: its row and callback are this command's to send.
+        let endings = Endings::new(queue.clone(), app::store(settings).await?, Some(app::callbacks(settings)?));
+        endings.ended(id).await;
+        endings.finish(CALLBACK_WAIT).await;
     }
     if json {
         terminal::println(json!({ "job_id": id, "outcome": name }))?;

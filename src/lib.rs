@@ -45,6 +45,7 @@ pub mod control;
 pub mod defaults;
 pub mod definition;
 pub mod document;
+pub mod ending;
 pub mod engine;
 pub mod error;
 pub mod intake;

@@ -74,10 +74,16 @@ pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: P
         tracing::warn!(%error, "pipeline and plugin files will not be reloaded on change");
     }
     let store = app::store(settings).await?;
+    let callbacks = app::callbacks(settings)?;
     let api = match role {
         Role::Worker => None,
         Role::Api | Role::Serve => {
-            let parts = ApiParts { queue: queue.clone(), store: store.clone(), catalog: catalog.clone() };
+            let parts = ApiParts {
+                queue: queue.clone(),
+                store: store.clone(),
+                catalog: catalog.clone(),
+                callbacks: Some(callbacks.clone()),
+            };
             let application = Application::build(settings, parts).await?;
             Some(tokio::spawn(application.run(shutdown.clone())))
         }
@@ -87,6 +93,7 @@ pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: P
         if let Some(api) = api {
             api.await.context("the API task")??;
         }
+        callbacks.finish(settings.worker.shutdown_grace.0).await;
         drop(catalog);
         return Ok(ExitCode::SUCCESS);
     }
@@ -100,7 +107,6 @@ pub async fn run(settings: &Settings, role: Role, pipelines: PathBuf, plugins: P
         pipelines_dir: pipelines,
         plugins_dir: plugins,
     };
-    let callbacks = app::callbacks(settings)?;
     let worker = Worker::new(queue, store, engine, kinds, options).with_callbacks(callbacks.clone());
     let summary = worker.run(shutdown, hurry).await;
     callbacks.finish(settings.worker.shutdown_grace.0).await;

@@ -148,6 +148,40 @@ async fn end_to_end(redis_and_postgres: bool) {
 }
 
 #[tokio::test]
+async fn a_job_cancelled_through_the_api_before_it_ran_calls_back_and_marks_its_recording() {
+    let fake = Fake::start().await;
+    let receiver = Receiver::start(&[]).await;
+    // No worker: the job stays waiting until it is cancelled.
+    let app = app_with(&fake, Some(receiver.port)).start().await;
+    let media = support::media::tone(&app.storage(), "cancel-tone.wav", 2);
+    let reply = app
+        .process_recording(&json!({
+            "recordingId": "cb-cancel",
+            "fileUrl": media.display().to_string(),
+            "pipeline": "transcribe-only",
+            "callbackUrl": receiver.url(),
+        }))
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text);
+    let job = reply.body["jobId"].as_str().unwrap().to_string();
+    let cancelled = app.cancel_job(&job).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.text);
+    let calls = receiver.until_calls(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.calls().len(), 1, "the callback arrives once");
+    verify(&calls[0], SECRET);
+    let body: Value = serde_json::from_slice(&calls[0].body).unwrap();
+    assert_eq!((body["event"].as_str(), body["jobId"].as_str()), (Some("job.cancelled"), Some(job.as_str())));
+    assert_eq!(body["recordingId"], "cb-cancel");
+    assert_eq!(app.recording_status("cb-cancel").await.body["status"]["state"], "cancelled");
+    // Cancelling again changes nothing and sends nothing.
+    assert_eq!(app.cancel_job(&job).await.status, 409);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.calls().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn subtitles_and_transcript_answer_404_409_and_400_for_what_is_not_there() {
     let fake = Fake::start().await;
     let app = app_with(&fake, None).start().await;

@@ -13,12 +13,14 @@ use std::time::Duration;
 use echo_worker::callback::{CallbackError, CallbackSettings, Callbacks};
 use echo_worker::catalog::Catalog;
 use echo_worker::config::{SecretUrl, Settings};
+use echo_worker::ending::Endings;
 use echo_worker::engine::{Engine, StageRegistry};
 use echo_worker::job::checkpoint::MemoryCheckpoints;
 use echo_worker::net::AddressPolicy;
 use echo_worker::queue::memory::MemoryQueue;
-use echo_worker::queue::{Job, NewJob, Queue};
+use echo_worker::queue::{CancelOutcome, Job, NewJob, Queue, WorkerInfo};
 use echo_worker::secret::Secret;
+use echo_worker::store::{NewRecording, RecordingStatus, Store};
 use echo_worker::units::HumanDuration;
 use echo_worker::worker::{Worker, WorkerOptions};
 use serde_json::Value;
@@ -340,4 +342,117 @@ async fn the_secret_never_reaches_a_log() {
     assert!(!printed.contains(SECRET), "the secret is in the process log:\n{printed}");
     assert!(!lines.join("\n").contains(SECRET), "the secret is in the job log: {lines:?}");
     assert!(!settings.to_toml().contains(SECRET), "`echo-worker config` would print the secret");
+}
+
+/// A job with `callback_url` on pipeline `ok`, for a recording registered in `store`.
+async fn queued_with_row(queue: &MemoryQueue, store: &dyn Store, dir: &std::path::Path, url: &str) -> (String, String) {
+    let (catalog, _, _) = catalog(dir);
+    let recording = format!("rec-{}", uuid::Uuid::new_v4().simple());
+    store.register(&NewRecording { id: recording.clone(), ..NewRecording::default() }).await.unwrap();
+    let job = NewJob {
+        pipeline: "ok".into(),
+        definition: echo_worker::definition::of(&catalog, "ok").unwrap(),
+        recording_id: Some(recording.clone()),
+        source: None,
+        trusted_source: false,
+        params: serde_json::Map::new(),
+        priority: 0,
+        max_attempts: 1,
+        delay: None,
+        idempotency_key: None,
+        callback_url: Some(url.into()),
+    };
+    (queue.enqueue(job).await.unwrap().id().to_string(), recording)
+}
+
+#[tokio::test]
+async fn a_job_cancelled_before_it_ran_calls_back_once_and_its_row_says_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(&[]).await;
+    let settings = settings(dir.path(), Some(SECRET), &allow(&receiver));
+    let queue = Arc::new(MemoryQueue::new(settings.queue.settings()));
+    let store = echo_worker::app::store(&settings).await.unwrap();
+    let callbacks = echo_worker::app::callbacks(&settings).unwrap();
+    let endings = Endings::new(queue.clone(), store.clone(), Some(callbacks));
+    let (id, recording) = queued_with_row(&queue, store.as_ref(), dir.path(), &receiver.url()).await;
+
+    // Not ended yet: nothing is said.
+    endings.ended(&id).await;
+    assert_eq!(store.get(&recording).await.unwrap().unwrap().status, RecordingStatus::Pending);
+
+    assert_eq!(queue.cancel(&id).await.unwrap(), CancelOutcome::Cancelled);
+    endings.ended(&id).await;
+    endings.finish(Duration::from_secs(10)).await;
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 1, "exactly one call");
+    verify(&calls[0], SECRET);
+    let body: Value = serde_json::from_slice(&calls[0].body).unwrap();
+    assert_eq!((body["event"].as_str(), body["state"].as_str()), (Some("job.cancelled"), Some("cancelled")));
+    assert_eq!(body["jobId"], id.as_str());
+    assert_eq!(body["attempts"], 0, "it never ran");
+    assert_eq!(store.get(&recording).await.unwrap().unwrap().status, RecordingStatus::Cancelled);
+    assert!(log_lines(&queue, &id).await.iter().any(|line| line.starts_with("callback delivered")));
+}
+
+#[tokio::test]
+async fn a_job_failed_by_stall_recovery_is_called_back_once_by_the_worker_that_recovered_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(&[]).await;
+    let mut settings = settings(dir.path(), Some(SECRET), &allow(&receiver));
+    settings.queue.lease = HumanDuration(Duration::from_millis(300));
+    settings.queue.max_stalls = 0;
+    let (_, pipelines, plugins) = catalog(dir.path());
+    let queue = Arc::new(MemoryQueue::new(settings.queue.settings()));
+    let store = echo_worker::app::store(&settings).await.unwrap();
+    let (id, recording) = queued_with_row(&queue, store.as_ref(), dir.path(), &receiver.url()).await;
+    // A worker takes the job and dies: it never renews, completes or reports.
+    let dead = WorkerInfo {
+        id: "dead-worker".into(),
+        host: "gone".into(),
+        pid: 1,
+        version: "0".into(),
+        concurrency: 1,
+        running: 1,
+        last_heartbeat: 0,
+    };
+    assert_eq!(queue.take(&dead, Duration::from_secs(1)).await.unwrap().unwrap().job.id, id);
+
+    // Two live workers recover stalled jobs side by side; the one whose recovery failed the job reports it.
+    let mut running = Vec::new();
+    let stop = CancellationToken::new();
+    let mut all_callbacks = Vec::new();
+    for _ in 0..2 {
+        let kinds = echo_worker::app::kinds(&settings, store.clone()).await.unwrap();
+        let engine = Engine::new(StageRegistry::new(), Arc::new(MemoryCheckpoints::default()), settings.engine());
+        let options = WorkerOptions {
+            concurrency: 1,
+            lease: settings.queue.settings().lease,
+            shutdown_grace: Duration::from_secs(1),
+            pipelines_dir: pipelines.clone(),
+            plugins_dir: plugins.clone(),
+        };
+        let callbacks = echo_worker::app::callbacks(&settings).unwrap();
+        all_callbacks.push(callbacks.clone());
+        let worker = Worker::new(queue.clone(), store.clone(), engine, kinds, options).with_callbacks(callbacks);
+        running.push(tokio::spawn(worker.run(stop.clone(), CancellationToken::new())));
+    }
+    let calls = receiver.until_calls(1).await;
+    // Room for a second, wrong call to arrive before counting.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stop.cancel();
+    for task in running {
+        task.await.unwrap();
+    }
+    for callbacks in all_callbacks {
+        callbacks.finish(Duration::from_secs(5)).await;
+    }
+    assert_eq!(receiver.calls().len(), 1, "exactly one call: {:?}", receiver.calls().len());
+    verify(&calls[0], SECRET);
+    let body: Value = serde_json::from_slice(&calls[0].body).unwrap();
+    assert_eq!((body["event"].as_str(), body["state"].as_str()), (Some("job.failed"), Some("failed")));
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("stalled"), "the callback says why: {error}");
+    let row = store.get(&recording).await.unwrap().unwrap();
+    assert_eq!(row.status, RecordingStatus::Failed);
+    assert!(row.error.as_deref().unwrap_or_default().contains("stalled"), "the row says why: {:?}", row.error);
 }

@@ -125,8 +125,16 @@ async fn the_dashboard_follows_jobs_live_cancels_and_retries_them_and_draws_the_
     assert!(seen.iter().any(|(state, progress)| state != "completed" && *progress < 100.0), "seen running: {seen:?}");
     assert!(seen.windows(2).all(|pair| pair[1].1 >= pair[0].1), "the progress bar only rises: {seen:?}");
     assert_eq!(browser.run("return window.notReloaded === true", json!([])).await, true, "no reload happened");
-    let counts = browser.run("return document.querySelector('[data-count=completed] dd').textContent", json!([])).await;
-    assert_eq!(counts, "1", "the completed count");
+    // The counts and the list are fetched side by side, so the job may complete between the two reads; the
+    // next poll (2 s) must then show it counted.
+    browser
+        .until(
+            "the completed count of 1",
+            PAGE_WAIT,
+            "return document.querySelector('[data-count=completed] dd')?.textContent === '1'",
+            json!([]),
+        )
+        .await;
     browser.screenshot("02-queue-job-completed").await;
 
     // Its page: every stage ended, the AI usage so far, and the results to download.

@@ -16,11 +16,16 @@ use echo_worker::queue::memory::MemoryQueue;
 use echo_worker::queue::redis::{RedisOptions, RedisQueue};
 use echo_worker::queue::{
     CancelOutcome, Definition, DefinitionFile, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobState,
-    LeaseToken, MAX_PRIORITY, MIN_PRIORITY, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Renewal,
-    WorkerInfo,
+    LeaseToken, MAX_PRIORITY, MIN_PRIORITY, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Recovered,
+    Renewal, WorkerInfo,
 };
 use echo_worker::secret::SecretUrl;
 use serde_json::json;
+
+/// What `recover_stalled` says of job `id` that went to `state`.
+fn went(id: &str, state: JobState) -> Recovered {
+    Recovered { id: id.to_string(), state }
+}
 
 /// The lease every contract test runs with.
 const LEASE: Duration = Duration::from_millis(300);
@@ -492,7 +497,7 @@ mod contract {
         let id = enqueue(&*queue, new_job("meeting")).await;
         let stale = take(&*queue, &old_worker).await;
         tokio::time::sleep(PAST_LEASE).await;
-        assert_eq!(queue.recover_stalled().await.unwrap(), vec![id.clone()]);
+        assert_eq!(queue.recover_stalled().await.unwrap(), vec![went(&id, JobState::Waiting)]);
         let lost = |result: Result<(), QueueError>, what: &str| match result {
             Err(QueueError::LeaseLost(lost)) => assert_eq!(lost, id, "{what}"),
             other => panic!("{what} with a stale lease: {other:?}"),
@@ -560,7 +565,7 @@ mod contract {
         let behind = enqueue(&*queue, new_job("meeting")).await;
         assert_eq!(take(&*queue, &worker).await.job.id, stalling);
         tokio::time::sleep(PAST_LEASE).await;
-        assert_eq!(queue.recover_stalled().await.unwrap(), vec![stalling.clone()]);
+        assert_eq!(queue.recover_stalled().await.unwrap(), vec![went(&stalling, JobState::Waiting)]);
         let job = get(&*queue, &stalling).await;
         assert_eq!((job.state, job.stalls, job.attempts), (JobState::Waiting, 1, 0));
         // Back at the front, ahead of the job enqueued after it.
@@ -568,7 +573,7 @@ mod contract {
         assert_eq!(lease.job.id, stalling);
         assert_eq!((lease.job.attempts, lease.job.stalls), (1, 1));
         tokio::time::sleep(PAST_LEASE).await;
-        assert_eq!(queue.recover_stalled().await.unwrap(), vec![stalling.clone()]);
+        assert_eq!(queue.recover_stalled().await.unwrap(), vec![went(&stalling, JobState::Failed)]);
         let job = get(&*queue, &stalling).await;
         assert_eq!((job.state, job.stalls), (JobState::Failed, 2));
         let error = job.error.unwrap_or_default();
@@ -598,7 +603,9 @@ mod contract {
             let (a, b) = (one.clone(), two.clone());
             let first = tokio::spawn(async move { a.recover_stalled().await.unwrap() });
             let second = tokio::spawn(async move { b.recover_stalled().await.unwrap() });
-            let mut recovered = [first.await.unwrap(), second.await.unwrap()].concat();
+            let recovered = [first.await.unwrap(), second.await.unwrap()].concat();
+            assert!(recovered.iter().all(|job| job.state == JobState::Waiting), "round {round}: {recovered:?}");
+            let mut recovered: Vec<String> = recovered.into_iter().map(|job| job.id).collect();
             recovered.sort();
             assert_eq!(recovered, ids, "round {round}: each job must be recovered by exactly one caller");
             for id in &ids {
@@ -652,7 +659,7 @@ mod contract {
         take(&*queue, &worker).await;
         assert_eq!(queue.cancel(&died).await.unwrap(), CancelOutcome::Requested);
         tokio::time::sleep(PAST_LEASE).await;
-        assert_eq!(queue.recover_stalled().await.unwrap(), vec![died.clone()]);
+        assert_eq!(queue.recover_stalled().await.unwrap(), vec![went(&died, JobState::Cancelled)]);
         assert_eq!(state(&*queue, &died).await, JobState::Cancelled, "a cancelled job ran again after a stall");
 
         let left = enqueue(&*queue, new_job("meeting")).await;
@@ -1275,7 +1282,7 @@ mod contract {
         assert!(queue.logs(&id).await.unwrap().is_empty());
         // The lease passes to another worker: the stale holder completes nothing, writes nothing, takes nothing.
         tokio::time::sleep(PAST_LEASE).await;
-        assert_eq!(queue.recover_stalled().await.unwrap(), vec![id.clone()]);
+        assert_eq!(queue.recover_stalled().await.unwrap(), vec![went(&id, JobState::Waiting)]);
         let current = take(&*queue, &two).await;
         assert_eq!(current.job.id, id);
         let lost = queue.complete_and_take(&id, &stale.token, json!({ "stale": true }), &noted, Some(&one)).await;
@@ -1463,7 +1470,7 @@ mod memory_clock {
         assert_eq!(queue.renew(&[(id.clone(), lease.token.clone())]).await.unwrap(), vec![Renewal::Lost]);
         let lost = queue.complete(&id, &lease.token, json!({})).await;
         assert!(matches!(lost, Err(QueueError::LeaseLost(_))), "{lost:?}");
-        assert_eq!(queue.recover_stalled().await.unwrap(), vec![id]);
+        assert_eq!(queue.recover_stalled().await.unwrap(), vec![went(&id, JobState::Waiting)]);
     }
 
     #[tokio::test]

@@ -640,7 +640,8 @@ async fn an_expired_lease_refuses_writes_even_before_recovery() {
     assert!(matches!(queue.progress(&id, &lease.token, progress).await, Err(QueueError::LeaseLost(_))));
     let renewed = queue.renew(&[(id.clone(), lease.token.clone())]).await.unwrap();
     assert_eq!(renewed, vec![echo_worker::queue::Renewal::Lost]);
-    assert_eq!(queue.recover_stalled().await.unwrap(), vec![id.clone()]);
+    let recovered = queue.recover_stalled().await.unwrap();
+    assert_eq!(recovered, vec![echo_worker::queue::Recovered { id: id.clone(), state: JobState::Waiting }]);
     let job = queue.get(&id).await.unwrap().unwrap();
     assert_eq!((job.state, job.stalls, job.attempts), (JobState::Waiting, 1, 0));
     assert_eq!(queue.checkpoints(&id).await.unwrap().keys().collect::<Vec<_>>(), ["early"]);

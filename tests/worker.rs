@@ -21,7 +21,7 @@ use echo_worker::queue::memory::MemoryQueue;
 use echo_worker::queue::redis::{RedisOptions, RedisQueue};
 use echo_worker::queue::{
     CancelOutcome, Enqueued, Event, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease, LeaseToken, LogLine,
-    NewJob, Notes, Progress, Queue, QueueError, Renewal, Stats, WorkerInfo,
+    NewJob, Notes, Progress, Queue, QueueError, Recovered, Renewal, Stats, WorkerInfo,
 };
 use echo_worker::store::{NewRecording, RecordingStatus, SqlStore, Store};
 use echo_worker::worker::{Worker, WorkerOptions, WorkerSummary};
@@ -508,7 +508,7 @@ impl Queue for Outage {
         self.check()?;
         self.inner.release(id, token).await
     }
-    async fn recover_stalled(&self) -> Result<Vec<JobId>, QueueError> {
+    async fn recover_stalled(&self) -> Result<Vec<Recovered>, QueueError> {
         self.check()?;
         self.inner.recover_stalled().await
     }

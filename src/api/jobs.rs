@@ -295,7 +295,7 @@ async fn cancel_job(
     let _serial = JOB_ACTIONS.lock().await;
     match state.queue.cancel(&job.id).await? {
         CancelOutcome::Cancelled => {
-            mark(&state, &job, RecordingStatus::Cancelled, "cancelled").await;
+            state.endings.ended(&job.id).await;
             Ok(ok(StatusCode::OK, reply("cancelled", format!("job {} cancelled", job.id))))
         }
         CancelOutcome::Requested => Ok(ok(

@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
+use crate::callback::Callbacks;
 use crate::config::Settings;
+use crate::ending::Endings;
 use crate::intake::Intake;
 use crate::queue::Queue;
 use crate::store::Store;
@@ -69,6 +71,8 @@ pub struct ApiState {
     pub started_at: Instant,
     /// What `process-direct` runs with, made by its first request.
     pub direct: Arc<tokio::sync::OnceCell<direct::Direct>>,
+    /// Reports jobs this API ended without a worker (cancelled while waiting): their rows and callbacks.
+    pub endings: Endings,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -86,6 +90,8 @@ pub struct ApiParts {
     pub store: Arc<dyn Store>,
     /// The pipelines and plugins.
     pub catalog: Arc<LiveCatalog>,
+    /// Sends the callback of a job cancelled before it ran (none: no callbacks from this process).
+    pub callbacks: Option<Callbacks>,
 }
 
 /// Why the API could not start.
@@ -182,6 +188,7 @@ pub fn state(settings: &Settings, parts: ApiParts) -> Result<ApiState, StartErro
         .with_callbacks(settings.callback.secret.is_some());
     Ok(ApiState {
         settings: Arc::new(settings.clone()),
+        endings: Endings::new(parts.queue.clone(), parts.store.clone(), parts.callbacks),
         queue: parts.queue,
         store: parts.store,
         catalog: parts.catalog,

@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 use super::{
     CancelOutcome, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease, LeaseToken,
-    LogLine, MinuteCounts, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Renewal, Stats, WorkerInfo,
+    LogLine, MinuteCounts, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Recovered, Renewal, Stats,
+    WorkerInfo,
 };
 use crate::job::StageOutput;
 
@@ -666,7 +667,7 @@ impl Queue for MemoryQueue {
         })
     }
 
-    async fn recover_stalled(&self) -> Result<Vec<JobId>, QueueError> {
+    async fn recover_stalled(&self) -> Result<Vec<Recovered>, QueueError> {
         Ok(self.with(|state, now| {
             let expired: Vec<(JobId, String)> = state.index[&JobState::Active]
                 .iter()
@@ -675,10 +676,13 @@ impl Queue for MemoryQueue {
                 .filter(|entry| entry.lease.as_ref().is_none_or(|held| held.until <= now))
                 .map(|entry| (entry.job.id.clone(), entry.job.worker.clone().unwrap_or_default()))
                 .collect();
-            for (id, worker) in &expired {
-                state.hand_back(id, now, format!("the lease of worker {worker} expired"), true);
+            let mut recovered = Vec::with_capacity(expired.len());
+            for (id, worker) in expired {
+                state.hand_back(&id, now, format!("the lease of worker {worker} expired"), true);
+                let went = state.jobs.get(&id).map_or(JobState::Waiting, |entry| entry.job.state);
+                recovered.push(Recovered { id, state: went });
             }
-            expired.into_iter().map(|(id, _)| id).collect()
+            recovered
         }))
     }
 

@@ -85,6 +85,16 @@ impl fmt::Display for JobState {
     }
 }
 
+/// A job that [`Queue::recover_stalled`] took back from a worker whose lease expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The job.
+    pub id: JobId,
+    /// Where it went: `waiting` (to run again), `failed` (stalled more than `max_stalls` times) or `cancelled`
+    /// (a cancel had been asked).
+    pub state: JobState,
+}
+
 /// One definition file a job runs with, as it was when the job was enqueued.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DefinitionFile {
@@ -619,12 +629,13 @@ pub trait Queue: Send + Sync {
     async fn release(&self, id: &str, token: &LeaseToken) -> Result<(), QueueError>;
 
     /// Sends every active job whose lease has expired back to waiting at the front of its priority (or to failed
-    /// after `max_stalls`, or to cancelled when a cancel was asked), and returns their ids. Safe to call from
-    /// every worker at once: each recovery happens exactly once.
+    /// after `max_stalls`, or to cancelled when a cancel was asked), and returns each with the state it went to.
+    /// Safe to call from every worker at once: each recovery happens exactly once, and only its caller hears of
+    /// it (so that one process reports the jobs it ended, see `ending`).
     ///
     /// # Errors
     /// [`QueueError::Unavailable`].
-    async fn recover_stalled(&self) -> Result<Vec<JobId>, QueueError>;
+    async fn recover_stalled(&self) -> Result<Vec<Recovered>, QueueError>;
 
     /// Cancels a job in any state: removed from waiting or delayed at once; an active one is asked to stop (see
     /// [`Renewal::CancelRequested`]) and becomes `cancelled` when its worker stops it, hands it back, or dies.

@@ -31,7 +31,8 @@ use tokio::time::Instant;
 
 use super::{
     CancelOutcome, Enqueued, Event, EventKind, FailOutcome, Failure, Job, JobId, JobPage, JobState, Lease, LeaseToken,
-    LogLine, MinuteCounts, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Renewal, Stats, WorkerInfo,
+    LogLine, MinuteCounts, NewJob, Notes, Progress, Queue, QueueError, QueueSettings, Recovered, Renewal, Stats,
+    WorkerInfo,
 };
 use crate::job::StageOutput;
 use crate::secret::SecretUrl;
@@ -1479,7 +1480,7 @@ impl Queue for RedisQueue {
         }
     }
 
-    async fn recover_stalled(&self) -> Result<Vec<JobId>, QueueError> {
+    async fn recover_stalled(&self) -> Result<Vec<Recovered>, QueueError> {
         let s = &self.inner.settings;
         let k = &self.inner.keys;
         let max_stalls = s.max_stalls.to_string();
@@ -1514,8 +1515,11 @@ impl Queue for RedisQueue {
             let mut args = vec![max_stalls.as_str(), &keep_ms, &keep, &max_events, &count];
             args.extend(ids.iter().map(String::as_str));
             let done: Vec<String> = self.inner.script(&RECOVER, &keys, &args).await?;
-            trash += i64::try_from(done.len()).unwrap_or(0);
-            recovered.extend(done);
+            for pair in done.chunks_exact(2) {
+                let state = JobState::from_name(&pair[1]).unwrap_or(JobState::Waiting);
+                trash += i64::from(state.is_final());
+                recovered.push(Recovered { id: pair[0].clone(), state });
+            }
             if ids.len() < JOB_BATCH {
                 break;
             }

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::callback::Callbacks;
 use crate::definition::{self, DefinitionError};
+use crate::ending::Endings;
 use crate::engine::{Engine, EngineError, JobReport, JobStatus, Kinds, StageRegistry, StageStatus};
 use crate::job::JobSpec;
 use crate::job::progress::{ProgressSink, Tee};
@@ -436,8 +437,13 @@ async fn upkeep(shared: Arc<Shared>, done: CancellationToken) {
         if now >= next_recover {
             next_recover = now + recover_every;
             match shared.queue.recover_stalled().await {
-                Ok(ids) if !ids.is_empty() => {
-                    tracing::info!(jobs = ?ids, "recovered jobs whose lease had expired");
+                Ok(recovered) if !recovered.is_empty() => {
+                    tracing::info!(jobs = ?recovered, "recovered jobs whose lease had expired");
+                    // A job the recovery ended has no worker to report it: this process does, once.
+                    let endings = Endings::new(shared.queue.clone(), shared.store.clone(), shared.callbacks.clone());
+                    for job in recovered.iter().filter(|job| job.state.is_final()) {
+                        endings.ended(&job.id).await;
+                    }
                 }
                 Ok(_) => {}
                 Err(error) => shared.outage.failed("recovering stalled jobs", &error),
@@ -509,7 +515,7 @@ async fn run_job(
         next = finish(&shared, &job, &held, ran, began, &shutdown).await;
         shared.leases.remove(&job.id);
         if let Some(callbacks) = &shared.callbacks {
-            callbacks.job_ended(shared.queue.clone(), &job, &shared.info.id);
+            callbacks.job_ended(shared.queue.clone(), &job, Some(&shared.info.id));
         }
     }
 }
@@ -828,7 +834,7 @@ async fn confirmed(shared: &Shared, id: &str, state: JobState) -> bool {
 }
 
 /// Each stage's final status as a stage event, held with the job's other notes (the `running` ones were noted
-/// as they started).
+/// as they started; the sink adds one for a stage that ran between two progress updates).
 fn note_stages(held: &Held, report: &JobReport) {
     let Some(sink) = &held.sink else { return };
     for (stage, outcome) in &report.stages {

@@ -44,6 +44,8 @@ pub struct QueueSink {
 #[derive(Default)]
 struct State {
     running: BTreeSet<String>,
+    /// Stages whose `running` event was noted.
+    announced: BTreeSet<String>,
     pending: Notes,
     /// When the oldest pending note was made.
     since: Option<Instant>,
@@ -85,9 +87,16 @@ impl QueueSink {
         state.note();
     }
 
-    /// Adds a stage event.
+    /// Adds a stage event. A stage that ran (`succeeded`, `failed`, `cancelled`) but started and ended between
+    /// two progress updates, so that no `running` event was noted for it, gets that event first: every stage
+    /// that ran shows `running` before its end.
     pub fn stage(&self, stage: &str, status: &str) {
         let mut state = self.lock();
+        let ran = matches!(status, "succeeded" | "failed" | "cancelled");
+        if ran && !state.announced.contains(stage) {
+            state.announced.insert(stage.to_string());
+            state.pending.events.push(EventKind::Stage { stage: stage.to_string(), status: "running".into() });
+        }
         state.pending.events.push(EventKind::Stage { stage: stage.to_string(), status: status.to_string() });
         state.note();
     }
@@ -151,6 +160,7 @@ impl ProgressSink for QueueSink {
                 update.running.iter().filter(|stage| !state.running.contains(*stage)).cloned().collect();
             state.running = update.running.iter().cloned().collect();
             for stage in started {
+                state.announced.insert(stage.clone());
                 state.pending.events.push(EventKind::Stage { stage, status: "running".into() });
             }
             // Only the newest progress is worth writing.
@@ -234,6 +244,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_stage_that_ran_is_shown_running_once_before_its_end_and_one_that_did_not_run_is_not() {
+        let (queue, id, token) = held_job().await;
+        let sink = QueueSink::new(queue.clone(), &id, token);
+        sink.update(update(10, Some("probe"), &["probe"])).await;
+        for (stage, status) in [
+            ("probe", "succeeded"),
+            ("fetch", "failed"),
+            ("ask", "cancelled"),
+            ("cached", "restored"),
+            ("optional", "skipped"),
+        ] {
+            sink.stage(stage, status);
+        }
+        let stage = |stage: &str, status: &str| EventKind::Stage { stage: stage.into(), status: status.into() };
+        let notes = sink.take_all().await;
+        assert_eq!(
+            notes.events,
+            [
+                running("probe"),
+                EventKind::Progress(Progress { percent: 10, stage: Some("probe".into()), message: "at 10".into() }),
+                stage("probe", "succeeded"),
+                running("fetch"),
+                stage("fetch", "failed"),
+                running("ask"),
+                stage("ask", "cancelled"),
+                stage("cached", "restored"),
+                stage("optional", "skipped"),
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn notes_fall_due_after_the_hold_and_an_old_jobs_notes_are_due_at_once() {
         let (queue, id, token) = held_job().await;
         let sink = QueueSink::new(queue.clone(), &id, token);
@@ -267,7 +309,11 @@ mod tests {
         assert!(sink.hold_checkpoint("summary", &new));
         let notes = sink.take_all().await;
         assert_eq!(notes.log, ["a line"]);
-        assert_eq!(notes.events, [EventKind::Stage { stage: "probe".into(), status: "succeeded".into() }]);
+        assert_eq!(
+            notes.events,
+            [running("probe"), EventKind::Stage { stage: "probe".into(), status: "succeeded".into() }],
+            "a stage that ran between two updates is shown running before its end"
+        );
         assert_eq!(notes.checkpoints, [("probe".to_string(), other), ("summary".to_string(), new)]);
         assert!(sink.take().is_empty(), "nothing is left to write");
         assert!(!sink.flush_due());

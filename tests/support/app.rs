@@ -120,7 +120,9 @@ impl Builder {
         };
         let store = echo_worker::app::store(&settings).await.unwrap();
         let catalog = LiveCatalog::load(&settings.paths.pipelines, &settings.paths.plugins).unwrap();
-        let parts = ApiParts { queue: queue.clone(), store: store.clone(), catalog };
+        let callbacks = echo_worker::app::callbacks(&settings).unwrap();
+        let parts =
+            ApiParts { queue: queue.clone(), store: store.clone(), catalog, callbacks: Some(callbacks.clone()) };
         let application = Application::build(&settings, parts).await.unwrap();
         let address = format!("http://{}", application.address());
         let shutdown = CancellationToken::new();
@@ -135,7 +137,6 @@ impl Builder {
                 pipelines_dir: settings.paths.pipelines.clone(),
                 plugins_dir: settings.paths.plugins.clone(),
             };
-            let callbacks = echo_worker::app::callbacks(&settings).unwrap();
             let worker = Worker::new(queue.clone(), store.clone(), engine, kinds, options).with_callbacks(callbacks);
             Some(tokio::spawn(worker.run(shutdown.clone(), CancellationToken::new())))
         } else {

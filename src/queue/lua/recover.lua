@@ -4,7 +4,7 @@
 -- KEYS: active, wait, failed, cancelled, events, ikeys, trash, per-minute failed, marker, seq, fseq, meta,
 -- then per job: job, checkpoints, log.
 -- ARGV: max_stalls, keep_failed_ms, keep_failed_count, max_events, count, then the ids.
--- Returns the ids it recovered.
+-- Returns {id, state it went to ('waiting', 'failed' or 'cancelled'), ...} for the jobs it recovered.
 local active, wait, failed, cancelled, events, ikeys, trash, metrics, marker, seq, fseq, meta = KEYS[1], KEYS[2],
   KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local max_stalls, keep_ms, keep_n, max_events = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
@@ -18,6 +18,7 @@ for i = 1, count do
   local deadline = redis.call('ZSCORE', active, id)
   if deadline and tonumber(deadline) < now then
     redis.call('ZREM', active, id)
+    local went = 'waiting'
     if redis.call('EXISTS', job) == 1 then
       local stalls = redis.call('HINCRBY', job, 'stalls', 1)
       redis.call('HINCRBY', job, 'attempts', -1)
@@ -27,6 +28,7 @@ for i = 1, count do
         finish(job, cp, log, ikeys, cancelled, id, 'cancelled', now, keep_ms)
         emit(events, max_events, id, now, state_event('cancelled', 'cancelled on request'))
         retain(cancelled, trash, now, keep_ms, keep_n)
+        went = 'cancelled'
       elseif stalls > max_stalls then
         local message = 'job stalled more than ' .. max_stalls .. ' times (its worker stopped renewing the lease)'
         redis.call('HSET', job, 'error', message)
@@ -34,6 +36,7 @@ for i = 1, count do
         count_minute(metrics, now)
         emit(events, max_events, id, now, state_event('failed', message))
         retain(failed, trash, now, keep_ms, keep_n)
+        went = 'failed'
       else
         redis.call('HSET', job, 'state', 'queued')
         local priority = redis.call('HGET', job, 'prio') or '0'
@@ -43,6 +46,7 @@ for i = 1, count do
       end
     end
     out[#out + 1] = id
+    out[#out + 1] = went
   end
 end
 if requeued then
