@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::net::{AddressPolicy, HttpClient, NetError, Outgoing, shown};
 use crate::queue::{Job, JobState, Queue};
 use crate::secret::Secret;
+use crate::time::rfc3339;
 use crate::units::HumanDuration;
 
 /// The signature header: `sha256=<hex>`.
@@ -211,24 +212,6 @@ pub fn payload(job: &Job) -> Value {
 
 fn event(state: JobState) -> String {
     format!("job.{}", state.name())
-}
-
-/// Milliseconds since the Unix epoch as an RFC 3339 UTC time with milliseconds.
-fn rfc3339(millis: u64) -> String {
-    let (seconds, millis) = (millis / 1000, millis % 1000);
-    let days = i64::try_from(seconds / 86_400).unwrap_or(i64::MAX / 2);
-    let rest = seconds % 86_400;
-    // Days to a civil date (Howard Hinnant's algorithm), proleptic Gregorian.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rest / 3600, rest % 3600 / 60, rest % 60)
 }
 
 /// Sends callbacks. Cheap to clone; clones share the tasks in flight.
@@ -441,14 +424,6 @@ mod tests {
             sign(&Secret::new("whsec_test"), 1_700_000_001, body),
             sign(&Secret::new("whsec_test"), 1_700_000_000, body)
         );
-    }
-
-    #[test]
-    fn times_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub mod store;
 pub mod subtitle;
 pub mod template;
 pub mod terminal;
+pub mod time;
 pub mod units;
 pub mod watcher;
 pub mod worker;

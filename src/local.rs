@@ -445,6 +445,7 @@ mod tests {
             running: running.iter().map(|id| id.to_string()).collect(),
             stages_done: done,
             stages_total: 5,
+            ended: Vec::new(),
         }
     }
 

@@ -232,6 +232,19 @@ async fn a_real_pipeline_completes(queue: Arc<dyn Queue>, lab: &Lab) {
     };
     assert!(stage("loudness", "running") && stage("loudness", "succeeded"), "{events:?}");
     assert!(stage("transcode", "running") && stage("persist", "succeeded"), "{events:?}");
+    // A stage's end is streamed while the job runs: before the stages that need it start, not at the job's end.
+    let at = |name: &str, status: &str| {
+        events.iter().position(|event| {
+            matches!(&event.kind, echo_worker::queue::EventKind::Stage { stage, status: s } if stage == name && s == status)
+        })
+    };
+    for (first, then) in
+        [("validate", "download"), ("download", "transcode"), ("download", "loudness"), ("loudness", "persist")]
+    {
+        let (ended, started) = (at(first, "succeeded"), at(then, "running"));
+        assert!(ended.is_some() && started.is_some(), "{first} ended and {then} started: {events:?}");
+        assert!(ended < started, "{first} ended before {then} started: {events:?}");
+    }
     // Progress reached 100, stored with the job. Streamed progress never goes back; a job that ends within the
     // notes' hold streams none (its `completed` event follows, and is the last).
     assert_eq!(job.progress.as_ref().map(|p| p.percent), Some(100), "{:?}", job.progress);

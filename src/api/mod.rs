@@ -25,13 +25,13 @@ use crate::ending::Endings;
 use crate::intake::Intake;
 use crate::queue::Queue;
 use crate::store::Store;
+use crate::time;
 use crate::watcher::LiveCatalog;
 
 pub mod caller;
 pub mod error;
 pub mod extract;
 pub mod layers;
-pub mod time;
 
 mod dashboard;
 mod direct;

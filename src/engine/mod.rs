@@ -89,6 +89,20 @@ pub enum StageStatus {
     NotRun,
 }
 
+impl StageStatus {
+    /// The status's name, as reports, progress updates and stage events carry it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Restored => "restored",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::NotRun => "not_run",
+        }
+    }
+}
+
 /// One stage's part of a [`JobReport`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageReport {

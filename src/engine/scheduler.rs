@@ -356,9 +356,9 @@ impl Run<'_> {
         attempts: u32,
     ) {
         if status == StageStatus::Cancelled {
-            self.tracker.stop_stage(index);
+            self.tracker.stop_stage(index, status.name());
         } else {
-            self.tracker.finish_stage(index);
+            self.tracker.finish_stage(index, status.name());
         }
         let duration_ms = self.durations.get(&index).map(|took| u64::try_from(took.as_millis()).unwrap_or(u64::MAX));
         self.slots[index] = Slot::Done { report: StageReport { status, attempts, output, reason, duration_ms }, fresh };

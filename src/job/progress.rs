@@ -32,6 +32,9 @@ pub struct ProgressUpdate {
     pub stages_done: usize,
     /// How many stages the pipeline has.
     pub stages_total: usize,
+    /// The stages that have ended so far, with how (`succeeded`, `restored`, `skipped`, `failed`,
+    /// `cancelled`), in pipeline order: a sink can say that a stage ended while the job still runs.
+    pub ended: Vec<(String, String)>,
 }
 
 /// Anything that wants to follow a job's progress: the queue's event stream, the store, a terminal bar.
@@ -81,6 +84,8 @@ struct TrackerState {
     /// Per stage: running now, done, and the last thing it said.
     running: Vec<bool>,
     done: Vec<bool>,
+    /// Per stage: how it ended, once it has.
+    ended: Vec<Option<&'static str>>,
     said: Vec<Option<String>>,
     stage: Option<String>,
     message: String,
@@ -132,6 +137,7 @@ impl Tracker {
             fractions: vec![vec![0.0]; count],
             running: vec![false; count],
             done: vec![false; count],
+            ended: vec![None; count],
             said: vec![None; count],
             stage: None,
             message: "queued".into(),
@@ -178,10 +184,13 @@ impl Tracker {
         self.touch();
     }
 
-    /// Marks a stage as fully done (finished, skipped, restored or failed-and-continued).
-    pub(crate) fn finish_stage(&self, stage: usize) {
+    /// Marks a stage as fully done (finished, skipped, restored or failed), ended with `status`.
+    pub(crate) fn finish_stage(&self, stage: usize, status: &'static str) {
         {
             let mut state = self.lock();
+            if let Some(ended) = state.ended.get_mut(stage) {
+                *ended = Some(status);
+            }
             if let Some(fractions) = state.fractions.get_mut(stage) {
                 fractions.iter_mut().for_each(|fraction| *fraction = 1.0);
             }
@@ -193,9 +202,15 @@ impl Tracker {
         self.touch();
     }
 
-    /// Marks a stage as no longer running without counting it done (it was cancelled).
-    pub(crate) fn stop_stage(&self, stage: usize) {
-        self.lock().leave(stage);
+    /// Marks a stage as no longer running without counting it done (it was cancelled), ended with `status`.
+    pub(crate) fn stop_stage(&self, stage: usize, status: &'static str) {
+        {
+            let mut state = self.lock();
+            if let Some(ended) = state.ended.get_mut(stage) {
+                *ended = Some(status);
+            }
+            state.leave(stage);
+        }
         self.touch();
     }
 
@@ -242,6 +257,12 @@ impl Tracker {
             running: running.map(|(id, _)| id.clone()).collect(),
             stages_done: state.done.iter().filter(|done| **done).count(),
             stages_total: state.ids.len(),
+            ended: state
+                .ids
+                .iter()
+                .zip(&state.ended)
+                .filter_map(|(id, ended)| Some((id.clone(), (*ended)?.to_string())))
+                .collect(),
         }
     }
 }
@@ -316,7 +337,7 @@ mod tests {
         assert_eq!(tracker.snapshot("j").percent, 37, "a retry does not move the bar back");
         tracker.set_slots(0, 4);
         tracker.report(0, 2, "a", 1.0, "item".into());
-        tracker.finish_stage(1);
+        tracker.finish_stage(1, "succeeded");
         assert_eq!(tracker.snapshot("j").percent, 81);
         tracker.complete("completed");
         let last = tracker.snapshot("j");
@@ -335,14 +356,18 @@ mod tests {
         let both = tracker.snapshot("j");
         assert_eq!(both.running, ["fast", "slow"]);
         assert_eq!((both.stage.as_deref(), both.message.as_str()), (Some("fast"), "fast nearly done"));
-        tracker.finish_stage(0);
+        assert!(both.ended.is_empty());
+        tracker.finish_stage(0, "succeeded");
         let after = tracker.snapshot("j");
         assert_eq!(after.running, ["slow"]);
+        assert_eq!(after.ended, [("fast".to_string(), "succeeded".to_string())], "an ended stage says how");
         assert_eq!((after.stage.as_deref(), after.message.as_str()), (Some("slow"), "slow at a fifth"));
         assert_eq!((after.stages_done, after.stages_total), (1, 3));
-        tracker.stop_stage(1);
+        tracker.stop_stage(1, "cancelled");
         let stopped = tracker.snapshot("j");
         assert!(stopped.running.is_empty());
+        let ended: Vec<(&str, &str)> = stopped.ended.iter().map(|(id, how)| (id.as_str(), how.as_str())).collect();
+        assert_eq!(ended, [("fast", "succeeded"), ("slow", "cancelled")], "in pipeline order");
         assert_eq!((stopped.stage.as_deref(), stopped.message.as_str()), (Some("slow"), "slow ended"));
         assert_eq!(stopped.stages_done, 1, "a cancelled stage is not done");
     }

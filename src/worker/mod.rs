@@ -15,7 +15,8 @@
 //! - **Shutdown.** [`Worker::run`] stops taking jobs when its token fires, lets running jobs finish within the
 //!   grace period, then stops them and hands them back to waiting, where another worker takes them at once.
 //! - **Callbacks.** After a job ends for good, its `callbackUrl` (if any) gets the final status on a task of its
-//!   own ([`crate::callback`]); the job never waits for it.
+//!   own ([`crate::callback`]); the job never waits for it. A job that this worker's stall recovery fails or
+//!   cancels is reported through [`crate::ending`].
 //! - **Outages.** A queue that cannot be reached (Redis restarting, a dropped connection) is retried with a
 //!   bounded, jittered backoff, logged once per outage; the worker neither exits nor spins, and a job whose lease
 //!   ran out meanwhile is recovered by the queue and resumes from its checkpoints.
@@ -833,20 +834,14 @@ async fn confirmed(shared: &Shared, id: &str, state: JobState) -> bool {
     matches!(shared.queue.get(id).await, Ok(Some(job)) if job.state == state && job.worker.as_deref() == Some(shared.info.id.as_str()))
 }
 
-/// Each stage's final status as a stage event, held with the job's other notes (the `running` ones were noted
-/// as they started; the sink adds one for a stage that ran between two progress updates).
+/// Each stage's final status as a stage event, held with the job's other notes: the sink notes it once, so a
+/// stage whose end a progress update already told is not told again.
 fn note_stages(held: &Held, report: &JobReport) {
     let Some(sink) = &held.sink else { return };
     for (stage, outcome) in &report.stages {
-        let status = match outcome.status {
-            StageStatus::Succeeded => "succeeded",
-            StageStatus::Restored => "restored",
-            StageStatus::Skipped => "skipped",
-            StageStatus::Failed => "failed",
-            StageStatus::Cancelled => "cancelled",
-            StageStatus::NotRun => continue,
-        };
-        sink.stage(stage, status);
+        if outcome.status != StageStatus::NotRun {
+            sink.stage(stage, outcome.status.name());
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! A held job's notes to the queue: each coalesced progress update (at most 5 a second, from the engine's
 //! emitter) becomes the job's stored progress and a `progress` event, each stage that starts running a `running`
-//! stage event, and the worker adds log lines. Writes carry the lease token; a refused or failed write is dropped
+//! stage event and each stage that ended an event saying how (so a live view sees a stage end while the job
+//! still runs; a stage that started and ended between two updates gets its `running` event just before its
+//! end), and the worker adds log lines. Writes carry the lease token; a refused or failed write is dropped
 //! (the renewal task notices a lost lease, and the next update may get through).
 //!
 //! Notes are held back while the job is young ([`HOLD`]): most jobs of a busy queue end before that, and their
@@ -46,6 +48,8 @@ struct State {
     running: BTreeSet<String>,
     /// Stages whose `running` event was noted.
     announced: BTreeSet<String>,
+    /// Stages whose end was noted.
+    ended: BTreeSet<String>,
     pending: Notes,
     /// When the oldest pending note was made.
     since: Option<Instant>,
@@ -54,6 +58,21 @@ struct State {
 impl State {
     fn note(&mut self) {
         self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Notes that `stage` ended with `status`, once: a stage that ran (`succeeded`, `failed`, `cancelled`) but
+    /// started and ended between two progress updates, so that no `running` event was noted for it, gets that
+    /// event first; every stage that ran shows `running` before its end.
+    fn end_stage(&mut self, stage: &str, status: &str) {
+        if !self.ended.insert(stage.to_string()) {
+            return;
+        }
+        let ran = matches!(status, "succeeded" | "failed" | "cancelled");
+        if ran && self.announced.insert(stage.to_string()) {
+            self.pending.events.push(EventKind::Stage { stage: stage.to_string(), status: "running".into() });
+        }
+        self.pending.events.push(EventKind::Stage { stage: stage.to_string(), status: status.to_string() });
+        self.note();
     }
 }
 
@@ -87,18 +106,9 @@ impl QueueSink {
         state.note();
     }
 
-    /// Adds a stage event. A stage that ran (`succeeded`, `failed`, `cancelled`) but started and ended between
-    /// two progress updates, so that no `running` event was noted for it, gets that event first: every stage
-    /// that ran shows `running` before its end.
+    /// Adds the event of a stage's end, unless a progress update told it already (see `State::end_stage`).
     pub fn stage(&self, stage: &str, status: &str) {
-        let mut state = self.lock();
-        let ran = matches!(status, "succeeded" | "failed" | "cancelled");
-        if ran && !state.announced.contains(stage) {
-            state.announced.insert(stage.to_string());
-            state.pending.events.push(EventKind::Stage { stage: stage.to_string(), status: "running".into() });
-        }
-        state.pending.events.push(EventKind::Stage { stage: stage.to_string(), status: status.to_string() });
-        state.note();
+        self.lock().end_stage(stage, status);
     }
 
     /// Holds a stage checkpoint back with the notes while the job is young; `false` when it is past [`HOLD`] (the
@@ -156,12 +166,16 @@ impl ProgressSink for QueueSink {
     async fn update(&self, update: ProgressUpdate) {
         {
             let mut state = self.lock();
+            for (stage, status) in &update.ended {
+                state.end_stage(stage, status);
+            }
             let started: Vec<String> =
                 update.running.iter().filter(|stage| !state.running.contains(*stage)).cloned().collect();
             state.running = update.running.iter().cloned().collect();
             for stage in started {
-                state.announced.insert(stage.clone());
-                state.pending.events.push(EventKind::Stage { stage, status: "running".into() });
+                if state.announced.insert(stage.clone()) {
+                    state.pending.events.push(EventKind::Stage { stage, status: "running".into() });
+                }
             }
             // Only the newest progress is worth writing.
             state.pending.events.retain(|event| !matches!(event, EventKind::Progress(_)));
@@ -273,6 +287,40 @@ mod tests {
                 stage("optional", "skipped"),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_stage_that_ended_is_told_by_the_next_update_and_not_again_at_the_end() {
+        let (queue, id, token) = held_job().await;
+        let sink = QueueSink::new(queue.clone(), &id, token);
+        sink.update(update(10, Some("probe"), &["probe"])).await;
+        let ended = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(stage, how)| ((*stage).to_string(), (*how).to_string())).collect()
+        };
+        let next = ProgressUpdate { ended: ended(&[("probe", "succeeded")]), ..update(30, None, &["transcribe"]) };
+        sink.update(next).await;
+        let skipped = ProgressUpdate {
+            ended: ended(&[("probe", "succeeded"), ("skip", "skipped"), ("fast", "succeeded")]),
+            ..update(50, None, &["transcribe"])
+        };
+        sink.update(skipped).await;
+        sink.flush().await;
+        let stage = |stage: &str, status: &str| EventKind::Stage { stage: stage.into(), status: status.into() };
+        let told = [
+            running("probe"),
+            stage("probe", "succeeded"),
+            running("transcribe"),
+            stage("skip", "skipped"),
+            running("fast"),
+            stage("fast", "succeeded"),
+            EventKind::Progress(Progress { percent: 50, stage: None, message: "at 50".into() }),
+        ];
+        assert_eq!(written(queue.as_ref(), &id).await, told, "ends are told while the job runs, each once");
+        // The ending call's statuses: only what no update told yet.
+        for (name, status) in [("probe", "succeeded"), ("fast", "succeeded"), ("transcribe", "failed")] {
+            sink.stage(name, status);
+        }
+        assert_eq!(sink.take_all().await.events, [stage("transcribe", "failed")]);
     }
 
     #[tokio::test]

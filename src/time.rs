@@ -1,4 +1,4 @@
-//! Timestamps as replies carry them: RFC 3339 in UTC with milliseconds (`2026-11-29T09:44:00.123Z`), from the
+//! Timestamps as the API's replies and callbacks carry them: RFC 3339 in UTC with milliseconds (`2026-11-29T09:44:00.123Z`), from the
 //! queue's millisecond clock or the system clock. Written out by hand (civil-from-days), since one function does
 //! not justify a date crate.
 
@@ -35,5 +35,7 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339(1_764_409_440_000), "2025-11-29T09:44:00.000Z");
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339(4_107_542_399_999), "2100-02-28T23:59:59.999Z", "2100 is not a leap year");
     }
 }
