@@ -736,30 +736,25 @@ impl Inner {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut last = None;
-        for _ in 0..2 {
-            let mut connection = self.link.node().await?.shared;
-            match invocation.invoke_async(&mut connection).await {
-                Ok(value) => return Ok(value),
-                Err(error) => {
-                    self.link.failed(&error);
-                    let again = matches!(error.kind(), ErrorKind::Moved | ErrorKind::Ask | ErrorKind::TryAgain);
-                    last = Some(error);
-                    if !again {
-                        break;
-                    }
-                }
-            }
-        }
-        Err(last.map_or_else(|| QueueError::Unavailable("no reply".into()), |error| unavailable(&error)))
+        let invocation = &invocation;
+        self.on_node(|mut connection| async move { invocation.invoke_async(&mut connection).await }).await
     }
 
     /// A plain read command, once more after a cluster `MOVED` reply.
     async fn read<T: ::redis::FromRedisValue>(&self, command: &::redis::Cmd) -> Result<T, QueueError> {
+        self.on_node(|mut connection| async move { command.query_async(&mut connection).await }).await
+    }
+
+    /// Makes `call` on the queue's node; once more when a cluster answers that the slot moved (`MOVED`, `ASK`,
+    /// `TRYAGAIN`). Every failure is reported to the link, which reconnects or finds the slot's new node.
+    async fn on_node<T, F, Fut>(&self, mut call: F) -> Result<T, QueueError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
         let mut last = None;
         for _ in 0..2 {
-            let mut connection = self.link.node().await?.shared;
-            match command.query_async(&mut connection).await {
+            match call(self.link.node().await?.shared).await {
                 Ok(value) => return Ok(value),
                 Err(error) => {
                     self.link.failed(&error);
