@@ -113,12 +113,28 @@ pub struct ServerSettings {
     /// limit off. Over it, the API answers 429 with `Retry-After`. `/health` is not counted.
     #[serde(default = "default_rate_limit")]
     pub rate_limit_per_minute: u32,
+    /// Proxies in front of the API (addresses or CIDR ranges, comma-separated in the environment). A request that
+    /// comes from one of them counts, for the rate limit, against the client its `X-Forwarded-For` names: the
+    /// nearest address in it that is not itself a trusted proxy. Empty: the header is ignored (anyone can write
+    /// it), and every client behind a proxy shares the proxy's address.
+    #[serde(default, deserialize_with = "comma_list")]
+    pub trusted_proxies: Vec<String>,
     /// Largest source `POST /api/process-direct` runs in the API process; a larger one is answered 413.
     #[serde(default = "default_direct_max_size")]
     pub direct_max_size: crate::units::ByteSize,
     /// Longest a `process-direct` run may take before it is stopped (answered 422).
     #[serde(default = "default_direct_timeout")]
     pub direct_timeout: crate::units::HumanDuration,
+}
+
+impl ServerSettings {
+    /// `trusted_proxies` parsed.
+    ///
+    /// # Errors
+    /// The first entry that is not an address or CIDR range, named.
+    pub fn trusted_proxy_ranges(&self) -> Result<Vec<crate::net::IpRange>, String> {
+        self.trusted_proxies.iter().map(|entry| entry.parse()).collect()
+    }
 }
 
 /// 25 MB: what the transcription API takes in one request, so a direct run is one chunk, a minute or two.
@@ -400,6 +416,7 @@ impl Default for Settings {
                 allowed_origins: Vec::new(),
                 max_body_size: default_max_body_size(),
                 rate_limit_per_minute: default_rate_limit(),
+                trusted_proxies: Vec::new(),
                 direct_max_size: default_direct_max_size(),
                 direct_timeout: default_direct_timeout(),
             },

@@ -622,6 +622,26 @@ async fn bad_requests_get_a_4xx_with_a_code_and_a_sentence_never_a_5xx() {
     assert!((1..=12).contains(&wait), "one request refills in 12 s: {wait}");
     assert_eq!(app.health().await.status, 200, "health checks are not limited");
     app.stop().await;
+
+    // Behind a trusted proxy (here: loopback) each forwarded client has its own bucket; a client cannot escape
+    // its bucket by writing a false first entry.
+    let app = TestApp::builder()
+        .settings(|settings, _| {
+            settings.server.rate_limit_per_minute = 2;
+            settings.server.trusted_proxies = vec!["127.0.0.0/8".into()];
+        })
+        .start()
+        .await;
+    let from =
+        |forwarded: &'static str| app.client.get(app.url("/api/queue/stats")).header("x-forwarded-for", forwarded);
+    for forwarded in ["203.0.113.7", "198.51.100.1, 203.0.113.7"] {
+        assert_eq!(app.send(from(forwarded)).await.status, 200);
+    }
+    let over = app.send(from("192.0.2.99, 203.0.113.7")).await;
+    assert_eq!((over.status, over.code()), (429, "rate_limited"), "{}", over.text);
+    assert!(over.text.contains("203.0.113.7"), "the message names the client: {}", over.text);
+    assert_eq!(app.send(from("203.0.113.8")).await.status, 200, "another client has its own bucket");
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -769,6 +789,14 @@ async fn echo_worker_api_needs_redis_and_serve_answers_http_until_sigterm() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no REDIS_URL") && stderr.contains("echo-worker serve"), "{stderr}");
+
+    let mut bad = std::process::Command::new(binary);
+    base(&mut bad);
+    bad.env("ECHO_SERVER__TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal").env("PORT", "0");
+    let output = tokio::task::spawn_blocking(move || bad.arg("serve").output().unwrap()).await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "a bad trusted proxy is refused at start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("server.trusted_proxies: `proxy.internal` is not an IP address"), "{stderr}");
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut serve = std::process::Command::new(binary);

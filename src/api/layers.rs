@@ -7,7 +7,8 @@
 //!    server itself, as the browser names it, counts as allowed, so a page the API serves can call it).
 //!    Requests without `Origin` (servers, curl) are not browser requests and pass.
 //! 3. [`rate_limit`]: a token bucket per client address, `server.rate_limit_per_minute` tokens that refill over
-//!    a minute; over it, 429 with `Retry-After`. Every counted reply says where the caller stands with
+//!    a minute; over it, 429 with `Retry-After`. The client address is the peer's, or, when the peer is one of
+//!    `server.trusted_proxies`, the nearest address of `X-Forwarded-For` that is not a trusted proxy. Every counted reply says where the caller stands with
 //!    `RateLimit-Limit` and `RateLimit-Remaining` (the IETF draft's names). `/health` is not counted, so a
 //!    probe never locks itself out.
 //! 4. The body limit (`server.max_body_size`), which the JSON extractor turns into 413.
@@ -28,6 +29,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, InternalCause};
+use crate::net::IpRange;
 
 /// The request id header.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -177,6 +179,8 @@ pub async fn cors(State(cors): State<Arc<Cors>>, request: Request, next: Next) -
 #[derive(Debug)]
 pub struct RateLimiter {
     per_minute: u32,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    trusted: Vec<IpRange>,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
@@ -192,7 +196,44 @@ const MAX_CLIENTS: usize = 10_000;
 impl RateLimiter {
     /// `per_minute` requests a minute per client, in bursts up to the same number; 0 turns the limit off.
     pub fn new(per_minute: u32) -> Self {
-        Self { per_minute, buckets: Mutex::new(HashMap::new()) }
+        Self { per_minute, trusted: Vec::new(), buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Believes the `X-Forwarded-For` of requests from these proxies.
+    #[must_use]
+    pub fn trusting(mut self, proxies: Vec<IpRange>) -> Self {
+        self.trusted = proxies;
+        self
+    }
+
+    fn trusts(&self, address: IpAddr) -> bool {
+        self.trusted.iter().any(|range| range.contains(address))
+    }
+
+    /// Whom a request from `peer` counts against: `peer` itself, unless it is a trusted proxy; then the
+    /// addresses of `X-Forwarded-For` (every such header, in order) are read from the nearest hop outwards, and
+    /// the first that is not a trusted proxy is the client. An entry that is not an address stops the walk at
+    /// the hop that wrote it; a list of trusted proxies only gives its farthest one.
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = headers
+            .get_all(FORWARDED_FOR)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .collect();
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            let Some(address) = forwarded_address(hop) else { return client };
+            client = address;
+            if !self.trusts(address) {
+                break;
+            }
+        }
+        client
     }
 
     /// Takes a token for `client` and says how many whole ones are left, or how many seconds until one is free.
@@ -226,10 +267,11 @@ pub async fn rate_limit(State(limiter): State<Arc<RateLimiter>>, request: Reques
     if request.uri().path() == "/health" {
         return next.run(request).await;
     }
-    let client = request
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
+    let client = limiter.client(peer, request.headers());
     let limit = HeaderValue::from(limiter.per_minute);
     let (mut response, remaining) = match limiter.take(client) {
         Ok(remaining) => (next.run(request).await, remaining),
@@ -256,6 +298,15 @@ pub async fn rate_limit(State(limiter): State<Arc<RateLimiter>>, request: Reques
     response
 }
 
+/// The header a proxy appends the address it got a request from to.
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// One `X-Forwarded-For` entry as an address: `203.0.113.7`, `2001:db8::1`, or with a port
+/// (`203.0.113.7:4711`, `[2001:db8::1]:4711`), as some proxies write it.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    entry.parse().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|address| address.ip()))
+}
+
 /// The requests a client may make a minute.
 pub const RATE_LIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 /// The requests a client may still make now.
@@ -276,6 +327,34 @@ mod tests {
         assert!((1..=20).contains(&wait), "one token refills in 20 s: {wait}");
         assert_eq!(limiter.take(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))), Ok(2), "another client has its own bucket");
         assert!(RateLimiter::new(0).take(client).is_ok(), "0 turns the limit off");
+    }
+
+    #[test]
+    fn the_client_behind_a_trusted_proxy_is_the_nearest_untrusted_forwarded_address() {
+        let limiter = RateLimiter::new(3).trusting(vec!["10.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()]);
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let forwarded = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(FORWARDED_FOR, HeaderValue::from_str(value).unwrap());
+            }
+            headers
+        };
+        let proxy = ip("10.0.0.5");
+        // A peer that is not a trusted proxy is the client, whatever it writes.
+        assert_eq!(limiter.client(ip("198.51.100.9"), &forwarded(&["203.0.113.7"])), ip("198.51.100.9"));
+        assert_eq!(limiter.client(proxy, &HeaderMap::new()), proxy, "no header: the proxy itself");
+        assert_eq!(limiter.client(proxy, &forwarded(&["203.0.113.7"])), ip("203.0.113.7"));
+        // A client that wrote a false entry first cannot hide behind it: the nearest untrusted hop counts.
+        assert_eq!(limiter.client(proxy, &forwarded(&["1.1.1.1, 203.0.113.7, 10.0.0.9"])), ip("203.0.113.7"));
+        assert_eq!(limiter.client(proxy, &forwarded(&["1.1.1.1", "203.0.113.7:4711"])), ip("203.0.113.7"));
+        assert_eq!(limiter.client(ip("::1"), &forwarded(&["[2001:db8::1]:80"])), ip("2001:db8::1"));
+        // Garbage stops the walk at the hop that wrote it.
+        assert_eq!(limiter.client(proxy, &forwarded(&["203.0.113.7, not-an-ip"])), proxy);
+        assert_eq!(limiter.client(proxy, &forwarded(&["not-an-ip, 10.0.0.7"])), ip("10.0.0.7"));
+        // Only trusted proxies in the list: the farthest of them.
+        assert_eq!(limiter.client(proxy, &forwarded(&["10.1.1.1, 10.0.0.7"])), ip("10.1.1.1"));
+        assert_eq!(RateLimiter::new(3).client(proxy, &forwarded(&["203.0.113.7"])), proxy, "nobody trusted");
     }
 
     #[test]

@@ -184,6 +184,7 @@ impl Application {
 pub fn state(settings: &Settings, parts: ApiParts) -> Result<ApiState, StartError> {
     let policy = settings.source_policy().map_err(|e| StartError::Settings(format!("download.allow_private: {e}")))?;
     let callers = Callers::from_settings(settings).map_err(|e| StartError::Settings(e.to_string()))?;
+    settings.server.trusted_proxy_ranges().map_err(|e| StartError::Settings(format!("server.trusted_proxies: {e}")))?;
     let intake = Intake::new(parts.queue.clone(), parts.store.clone(), policy, settings.queue.max_attempts)
         .with_callbacks(settings.callback.secret.is_some());
     Ok(ApiState {
@@ -264,7 +265,9 @@ pub fn router(state: ApiState) -> Router {
     let server = &state.settings.server;
     let max_body = usize::try_from(server.max_body_size.0).unwrap_or(usize::MAX);
     let cors = Arc::new(layers::Cors::new(&server.allowed_origins));
-    let limiter = Arc::new(layers::RateLimiter::new(server.rate_limit_per_minute));
+    // `state` refused a bad entry already.
+    let proxies = server.trusted_proxy_ranges().unwrap_or_default();
+    let limiter = Arc::new(layers::RateLimiter::new(server.rate_limit_per_minute).trusting(proxies));
     let open = !state.callers.is_configured();
     let (router, _) = routes().split_for_parts();
     let router = router
