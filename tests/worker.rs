@@ -1199,6 +1199,37 @@ async fn killed_workers_lose_no_job_complete_none_twice_and_pay_for_no_chunk_twi
 }
 
 #[tokio::test]
+async fn echo_worker_cancel_of_a_waiting_job_sends_its_callback_before_it_exits() {
+    const SECRET: &str = "whsec_cli_cancel_5e1d";
+    let lab = Lab::new();
+    let (catalog, pipelines, plugins) = lab.test_catalog();
+    let name = format!("worker-cancel-callback-{}", uuid::Uuid::new_v4().simple());
+    let queue = process_queue(&lab, &name).await;
+    let receiver = support::hook::Receiver::start(&[]).await;
+    let store = lab.store().await;
+    let params = json!({ "pid_file": lab.path("never.pids").display().to_string(), "seconds": 60 });
+    let job =
+        NewJob { callback_url: Some(receiver.url()), ..new_job(&catalog, "hold", store.as_ref(), None, params).await };
+    let recording = job.recording_id.clone().unwrap();
+    let id = queue.enqueue(job).await.unwrap().id().to_string();
+    let mut cli = command(&lab, &name, &pipelines, &plugins);
+    cli.env("ECHO_CALLBACK__SECRET", SECRET)
+        .env("ECHO_DOWNLOAD__ALLOW_PRIVATE", format!("127.0.0.1:{}", receiver.port));
+    let (code, stdout, stderr) = run(cli, &["cancel", &id]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&format!("job {id} cancelled")), "{stdout}");
+    // No worker runs: the command itself called back, and waited for it.
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 1, "one call, made before the command exited");
+    support::hook::verify(&calls[0], SECRET);
+    let body: Value = serde_json::from_slice(&calls[0].body).unwrap();
+    assert_eq!((body["event"].as_str(), body["jobId"].as_str()), (Some("job.cancelled"), Some(id.as_str())));
+    assert_eq!(store.get(&recording).await.unwrap().unwrap().status, RecordingStatus::Cancelled);
+    assert!(!stderr.contains(SECRET), "the secret is not logged");
+    drop_keys(&queue).await;
+}
+
+#[tokio::test]
 async fn queue_commands_list_pause_cancel_retry_and_clean_and_refuse_what_cannot_be_done() {
     let lab = Lab::new();
     let (_, pipelines, plugins) = lab.test_catalog();
