@@ -1419,6 +1419,42 @@ mod memory_clock {
     }
 
     #[tokio::test]
+    async fn a_lease_is_over_at_its_deadline_not_a_millisecond_later() {
+        // The clock runs in milliseconds, so a call made in the very millisecond of the deadline is known to
+        // have been judged at it; tries that straddle a millisecond are not counted.
+        let queue = queue();
+        let lease = QueueSettings::default().lease;
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap();
+        let mut judged = 0;
+        for _ in 0..200 {
+            let id = enqueue(&*queue, new_job("meeting")).await;
+            let before = queue.now();
+            let held = take_now(&*queue, &worker("w")).await.unwrap();
+            let taken = queue.now();
+            queue.advance_clock(lease);
+            let at = queue.now();
+            let completed = queue.complete(&id, &held.token, json!({})).await;
+            let after = queue.now();
+            let at_deadline = before == taken && at == after && at == taken + lease_ms;
+            if at_deadline {
+                assert!(
+                    matches!(completed, Err(QueueError::LeaseLost(_))),
+                    "a lease that ends now is not held: {completed:?}"
+                );
+            }
+            // Past its deadline in every try: recovered, then cancelled, so that each try starts alone.
+            let recovered = queue.recover_stalled().await.unwrap();
+            assert_eq!(recovered, vec![went(&id, JobState::Waiting)], "a lease that ended can be recovered");
+            assert_eq!(queue.cancel(&id).await.unwrap(), CancelOutcome::Cancelled);
+            judged += usize::from(at_deadline);
+            if judged == 5 {
+                break;
+            }
+        }
+        assert!(judged > 0, "no try was judged in the deadline's millisecond");
+    }
+
+    #[tokio::test]
     async fn backoff_doubles_up_to_max_backoff() {
         // Defaults: 5 s doubled per attempt, capped at 10 min.
         let queue = queue();
