@@ -1551,6 +1551,29 @@ mod memory_clock {
     }
 
     #[tokio::test]
+    async fn per_minute_counts_cover_the_last_sixty_minutes_exactly() {
+        let queue = queue();
+        let worker = worker("w");
+        // Moves the clock a second into the minute that starts at `minute`.
+        let into = |minute: u64| {
+            let now = queue.now();
+            queue.advance_clock(Duration::from_millis(minute + 1000 - now));
+        };
+        let first = queue.now() - queue.now() % 60_000 + 60_000;
+        into(first);
+        completed_job(&*queue, &worker, new_job("meeting")).await;
+        into(first + 60_000);
+        completed_job(&*queue, &worker, new_job("meeting")).await;
+        let shown = |minutes: Vec<echo_worker::queue::MinuteCounts>| -> Vec<u64> {
+            minutes.iter().filter(|m| m.completed > 0).map(|m| (m.minute - first) / 60_000).collect()
+        };
+        into(first + 59 * 60_000);
+        assert_eq!(shown(queue.stats().await.unwrap().per_minute), [0, 1], "60 minutes, the current one included");
+        into(first + 60 * 60_000);
+        assert_eq!(shown(queue.stats().await.unwrap().per_minute), [1], "the 61st minute back is gone");
+    }
+
+    #[tokio::test]
     async fn the_event_stream_keeps_max_events() {
         let queue = Arc::new(MemoryQueue::new(QueueSettings { max_events: 3, ..QueueSettings::default() }));
         let mut ids = Vec::new();

@@ -23,6 +23,11 @@ const MINUTE_MS: u64 = 60_000;
 /// Per-minute counts are kept for this many minutes, the current one included.
 const MINUTES_KEPT: u64 = 60;
 
+/// The start of the oldest minute whose counts are kept at `now`.
+fn first_kept_minute(now: u64) -> u64 {
+    (now - now % MINUTE_MS).saturating_sub((MINUTES_KEPT - 1) * MINUTE_MS)
+}
+
 /// The in-process queue. Cheap to share behind an `Arc`; every operation takes one lock for a short,
 /// non-blocking critical section, and waiting ([`Queue::take`], [`Queue::events`]) sleeps on a
 /// [`Notify`] until something changes, never in a polling loop.
@@ -386,7 +391,7 @@ impl State {
             JobState::Failed => counts.1 += 1,
             _ => {}
         }
-        let oldest = minute.saturating_sub((MINUTES_KEPT - 1) * MINUTE_MS);
+        let oldest = first_kept_minute(now);
         self.minutes.retain(|&start, _| start >= oldest);
         self.retain(state, now);
     }
@@ -796,7 +801,7 @@ impl Queue for MemoryQueue {
             .cloned()
             .collect();
         workers.sort_by(|a, b| a.id.cmp(&b.id));
-        let oldest = (now - now % MINUTE_MS).saturating_sub((MINUTES_KEPT - 1) * MINUTE_MS);
+        let oldest = first_kept_minute(now);
         let per_minute = queue
             .minutes
             .range(oldest..)
