@@ -46,6 +46,7 @@ pub struct ProcessRecording {
     /// The pipeline to run (default `default`).
     pub pipeline: Option<String>,
     /// Lower runs sooner (default 0).
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub priority: Option<i64>,
     /// `job.params` for the pipeline's templates.
     #[schema(value_type = Option<Object>)]
@@ -55,6 +56,7 @@ pub struct ProcessRecording {
     pub file_name: Option<String>,
     /// The file's size in bytes. Also `file_size`.
     #[serde(alias = "file_size")]
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub file_size: Option<i64>,
     /// The file's MIME type (`audio/mpeg`) or kind (`audio`, `video`). Also `file_type`.
     #[serde(alias = "file_type")]
@@ -208,6 +210,7 @@ pub struct BatchItem {
     #[serde(alias = "file_url")]
     pub file_url: Option<String>,
     /// This item's priority (default: the batch's).
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub priority: Option<i64>,
     /// This item's params, laid over the batch's.
     #[schema(value_type = Option<Object>)]
@@ -217,6 +220,7 @@ pub struct BatchItem {
     pub file_name: Option<String>,
     /// The file's size in bytes. Also `file_size`.
     #[serde(alias = "file_size")]
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub file_size: Option<i64>,
     /// The file's MIME type. Also `file_type`.
     #[serde(alias = "file_type")]
@@ -235,6 +239,7 @@ pub struct BatchProcess {
     /// The pipeline every item runs (default `default`).
     pub pipeline: Option<String>,
     /// Lower runs sooner (default 0).
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub priority: Option<i64>,
     /// `job.params` for every item.
     #[schema(value_type = Option<Object>)]
@@ -245,6 +250,7 @@ pub struct BatchProcess {
     pub callback_url: Option<String>,
     /// The old worker's parallelism; accepted, not used (workers decide).
     #[allow(dead_code, reason = "read so that old clients are not refused; nothing uses it")]
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub concurrency: Option<i32>,
 }
 

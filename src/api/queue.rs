@@ -180,6 +180,7 @@ pub struct CleanRequest {
     #[serde(alias = "older_than")]
     pub older_than: Option<String>,
     /// Jobs removed per state at most (default 1000, at most 100000).
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub limit: Option<usize>,
 }
 
