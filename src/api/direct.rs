@@ -149,9 +149,11 @@ const BUSY_RETRY_AFTER: u64 = 10;
 async fn process_direct(
     State(state): State<ApiState>,
     caller: Caller,
-    ApiJson(request): ApiJson<DirectRequest>,
+    ApiJson(mut request): ApiJson<DirectRequest>,
 ) -> Result<Json<DirectReply>, ApiError> {
     caller.can_write()?;
+    // A blank fileUrl would name the storage root itself, as `process-recording` refuses it.
+    request.file_url = super::process::non_empty(request.file_url.take(), "fileUrl")?;
     let began = std::time::Instant::now();
     let name = request.pipeline.clone().unwrap_or_else(|| "default".to_string());
     let catalog = state.catalog.current();

@@ -142,18 +142,22 @@ async fn process_audio(
         file_type: body.file_type.clone(),
         timestamp: time::rfc3339(time::now_ms()),
     };
-    if body.test_mode == Some(true) {
-        let message = "test mode: the worker answers; nothing was queued".to_string();
-        return Ok(axum::Json(reply(None, None, "test_ok", message)).into_response());
-    }
+    // The fields are checked in test mode too, so that one body is valid or not whatever the mode (the
+    // connectivity check sends real-looking ones).
     if body.recording_id.trim().is_empty() {
         return Err(ApiError::bad_request("missing_field", "recording_id is required")
             .with_details(json!({ "field": "recording_id" })));
     }
+    // An id the other routes could not reach (`/api/recording/{id}/status`) is not made into a row.
+    super::recording_id(&body.recording_id, "recording_id")?;
     if body.file_url.trim().is_empty() {
         return Err(
             ApiError::bad_request("missing_field", "file_url is required").with_details(json!({ "field": "file_url" }))
         );
+    }
+    if body.test_mode == Some(true) {
+        let message = "test mode: the worker answers; nothing was queued".to_string();
+        return Ok(axum::Json(reply(None, None, "test_ok", message)).into_response());
     }
     // As the old worker did, the row's own file_url is what gets processed; the body's is used only for a row
     // that has none (and never for a call without a token).

@@ -100,7 +100,7 @@ pub struct ProcessReply {
 }
 
 /// A non-empty text field, or a 400 naming it.
-fn non_empty(value: Option<String>, field: &str) -> Result<Option<String>, ApiError> {
+pub(super) fn non_empty(value: Option<String>, field: &str) -> Result<Option<String>, ApiError> {
     match value {
         Some(text) if text.trim().is_empty() => {
             Err(ApiError::bad_request("invalid_field", format!("`{field}` is empty: leave it out or give a value"))
