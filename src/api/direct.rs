@@ -46,13 +46,17 @@ use crate::store::{NewRecording, RecordingStatus, StoreSink};
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DirectRequest {
     /// The recording: an existing row (its `file_url` is the source unless `fileUrl` is given), or a new one
-    /// made with this id. A new id is made when absent.
+    /// made with this id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone. A new id is made when
+    /// absent.
     #[serde(default, alias = "recording_id")]
+    #[schema(pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")]
     pub recording_id: Option<String>,
-    /// Where the media is: `https://…`, `supabase://bucket/path`, or a path under the storage root.
+    /// Where the media is: `https://…`, `supabase://bucket/path`, or a path under the storage root; not blank.
+    /// A source the download rules refuse is answered 400 `source_refused`.
     #[serde(default, alias = "file_url")]
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub file_url: Option<String>,
-    /// The pipeline (default `default`).
+    /// The pipeline (default `default`). An unknown one is answered 404.
     #[serde(default)]
     pub pipeline: Option<String>,
     /// `job.params`.

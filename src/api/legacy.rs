@@ -29,11 +29,15 @@ use crate::intake::Submission;
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessAudio {
-    /// The `recordings` row the frontend inserted.
+    /// The `recordings` row the frontend inserted: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone
+    /// (the frontend's are UUIDs).
     #[serde(alias = "recordingId")]
+    #[schema(pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")]
     pub recording_id: String,
-    /// Where the upload is: the Storage URL of the `recordings` bucket, or any URL the download rules allow.
+    /// Where the upload is: the Storage URL of the `recordings` bucket, or any URL the download rules allow; not
+    /// blank. One they refuse is answered 400 `source_refused`.
     #[serde(alias = "fileUrl")]
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub file_url: String,
     /// The upload's size in bytes.
     #[serde(default, alias = "fileSize")]
@@ -98,6 +102,7 @@ fn truthy(text: Option<&str>) -> bool {
     responses(
         (status = 200, description = "Queued (or already being processed)", body = ProcessAudioReply),
         (status = 400, description = "A field is missing, mistyped or unknown, or the file URL breaks a download rule", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large", body = super::error::ErrorBody),
         (status = 415, description = "The body is not JSON", body = super::error::ErrorBody),
         (status = 404, description = "No such recording row", body = super::error::ErrorBody),
     )
@@ -213,6 +218,7 @@ async fn process_audio(
         (status = 202, description = "A new job", body = super::process::ProcessReply),
         (status = 200, description = "The recording already has a live job: that job", body = super::process::ProcessReply),
         (status = 400, description = "Bad body, or a source the download rules refuse", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large", body = super::error::ErrorBody),
         (status = 415, description = "The body is not JSON", body = super::error::ErrorBody),
         (status = 404, description = "Unknown pipeline or recording", body = super::error::ErrorBody),
     )
