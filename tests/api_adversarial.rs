@@ -186,6 +186,35 @@ async fn a_negative_file_size_is_refused_naming_the_field() {
 }
 
 #[tokio::test]
+async fn whole_numbers_written_with_a_zero_fraction_are_taken_and_fractions_refused() {
+    // JSON has one kind of number and the document says `integer`, which `3.0` is (Python's json writes it).
+    let app = TestApp::spawn().await;
+    let file = app.storage().join("w.mp3");
+    std::fs::write(&file, b"x").unwrap();
+    let reply = app
+        .process_recording(&json!({ "recordingId": "whole", "fileUrl": file, "priority": 3.0, "fileSize": 1024.0 }))
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text);
+    assert_eq!(app.store.get("whole").await.unwrap().unwrap().size_bytes, Some(1024));
+    let reply = app.process_recording(&json!({ "recordingId": "half", "fileUrl": file, "priority": 1.5 })).await;
+    assert_error(&reply, 400, "invalid_field", "priority 1.5");
+    assert_eq!(reply.body["details"]["field"], "priority");
+    let reply = app.process_recording(&json!({ "recordingId": "neg", "fileUrl": file, "fileSize": -1.0 })).await;
+    assert_error(&reply, 400, "invalid_field", "fileSize -1.0");
+    let reply = app
+        .batch_process(
+            &json!({ "items": [{ "recordingId": "whole-b", "fileUrl": file, "priority": 2.0 }], "concurrency": 4.0 }),
+        )
+        .await;
+    assert_eq!((reply.status, reply.body["accepted"].as_u64()), (202, Some(1)), "{}", reply.text);
+    let reply = app.post_json("/api/queue/clean", &json!({ "state": "completed", "limit": 10.0 })).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let reply = app.post_json("/api/queue/clean", &json!({ "limit": 10.5 })).await;
+    assert_error(&reply, 400, "invalid_field", "limit 10.5");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn retry_failed_for_a_pipeline_that_does_not_exist_is_404_not_a_silent_zero() {
     let app = TestApp::spawn().await;
     let reply = app.retry_failed(&json!({ "pipeline": "meetng" })).await;

@@ -351,6 +351,9 @@ async fn process_direct_refusals_have_their_status_and_code() {
         (json!({ "fileUrl": "http://10.0.0.1/a.wav" }), 400, "source_refused"),
         (json!({ "fileUrl": media, "extra": 1 }), 400, "unknown_field"),
         (json!({ "fileUrl": 7 }), 400, "invalid_field"),
+        // A blank fileUrl would name the storage root itself.
+        (json!({ "fileUrl": "" }), 400, "invalid_field"),
+        (json!({ "recordingId": "blank-1", "fileUrl": " \t" }), 400, "invalid_field"),
         (json!({ "recordingId": "busy-1", "fileUrl": media }), 409, "job_in_progress"),
         (json!({ "recordingId": "words-1", "fileUrl": not_media.display().to_string() }), 422, "processing_failed"),
     ];

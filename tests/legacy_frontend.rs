@@ -293,6 +293,12 @@ async fn process_audio_refuses_bad_bodies_by_field_and_answers_the_connectivity_
             "priority_please",
         ),
         (json!({ "recording_id": "", "file_url": "a.mp3" }), 400, "missing_field", "recording_id is required"),
+        // An id no other route could reach (`/api/recording/{id}/status`) makes no row.
+        (json!({ "recording_id": "a/b", "file_url": "a.mp3" }), 400, "invalid_id", "recording_id"),
+        (json!({ "recording_id": "..", "file_url": "a.mp3" }), 400, "invalid_id", "recording_id"),
+        // The fields are checked in test mode too.
+        (json!({ "recording_id": "", "file_url": "x", "test_mode": true }), 400, "missing_field", "recording_id"),
+        (json!({ "recording_id": "t1", "file_url": " ", "test_mode": true }), 400, "missing_field", "file_url"),
         (json!({ "recording_id": "r1", "file_url": "gopher://example.com/a" }), 400, "source_refused", "gopher"),
         (
             json!({ "recording_id": "r1", "file_url": "http://169.254.169.254/latest" }),

@@ -46,13 +46,17 @@ use crate::store::{NewRecording, RecordingStatus, StoreSink};
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DirectRequest {
     /// The recording: an existing row (its `file_url` is the source unless `fileUrl` is given), or a new one
-    /// made with this id. A new id is made when absent.
+    /// made with this id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone. A new id is made when
+    /// absent.
     #[serde(default, alias = "recording_id")]
+    #[schema(pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")]
     pub recording_id: Option<String>,
-    /// Where the media is: `https://…`, `supabase://bucket/path`, or a path under the storage root.
+    /// Where the media is: `https://…`, `supabase://bucket/path`, or a path under the storage root; not blank.
+    /// A source the download rules refuse is answered 400 `source_refused`.
     #[serde(default, alias = "file_url")]
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub file_url: Option<String>,
-    /// The pipeline (default `default`).
+    /// The pipeline (default `default`). An unknown one is answered 404.
     #[serde(default)]
     pub pipeline: Option<String>,
     /// `job.params`.
@@ -149,9 +153,11 @@ const BUSY_RETRY_AFTER: u64 = 10;
 async fn process_direct(
     State(state): State<ApiState>,
     caller: Caller,
-    ApiJson(request): ApiJson<DirectRequest>,
+    ApiJson(mut request): ApiJson<DirectRequest>,
 ) -> Result<Json<DirectReply>, ApiError> {
     caller.can_write()?;
+    // A blank fileUrl would name the storage root itself, as `process-recording` refuses it.
+    request.file_url = super::process::non_empty(request.file_url.take(), "fileUrl")?;
     let began = std::time::Instant::now();
     let name = request.pipeline.clone().unwrap_or_else(|| "default".to_string());
     let catalog = state.catalog.current();

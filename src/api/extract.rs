@@ -167,6 +167,86 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
     }
 }
 
+/// An integer type that [`whole`] reads, with its range as its errors say it.
+pub trait WholeNumber: TryFrom<i128> {
+    /// The smallest value.
+    const MIN: i128;
+    /// The largest value.
+    const MAX: i128;
+}
+
+macro_rules! whole_number {
+    ($($type:ty),*) => {$(
+        impl WholeNumber for $type {
+            const MIN: i128 = <$type>::MIN as i128;
+            const MAX: i128 = <$type>::MAX as i128;
+        }
+    )*};
+}
+whole_number!(i32, i64, usize);
+
+/// Reads an optional integer field that a client may have written with a zero fraction (`3.0`, as Python's
+/// `json` writes a float): JSON has one kind of number, and JSON Schema's `integer` takes `3.0`, so a field the
+/// document calls `integer` takes what that allows. A fraction (`1.5`), a number outside the type's range and
+/// any other type are refused, naming what was given. Use with `#[serde(default, deserialize_with = …)]`.
+///
+/// # Errors
+/// serde's "invalid type" or "invalid value" error.
+pub fn whole<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: WholeNumber,
+{
+    use serde::de::{Error, Unexpected, Visitor};
+
+    struct Whole<T>(std::marker::PhantomData<T>);
+
+    impl<T: WholeNumber> Whole<T> {
+        fn fit<E: Error>(&self, value: i128, given: Unexpected<'_>) -> Result<Option<T>, E> {
+            T::try_from(value).map(Some).map_err(|_| E::invalid_value(given, self))
+        }
+    }
+
+    impl<'de, T: WholeNumber> Visitor<'de> for Whole<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(formatter, "a whole number from {} to {}", T::MIN, T::MAX)
+        }
+
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D2: serde::Deserializer<'de>>(self, deserializer: D2) -> Result<Self::Value, D2::Error> {
+            deserializer.deserialize_any(self)
+        }
+
+        fn visit_i64<E: Error>(self, value: i64) -> Result<Self::Value, E> {
+            self.fit(i128::from(value), Unexpected::Signed(value))
+        }
+
+        fn visit_u64<E: Error>(self, value: u64) -> Result<Self::Value, E> {
+            self.fit(i128::from(value), Unexpected::Unsigned(value))
+        }
+
+        fn visit_f64<E: Error>(self, value: f64) -> Result<Self::Value, E> {
+            // Below 2^100 a whole f64 converts to i128 exactly; anything that large is out of range anyway.
+            if value.is_finite() && value.fract() == 0.0 && value.abs() < 1e30 {
+                #[allow(clippy::cast_possible_truncation, reason = "whole and far inside i128: exact")]
+                return self.fit(value as i128, Unexpected::Float(value));
+            }
+            Err(E::invalid_value(Unexpected::Float(value), &self))
+        }
+    }
+
+    deserializer.deserialize_option(Whole(std::marker::PhantomData))
+}
+
 /// Path parameters; a bad one is a 400 naming it.
 #[derive(Debug, Clone)]
 pub struct ApiPath<T>(pub T);
@@ -202,5 +282,62 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
                 None => error,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Numbers {
+        #[serde(default, deserialize_with = "whole")]
+        signed: Option<i64>,
+        #[serde(default, deserialize_with = "whole")]
+        count: Option<usize>,
+        #[serde(default, deserialize_with = "whole")]
+        small: Option<i32>,
+    }
+
+    type Read = (Option<i64>, Option<usize>, Option<i32>);
+
+    fn read(body: &str) -> Result<Read, ApiError> {
+        parse_json::<Numbers>(body.as_bytes()).map(|n| (n.signed, n.count, n.small))
+    }
+
+    #[test]
+    fn integer_fields_take_whole_numbers_written_with_a_zero_fraction() {
+        assert_eq!(read("{}").unwrap(), (None, None, None));
+        assert_eq!(read(r#"{"signed": null, "count": null, "small": null}"#).unwrap(), (None, None, None));
+        assert_eq!(
+            read(r#"{"signed": -393, "count": 15607, "small": 7}"#).unwrap(),
+            (Some(-393), Some(15607), Some(7))
+        );
+        assert_eq!(
+            read(r#"{"signed": -393.0, "count": 15607.0, "small": 7e0}"#).unwrap(),
+            (Some(-393), Some(15607), Some(7))
+        );
+        assert_eq!(read(r#"{"signed": -9223372036854775808.0}"#).unwrap().0, Some(i64::MIN));
+        for (body, field, says) in [
+            (r#"{"signed": 1.5}"#, "signed", "floating point `1.5`"),
+            (r#"{"signed": "3"}"#, "signed", "string \"3\""),
+            (r#"{"signed": 1e20}"#, "signed", "a whole number from -9223372036854775808 to 9223372036854775807"),
+            (r#"{"signed": 9223372036854775808}"#, "signed", "integer `9223372036854775808`"),
+            (r#"{"count": -1}"#, "count", "from 0 to 18446744073709551615"),
+            (r#"{"count": 1e300}"#, "count", "floating point"),
+            (r#"{"small": 2147483648}"#, "small", "from -2147483648 to 2147483647"),
+            (r#"{"small": true}"#, "small", "boolean"),
+        ] {
+            let error = read(body).expect_err(body);
+            assert_eq!(
+                (error.code, error.details().map(|d| d["field"].clone())),
+                ("invalid_field", Some(json!(field))),
+                "{body}"
+            );
+            assert!(error.message.contains(says), "{body}: {}", error.message);
+        }
     }
 }

@@ -353,22 +353,46 @@ async fn retry_job(
     Ok(ok(StatusCode::ACCEPTED, reply))
 }
 
+/// A job's state.
+// The document's list of `JobState` names (a unit test keeps the two equal): the handler reads the text, so that
+// an unknown state is answered with the known ones.
+#[derive(Debug, Clone, Copy, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code, reason = "named in the OpenAPI document only")]
+pub enum JobStateName {
+    /// Ready to be taken.
+    Waiting,
+    /// Waiting for a time (a delay, or the backoff before a retry).
+    Delayed,
+    /// Running.
+    Active,
+    /// Finished with a result.
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
 /// `GET /api/jobs` filters.
 #[derive(Debug, Clone, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[into_params(parameter_in = Query)]
 pub struct JobsQuery {
-    /// Only this state (`waiting`, `delayed`, `active`, `completed`, `failed`, `cancelled`); every state when
-    /// absent.
+    /// Only this state; every state when absent.
+    #[param(value_type = Option<JobStateName>, inline)]
     pub state: Option<String>,
     /// Only this pipeline's jobs.
     pub pipeline: Option<String>,
     /// Only this recording's jobs.
     #[serde(alias = "recording_id")]
     pub recording_id: Option<String>,
-    /// `nextCursor` of the previous page.
+    /// `nextCursor` of the previous page, with the same filters: the state it has reached (one the `state`
+    /// filter lets through), then `:` and where the queue stopped within it.
+    #[param(pattern = "^(waiting|delayed|active|completed|failed|cancelled)(:.*)?$")]
     pub cursor: Option<String>,
     /// Jobs per page, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<usize>,
 }
 

@@ -29,11 +29,15 @@ use crate::intake::Submission;
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessAudio {
-    /// The `recordings` row the frontend inserted.
+    /// The `recordings` row the frontend inserted: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone
+    /// (the frontend's are UUIDs).
     #[serde(alias = "recordingId")]
+    #[schema(pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")]
     pub recording_id: String,
-    /// Where the upload is: the Storage URL of the `recordings` bucket, or any URL the download rules allow.
+    /// Where the upload is: the Storage URL of the `recordings` bucket, or any URL the download rules allow; not
+    /// blank. One they refuse is answered 400 `source_refused`.
     #[serde(alias = "fileUrl")]
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub file_url: String,
     /// The upload's size in bytes.
     #[serde(default, alias = "fileSize")]
@@ -98,6 +102,7 @@ fn truthy(text: Option<&str>) -> bool {
     responses(
         (status = 200, description = "Queued (or already being processed)", body = ProcessAudioReply),
         (status = 400, description = "A field is missing, mistyped or unknown, or the file URL breaks a download rule", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large", body = super::error::ErrorBody),
         (status = 415, description = "The body is not JSON", body = super::error::ErrorBody),
         (status = 404, description = "No such recording row", body = super::error::ErrorBody),
     )
@@ -142,18 +147,22 @@ async fn process_audio(
         file_type: body.file_type.clone(),
         timestamp: time::rfc3339(time::now_ms()),
     };
-    if body.test_mode == Some(true) {
-        let message = "test mode: the worker answers; nothing was queued".to_string();
-        return Ok(axum::Json(reply(None, None, "test_ok", message)).into_response());
-    }
+    // The fields are checked in test mode too, so that one body is valid or not whatever the mode (the
+    // connectivity check sends real-looking ones).
     if body.recording_id.trim().is_empty() {
         return Err(ApiError::bad_request("missing_field", "recording_id is required")
             .with_details(json!({ "field": "recording_id" })));
     }
+    // An id the other routes could not reach (`/api/recording/{id}/status`) is not made into a row.
+    super::recording_id(&body.recording_id, "recording_id")?;
     if body.file_url.trim().is_empty() {
         return Err(
             ApiError::bad_request("missing_field", "file_url is required").with_details(json!({ "field": "file_url" }))
         );
+    }
+    if body.test_mode == Some(true) {
+        let message = "test mode: the worker answers; nothing was queued".to_string();
+        return Ok(axum::Json(reply(None, None, "test_ok", message)).into_response());
     }
     // As the old worker did, the row's own file_url is what gets processed; the body's is used only for a row
     // that has none (and never for a call without a token).
@@ -209,6 +218,7 @@ async fn process_audio(
         (status = 202, description = "A new job", body = super::process::ProcessReply),
         (status = 200, description = "The recording already has a live job: that job", body = super::process::ProcessReply),
         (status = 400, description = "Bad body, or a source the download rules refuse", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large", body = super::error::ErrorBody),
         (status = 415, description = "The body is not JSON", body = super::error::ErrorBody),
         (status = 404, description = "Unknown pipeline or recording", body = super::error::ErrorBody),
     )

@@ -14,6 +14,8 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, OneOfBuilder, Ref, Schema, Type};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -36,16 +38,24 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProcessRecording {
-    /// The recording's id (the frontend's row id). Also `recording_id`.
+    /// The recording's id (the frontend's row id): 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots
+    /// alone. Also `recording_id`.
     #[serde(alias = "recording_id")]
+    #[schema(pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")]
     pub recording_id: String,
-    /// Where the media is: `https://…`, `supabase://bucket/path`, or a path under the storage root. Creates the
-    /// recording row when given; without it the row's `file_url` is used. Also `file_url`.
+    /// Where the media is: `https://…`, `supabase://bucket/path`, or a path under the storage root; not blank.
+    /// Creates the recording row when given; without it the row's `file_url` is used. Also `file_url`. A source
+    /// the download rules refuse (an internal address, a file that is not under the storage root) is answered
+    /// 400 `source_refused`.
     #[serde(alias = "file_url")]
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub file_url: Option<String>,
-    /// The pipeline to run (default `default`).
+    /// The pipeline to run (default `default`); not blank. An unknown one is answered 404.
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub pipeline: Option<String>,
-    /// Lower runs sooner (default 0).
+    /// Lower runs sooner (default 0): -1048576 to 1048575.
+    #[schema(minimum = -1_048_576, maximum = 1_048_575)]
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub priority: Option<i64>,
     /// `job.params` for the pipeline's templates.
     #[schema(value_type = Option<Object>)]
@@ -55,13 +65,17 @@ pub struct ProcessRecording {
     pub file_name: Option<String>,
     /// The file's size in bytes. Also `file_size`.
     #[serde(alias = "file_size")]
+    #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub file_size: Option<i64>,
     /// The file's MIME type (`audio/mpeg`) or kind (`audio`, `video`). Also `file_type`.
     #[serde(alias = "file_type")]
     pub file_type: Option<String>,
-    /// Where to POST the job's final status, signed, when it ends (see the README, "Callbacks"); checked with
-    /// the download rules. Also `callback_url`.
+    /// Where to POST the job's final status, signed, when it ends (see the README, "Callbacks"); not blank.
+    /// Checked with the download rules (400 `callback_refused`), and refused while the server has no
+    /// `callback.secret` (400 `callbacks_disabled`). Also `callback_url`.
     #[serde(alias = "callback_url")]
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub callback_url: Option<String>,
     /// The old worker's size hint; accepted, not used.
     #[serde(alias = "file_size_mb")]
@@ -98,7 +112,7 @@ pub struct ProcessReply {
 }
 
 /// A non-empty text field, or a 400 naming it.
-fn non_empty(value: Option<String>, field: &str) -> Result<Option<String>, ApiError> {
+pub(super) fn non_empty(value: Option<String>, field: &str) -> Result<Option<String>, ApiError> {
     match value {
         Some(text) if text.trim().is_empty() => {
             Err(ApiError::bad_request("invalid_field", format!("`{field}` is empty: leave it out or give a value"))
@@ -197,7 +211,9 @@ pub(super) async fn process_recording(
     Ok(ok(code, reply))
 }
 
-/// One item of a batch given as `items`.
+/// One item of a batch given as `items`. Its fields are checked as `process-recording` checks them (the id's
+/// form, a blank `fileUrl`, a negative `fileSize`, the priority's range, the download rules), but an item that
+/// fails is rejected on its own, in the reply's `items`, not with a 400 for the batch.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BatchItem {
@@ -208,6 +224,7 @@ pub struct BatchItem {
     #[serde(alias = "file_url")]
     pub file_url: Option<String>,
     /// This item's priority (default: the batch's).
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub priority: Option<i64>,
     /// This item's params, laid over the batch's.
     #[schema(value_type = Option<Object>)]
@@ -217,6 +234,7 @@ pub struct BatchItem {
     pub file_name: Option<String>,
     /// The file's size in bytes. Also `file_size`.
     #[serde(alias = "file_size")]
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub file_size: Option<i64>,
     /// The file's MIME type. Also `file_type`.
     #[serde(alias = "file_type")]
@@ -224,28 +242,66 @@ pub struct BatchItem {
 }
 
 /// `POST /api/batch-process`: `recordingIds` (recordings whose rows name their files) or `items`, one pipeline.
+/// Exactly one of the two is given.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BatchProcess {
-    /// Recordings to process, by id. Also `recording_ids`.
+    /// Recordings to process, by id: 1 to 1000. An id that is not a recording id is rejected on its own, in
+    /// the reply's `items`. Also `recording_ids`.
     #[serde(alias = "recording_ids")]
+    #[schema(min_items = 1, max_items = 1000)]
     pub recording_ids: Option<Vec<String>>,
-    /// Recordings to process, with their sources.
+    /// Recordings to process, with their sources: 1 to 1000.
+    #[schema(min_items = 1, max_items = 1000)]
     pub items: Option<Vec<BatchItem>>,
-    /// The pipeline every item runs (default `default`).
+    /// The pipeline every item runs (default `default`); not blank. An unknown one is answered 404.
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub pipeline: Option<String>,
-    /// Lower runs sooner (default 0).
+    /// Lower runs sooner (default 0); an item whose priority is outside -1048576 to 1048575 is rejected.
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub priority: Option<i64>,
     /// `job.params` for every item.
     #[schema(value_type = Option<Object>)]
     pub params: Option<serde_json::Map<String, Value>>,
-    /// Where to POST each item's final status when its job ends (see `process-recording`). Also
-    /// `callback_url`.
+    /// Where to POST each item's final status when its job ends (see `process-recording`); not blank. Each item
+    /// is rejected when it is refused (`callback_refused`, `callbacks_disabled`). Also `callback_url`.
     #[serde(alias = "callback_url")]
+    #[schema(pattern = r"[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     pub callback_url: Option<String>,
     /// The old worker's parallelism; accepted, not used (workers decide).
     #[allow(dead_code, reason = "read so that old clients are not refused; nothing uses it")]
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub concurrency: Option<i32>,
+}
+
+/// The body of `POST /api/batch-process` as the document states it: the fields of [`BatchProcess`], with exactly
+/// one of `recordingIds` and `items` given (not `null`). A struct's derived schema cannot say "one of two
+/// fields", so this adds it beside a reference to the fields.
+pub struct BatchProcessBody;
+
+impl utoipa::PartialSchema for BatchProcessBody {
+    fn schema() -> RefOr<Schema> {
+        // One branch: `given` is required and an array; `other` is absent or null.
+        let branch = |given: &str, other: &str| {
+            ObjectBuilder::new()
+                .required(given)
+                .property(given, ObjectBuilder::new().schema_type(Type::Array))
+                .property(other, ObjectBuilder::new().schema_type(Type::Null))
+        };
+        AllOfBuilder::new()
+            .description(Some("`BatchProcess` with exactly one of `recordingIds` and `items`."))
+            .item(Ref::from_schema_name(<BatchProcess as ToSchema>::name()))
+            .item(OneOfBuilder::new().item(branch("recordingIds", "items")).item(branch("items", "recordingIds")))
+            .into()
+    }
+}
+
+impl ToSchema for BatchProcessBody {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas
+            .push((<BatchProcess as ToSchema>::name().into_owned(), <BatchProcess as utoipa::PartialSchema>::schema()));
+        <BatchProcess as ToSchema>::schemas(schemas);
+    }
 }
 
 /// How one item of a batch went.
@@ -293,13 +349,14 @@ pub struct BatchReply {
     post,
     path = "/api/batch-process",
     tag = "jobs",
-    request_body = BatchProcess,
+    request_body = BatchProcessBody,
     responses(
         (status = 202, description = "Read; at least one new job; each item says how it went", body = BatchReply),
         (status = 200, description = "Read; no new job (all rejected or already live)", body = BatchReply),
         (status = 400, description = "Bad body: neither or both of recordingIds and items, none, or too many", body = ErrorBody),
         (status = 404, description = "Unknown pipeline (the available ones are listed)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
     )
 )]
 async fn batch_process(

@@ -28,7 +28,7 @@ use crate::units::HumanDuration;
 /// Jobs `clean` removes per call at most when no `limit` is given, and the largest `limit` accepted: bounded so
 /// one request never holds the queue for long.
 const DEFAULT_CLEAN_LIMIT: usize = 1000;
-const MAX_CLEAN_LIMIT: usize = 100_000;
+pub(super) const MAX_CLEAN_LIMIT: usize = 100_000;
 
 /// The queue as a whole is for service callers: a caller limited to one user's recordings gets 403.
 fn service_only(caller: &Caller) -> Result<(), ApiError> {
@@ -170,16 +170,36 @@ async fn queue_stats(State(state): State<ApiState>, caller: Caller) -> Result<Re
     Ok(ok(StatusCode::OK, StatsReply { success: true, stats: view }))
 }
 
+/// The state of a job that has ended.
+// The document's list of the final `JobState` names (a unit test keeps them equal): the handler reads the text,
+// so that a state that has not ended is answered with a sentence.
+#[derive(Debug, Clone, Copy, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code, reason = "named in the OpenAPI document only")]
+pub enum EndedState {
+    /// Finished with a result.
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
 /// `POST /api/queue/clean`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CleanRequest {
-    /// `completed`, `failed` or `cancelled`; all three when absent.
+    /// Only jobs in this state; all three when absent.
+    #[schema(value_type = Option<EndedState>)]
     pub state: Option<String>,
-    /// Only jobs that ended longer ago than this: `30m`, `12h`, `7d` (default `24h`). Also `older_than`.
+    /// Only jobs that ended longer ago than this (default `24h`): 1 to 8 parts of a number (up to 10 digits) and a
+    /// unit, `ms`, `s`, `m`, `h` or `d`, as in `30m`, `12h`, `7d`, `1h30m`. Also `older_than`.
     #[serde(alias = "older_than")]
+    #[schema(pattern = "^([0-9]{1,10}(ms|s|m|h|d)){1,8}$")]
     pub older_than: Option<String>,
-    /// Jobs removed per state at most (default 1000, at most 100000).
+    /// Jobs removed per state at most: 1 to 100000 (default 1000).
+    #[schema(minimum = 1, maximum = 100_000)]
+    #[serde(default, deserialize_with = "super::extract::whole")]
     pub limit: Option<usize>,
 }
 
@@ -206,6 +226,8 @@ pub struct CleanReply {
     responses(
         (status = 200, description = "Removed", body = CleanReply),
         (status = 400, description = "A state that has not ended, a bad age or limit", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "A body that is not JSON", body = ErrorBody),
     )
 )]
 async fn queue_clean(
@@ -322,6 +344,8 @@ pub struct RetryFailedReply {
         (status = 200, description = "Queued again", body = RetryFailedReply),
         (status = 400, description = "Bad body", body = ErrorBody),
         (status = 404, description = "Unknown pipeline (the available ones are listed)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "A body that is not JSON", body = ErrorBody),
     )
 )]
 async fn queue_retry_failed(

@@ -73,7 +73,7 @@ pub struct RecordingStatusReply {
     get,
     path = "/api/recording/{id}/status",
     tag = "recordings",
-    params(("id" = String, Path, description = "The recording id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone", pattern = "^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}$")),
+    params(("id" = String, Path, description = "The recording id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone", pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")),
     responses(
         (status = 200, description = "The recording", body = RecordingStatusReply),
         (status = 400, description = "Malformed id", body = ErrorBody),

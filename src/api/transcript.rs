@@ -110,7 +110,7 @@ fn text_reply(body: String, content_type: &'static str, file_name: Option<String
     get,
     path = "/api/recording/{id}/subtitles.srt",
     tag = "recordings",
-    params(("id" = String, Path, description = "The recording id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone", pattern = "^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}$")),
+    params(("id" = String, Path, description = "The recording id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone", pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")),
     responses(
         (status = 200, description = "SubRip subtitles", content_type = "text/plain", body = String),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -133,7 +133,7 @@ async fn srt(
     get,
     path = "/api/recording/{id}/subtitles.vtt",
     tag = "recordings",
-    params(("id" = String, Path, description = "The recording id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone", pattern = "^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}$")),
+    params(("id" = String, Path, description = "The recording id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone", pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")),
     responses(
         (status = 200, description = "WebVTT subtitles", content_type = "text/vtt", body = String),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -177,7 +177,7 @@ fn wants_json(headers: &HeaderMap) -> bool {
     get,
     path = "/api/recording/{id}/transcript",
     tag = "recordings",
-    params(("id" = String, Path, description = "The recording id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone", pattern = "^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}$")),
+    params(("id" = String, Path, description = "The recording id: 1 to 128 letters, digits, `-`, `_`, `.` or `:`, not dots alone", pattern = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$")),
     responses(
         (status = 200, description = "The transcript: text/plain, or JSON with its segments when the request \
                                       prefers application/json",
