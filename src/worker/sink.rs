@@ -45,7 +45,6 @@ pub struct QueueSink {
 
 #[derive(Default)]
 struct State {
-    running: BTreeSet<String>,
     /// Stages whose `running` event was noted.
     announced: BTreeSet<String>,
     /// Stages whose end was noted.
@@ -169,12 +168,9 @@ impl ProgressSink for QueueSink {
             for (stage, status) in &update.ended {
                 state.end_stage(stage, status);
             }
-            let started: Vec<String> =
-                update.running.iter().filter(|stage| !state.running.contains(*stage)).cloned().collect();
-            state.running = update.running.iter().cloned().collect();
-            for stage in started {
+            for stage in &update.running {
                 if state.announced.insert(stage.clone()) {
-                    state.pending.events.push(EventKind::Stage { stage, status: "running".into() });
+                    state.pending.events.push(EventKind::Stage { stage: stage.clone(), status: "running".into() });
                 }
             }
             // Only the newest progress is worth writing.
