@@ -73,6 +73,8 @@ pub struct ApiState {
     pub direct: Arc<tokio::sync::OnceCell<direct::Direct>>,
     /// Reports jobs this API ended without a worker (cancelled while waiting): their rows and callbacks.
     pub endings: Endings,
+    /// The per-client rate limit (`server.rate_limit_per_minute`, `server.trusted_proxies`).
+    pub limiter: Arc<layers::RateLimiter>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -184,12 +186,17 @@ impl Application {
 pub fn state(settings: &Settings, parts: ApiParts) -> Result<ApiState, StartError> {
     let policy = settings.source_policy().map_err(|e| StartError::Settings(format!("download.allow_private: {e}")))?;
     let callers = Callers::from_settings(settings).map_err(|e| StartError::Settings(e.to_string()))?;
-    settings.server.trusted_proxy_ranges().map_err(|e| StartError::Settings(format!("server.trusted_proxies: {e}")))?;
+    let proxies = settings
+        .server
+        .trusted_proxy_ranges()
+        .map_err(|e| StartError::Settings(format!("server.trusted_proxies: {e}")))?;
+    let limiter = layers::RateLimiter::new(settings.server.rate_limit_per_minute).trusting(proxies);
     let intake = Intake::new(parts.queue.clone(), parts.store.clone(), policy, settings.queue.max_attempts)
         .with_callbacks(settings.callback.secret.is_some());
     Ok(ApiState {
         settings: Arc::new(settings.clone()),
         endings: Endings::new(parts.queue.clone(), parts.store.clone(), parts.callbacks),
+        limiter: Arc::new(limiter),
         queue: parts.queue,
         store: parts.store,
         catalog: parts.catalog,
@@ -265,9 +272,7 @@ pub fn router(state: ApiState) -> Router {
     let server = &state.settings.server;
     let max_body = usize::try_from(server.max_body_size.0).unwrap_or(usize::MAX);
     let cors = Arc::new(layers::Cors::new(&server.allowed_origins));
-    // `state` refused a bad entry already.
-    let proxies = server.trusted_proxy_ranges().unwrap_or_default();
-    let limiter = Arc::new(layers::RateLimiter::new(server.rate_limit_per_minute).trusting(proxies));
+    let limiter = state.limiter.clone();
     let open = !state.callers.is_configured();
     let (router, _) = routes().split_for_parts();
     let router = router
