@@ -35,6 +35,22 @@ fn app_with(fake: &Fake, receiver_port: Option<u16>) -> Builder {
     })
 }
 
+/// Posts recording `id` (a tone of `seconds`) for `transcribe-only` with the receiver as its `callbackUrl`;
+/// returns the job id.
+async fn post_with_callback(app: &TestApp, id: &str, seconds: u32, receiver: &Receiver) -> String {
+    let media = support::media::tone(&app.storage(), &format!("{id}.wav"), seconds);
+    let reply = app
+        .process_recording(&json!({
+            "recordingId": id,
+            "fileUrl": media.display().to_string(),
+            "pipeline": "transcribe-only",
+            "callbackUrl": receiver.url(),
+        }))
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text);
+    reply.body["jobId"].as_str().unwrap().to_string()
+}
+
 /// SRT or VTT read back as (start, end, text), checking numbering (SRT), the header (VTT) and the timing lines.
 fn parse_subtitles(text: &str, vtt: bool) -> Vec<(f64, f64, String)> {
     let body = if vtt { text.strip_prefix("WEBVTT\n\n").expect("a WEBVTT header") } else { text };
@@ -84,17 +100,7 @@ async fn end_to_end(redis_and_postgres: bool) {
         builder = builder.redis().postgres();
     }
     let app = builder.start().await;
-    let media = support::media::tone(&app.storage(), "callback-tone.wav", 6);
-    let reply = app
-        .process_recording(&json!({
-            "recordingId": "cb-1",
-            "fileUrl": media.display().to_string(),
-            "pipeline": "transcribe-only",
-            "callbackUrl": receiver.url(),
-        }))
-        .await;
-    assert_eq!(reply.status, 202, "{}", reply.text);
-    let job = reply.body["jobId"].as_str().unwrap().to_string();
+    let job = post_with_callback(&app, "cb-1", 6, &receiver).await;
     let last = app.until_final(&job, Duration::from_secs(120)).await;
     assert_eq!(last.body["job"]["state"], "completed", "{}", last.text);
 
@@ -153,17 +159,7 @@ async fn a_job_cancelled_through_the_api_before_it_ran_calls_back_and_marks_its_
     let receiver = Receiver::start(&[]).await;
     // No worker: the job stays waiting until it is cancelled.
     let app = app_with(&fake, Some(receiver.port)).start().await;
-    let media = support::media::tone(&app.storage(), "cancel-tone.wav", 2);
-    let reply = app
-        .process_recording(&json!({
-            "recordingId": "cb-cancel",
-            "fileUrl": media.display().to_string(),
-            "pipeline": "transcribe-only",
-            "callbackUrl": receiver.url(),
-        }))
-        .await;
-    assert_eq!(reply.status, 202, "{}", reply.text);
-    let job = reply.body["jobId"].as_str().unwrap().to_string();
+    let job = post_with_callback(&app, "cb-cancel", 2, &receiver).await;
     let cancelled = app.cancel_job(&job).await;
     assert_eq!(cancelled.status, 200, "{}", cancelled.text);
     let calls = receiver.until_calls(1).await;

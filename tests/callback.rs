@@ -69,6 +69,23 @@ fn catalog(dir: &std::path::Path) -> (Catalog, PathBuf, PathBuf) {
     (Catalog::load(&pipelines, &plugins).unwrap(), pipelines, plugins)
 }
 
+/// A one-attempt job of `pipeline` for `recording` that calls back `url`.
+fn job_calling_back(catalog: &Catalog, pipeline: &str, recording: &str, url: &str) -> NewJob {
+    NewJob {
+        pipeline: pipeline.into(),
+        definition: echo_worker::definition::of(catalog, pipeline).unwrap(),
+        recording_id: Some(recording.to_string()),
+        source: None,
+        trusted_source: false,
+        params: serde_json::Map::new(),
+        priority: 0,
+        max_attempts: 1,
+        delay: None,
+        idempotency_key: None,
+        callback_url: Some(url.into()),
+    }
+}
+
 /// A worker with callbacks on a fresh memory queue, the job it was given, and the job once it ended.
 async fn run_one(
     settings: &Settings,
@@ -92,19 +109,8 @@ async fn run_one(
     let worker = Worker::new(queue.clone(), store, engine, kinds, options).with_callbacks(callbacks.clone());
     let stop = CancellationToken::new();
     let task = tokio::spawn(worker.run(stop.clone(), CancellationToken::new()));
-    let job = NewJob {
-        pipeline: pipeline.into(),
-        definition: echo_worker::definition::of(&catalog, pipeline).unwrap(),
-        recording_id: Some(format!("rec-{}", uuid::Uuid::new_v4().simple())),
-        source: None,
-        trusted_source: false,
-        params: serde_json::Map::new(),
-        priority: 0,
-        max_attempts: 1,
-        delay: None,
-        idempotency_key: None,
-        callback_url: Some(callback_url.into()),
-    };
+    let recording = format!("rec-{}", uuid::Uuid::new_v4().simple());
+    let job = job_calling_back(&catalog, pipeline, &recording, callback_url);
     let id = queue.enqueue(job).await.unwrap().id().to_string();
     let mut ended = None;
     for _ in 0..300 {
@@ -349,19 +355,7 @@ async fn queued_with_row(queue: &MemoryQueue, store: &dyn Store, dir: &std::path
     let (catalog, _, _) = catalog(dir);
     let recording = format!("rec-{}", uuid::Uuid::new_v4().simple());
     store.register(&NewRecording { id: recording.clone(), ..NewRecording::default() }).await.unwrap();
-    let job = NewJob {
-        pipeline: "ok".into(),
-        definition: echo_worker::definition::of(&catalog, "ok").unwrap(),
-        recording_id: Some(recording.clone()),
-        source: None,
-        trusted_source: false,
-        params: serde_json::Map::new(),
-        priority: 0,
-        max_attempts: 1,
-        delay: None,
-        idempotency_key: None,
-        callback_url: Some(url.into()),
-    };
+    let job = job_calling_back(&catalog, "ok", &recording, url);
     (queue.enqueue(job).await.unwrap().id().to_string(), recording)
 }
 
